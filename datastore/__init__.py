@@ -1,0 +1,1 @@
+"""Sharded FAISS datastore: token and passage stores, attribution, opt-out."""

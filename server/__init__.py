@@ -1,0 +1,1 @@
+"""gRPC serving for SILO: servicers, auth and the Python client."""

@@ -1,0 +1,244 @@
+"""The `silo` command: one subcommand per pipeline stage (`silo --help` lists them).
+
+Heavy libraries are imported inside the handlers so `silo --help` stays instant. Errors
+the user can fix (bad input, wrong folder, missing text) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from silo.licenses import parse_tiers
+
+
+def _tiers(spec: str) -> tuple[str, ...]:
+    try:
+        return parse_tiers(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _size(spec: str) -> int:
+    """'200M', '1.5G', '64k' or a plain number of bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = spec.strip().lower().removesuffix("b")
+    try:
+        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(float(s))
+    except (ValueError, IndexError) as e:
+        raise argparse.ArgumentTypeError(f"not a size: {spec!r} (examples: 500M, 2G, 65536)") from e
+
+
+def _print_table(rows: list[list], header: list[str]) -> None:
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ---------------------------------------------------------------------------- corpus
+
+
+def cmd_corpus_import(a: argparse.Namespace) -> None:
+    from silo.corpus import import_files
+
+    stats = import_files(a.files, a.out, skip_invalid=a.skip_invalid, overwrite=a.overwrite, progress=True)
+    _report_written(a.out, stats)
+
+
+def cmd_corpus_harvest(a: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from silo.corpus import CorpusWriter
+    from silo.harvest import iter_harvest
+
+    with CorpusWriter(a.out, overwrite=a.overwrite) as writer:
+        bar = tqdm(desc="harvest", unit="B", unit_scale=True, total=a.limit_bytes)
+        for record in iter_harvest(a.limit_bytes, python=not a.no_python, system=not a.no_system):
+            writer.add(record)
+            bar.update(len(record["text"].encode("utf-8", "surrogatepass")))
+        bar.close()
+    _report_written(a.out, writer.stats)
+
+
+def _report_written(out: str, stats) -> None:
+    rows = [[t, stats.documents[t], stats.bytes[t]] for t in ("pd", "sw", "by", "restricted")]
+    _print_table(rows, ["tier", "documents", "bytes"])
+    print(f"skipped: {stats.skipped_empty} empty, {stats.skipped_invalid} invalid  ->  {out}")
+
+
+def cmd_corpus_stats(a: argparse.Namespace) -> None:
+    from silo.corpus import corpus_stats
+
+    tok = None
+    if a.tokenizer:
+        from silo.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(a.tokenizer)
+    stats = corpus_stats(a.corpus, tok)
+    if a.json:
+        print(json.dumps(stats, indent=2))
+        return
+    unit = "tokens" if tok else "words"
+    for kind in ("tier", "split", "source"):
+        groups = stats[kind]
+        names = sorted(groups, key=lambda k: -groups[k]["bytes"]) if kind == "source" else list(groups)
+        shown = names[: a.top] if kind == "source" else names
+        rows = [[n, groups[n]["documents"], groups[n]["tokens"], groups[n]["bytes"]] for n in shown]
+        if kind == "tier":
+            t = stats["total"]
+            rows.append(["total", t.get("documents", 0), t.get("tokens", 0), t.get("bytes", 0)])
+        _print_table(rows, [kind, "documents", unit, "bytes"])
+        if kind == "source" and len(names) > len(shown):
+            print(f"... and {len(names) - len(shown)} more sources (--top N)")
+        print()
+
+
+# ---------------------------------------------------------------------------- tokenizer / LM
+
+
+def cmd_tokenizer_train(a: argparse.Namespace) -> None:
+    from silo.tokenizer import train_tokenizer_on_corpus
+
+    tok = train_tokenizer_on_corpus(a.corpus, a.out, a.tiers, a.vocab_size)
+    print(f"tokenizer with {len(tok)} tokens -> {a.out}")
+
+
+def cmd_lm_train(a: argparse.Namespace) -> None:
+    from silo.train import TrainArgs, train
+
+    if "restricted" in a.tiers and not a.allow_restricted:
+        raise SystemExit("silo: error: tier 'restricted' is never trained on; pass --allow-restricted only "
+                         "to train an oracle model for evaluation")
+    rec = train(TrainArgs(
+        corpus=a.corpus, out=a.out, tiers=a.tiers, config=a.config, tokenizer=a.tokenizer,
+        vocab_size=a.vocab_size, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
+        seed=a.seed, allow_restricted=a.allow_restricted, resume=not a.restart, max_tokens=a.max_tokens,
+        time_budget=a.time_budget, checkpoint_every=a.checkpoint_every, threads=a.threads,
+    ))
+    print(json.dumps({k: rec[k] for k in ("steps", "tokens_seen", "train_seconds", "parameters", "loss_first",
+                                          "loss_last", "val_perplexity", "unigram_val_perplexity")}, indent=2))
+    print(f"model -> {a.out}")
+
+
+def cmd_lm_eval(a: argparse.Namespace) -> None:
+    from silo.evaluate import evaluate_lm
+    from silo.lm import load_causal_lm
+
+    model, tok = load_causal_lm(a.model)
+    rep = evaluate_lm(model, tok, a.corpus, a.split, a.tiers, a.window, a.stride, a.batch_size,
+                      a.max_docs, a.max_tokens, progress=True)
+    if a.json:
+        print(json.dumps(rep, indent=2))
+        return
+    rows = [[f"{kind}:{k}", v["documents"], v["tokens"], f"{v['perplexity']:.2f}"]
+            for kind in ("tier", "source") for k, v in rep[kind].items()]
+    rows.append(["overall", rep["documents"], rep["tokens"], f"{rep['perplexity']:.2f}"])
+    _print_table(rows, ["group", "documents", "tokens", "perplexity"])
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from silo.demo import run_demo
+
+    run_demo(a.workdir, limit_bytes=a.limit_bytes, steps=a.steps, fresh=a.fresh)
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="silo", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(parent, name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    corpus = sub.add_parser("corpus", help="build and inspect license-tiered corpora").add_subparsers(
+        dest="corpus_command", required=True, metavar="COMMAND")
+    sp = add(corpus, "import", cmd_corpus_import, "import JSONL/parquet files (doc_id, text, source, license, owner)")
+    sp.add_argument("files", nargs="+", help="input .jsonl, .jsonl.gz or .parquet files")
+    sp.add_argument("--out", required=True, help="corpus folder to create")
+    sp.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid UTF-8/JSON lines instead of stopping")
+    sp.add_argument("--overwrite", action="store_true")
+    sp = add(corpus, "harvest", cmd_corpus_harvest, "the embedded default corpus: this machine's Python packages and docs")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--limit-bytes", type=_size, default=None, help="stop after this much text (e.g. 50M)")
+    sp.add_argument("--no-python", action="store_true", help="skip installed Python distributions")
+    sp.add_argument("--no-system", action="store_true", help="skip manual pages and /usr/share/doc")
+    sp.add_argument("--overwrite", action="store_true")
+    sp = add(corpus, "stats", cmd_corpus_stats, "documents, tokens and bytes per tier, split and source")
+    sp.add_argument("corpus")
+    sp.add_argument("--tokenizer", help="count tokens with this tokenizer/model folder (default: words)")
+    sp.add_argument("--top", type=int, default=20, help="sources to list")
+    sp.add_argument("--json", action="store_true")
+
+    tokp = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer").add_subparsers(
+        dest="tok_command", required=True, metavar="COMMAND")
+    sp = add(tokp, "train", cmd_tokenizer_train, "train a tokenizer on the chosen tiers (train split)")
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--tiers", type=_tiers, default=("pd", "sw"))
+    sp.add_argument("--vocab-size", type=int, default=8192)
+    sp.add_argument("--out", required=True)
+
+    lm = sub.add_parser("lm", help="train and evaluate the parametric LM").add_subparsers(
+        dest="lm_command", required=True, metavar="COMMAND")
+    sp = add(lm, "train", cmd_lm_train, "train a Llama-style LM from scratch on permissive tiers")
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--tiers", type=_tiers, default=("pd", "sw"), help="tiers to train on (default pd,sw)")
+    sp.add_argument("--config", choices=["tiny", "small", "1.3b"], default="small")
+    sp.add_argument("--out", required=True, help="model folder (resumes if it holds a checkpoint)")
+    sp.add_argument("--tokenizer", help="use this tokenizer folder instead of training one")
+    sp.add_argument("--vocab-size", type=int, default=8192)
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--seq-len", type=int)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-tokens", type=int, help="tokenize at most this many training tokens")
+    sp.add_argument("--time-budget", type=float, help="stop after this many seconds (resumable)")
+    sp.add_argument("--checkpoint-every", type=int, default=100)
+    sp.add_argument("--threads", type=int)
+    sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    sp.add_argument("--allow-restricted", action="store_true",
+                    help="oracle models only: allow tier 'restricted' (the model is marked as such)")
+    sp = add(lm, "eval", cmd_lm_eval, "sliding-window perplexity of any local causal LM over a corpus split")
+    sp.add_argument("model")
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    sp.add_argument("--tiers", type=_tiers, default=None, help="only these tiers (default: all)")
+    sp.add_argument("--window", type=int, default=512)
+    sp.add_argument("--stride", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--max-docs", type=int)
+    sp.add_argument("--max-tokens", type=int)
+    sp.add_argument("--json", action="store_true")
+
+    sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded default corpus")
+    sp.add_argument("--workdir", default="runs/demo", help="where the corpus, models and stores go")
+    sp.add_argument("--limit-bytes", type=_size, default=_size("40M"), help="harvested text (default 40M)")
+    sp.add_argument("--steps", type=int, default=None, help="LM training steps (default: the small config's)")
+    sp.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from silo.errors import USER_ERRORS
+
+    try:
+        args.fn(args)
+    except USER_ERRORS as e:
+        print(f"silo: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Sliding-window perplexity, per document, so contexts never cross documents.
+
+Each document is framed `<s> … </s>` and cut into windows of `window` tokens whose starts
+are `stride` apart; a window scores only the tokens no earlier window scored, so every
+token is scored exactly once and (past the first window) with at least
+`window - stride` tokens of context. Windows of many documents are batched together.
+
+`score_documents` yields per-token log-probs and, on request, the hidden states a
+datastore keys on — the retrieval modes reuse the same windows, so every mode scores
+exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from silo.errors import SiloError
+from silo.corpus import iter_documents
+from silo.tokenizer import encode_document
+
+
+@dataclass
+class Window:
+    doc: int  # index of the document in the caller's list
+    begin: int  # first input token (position in the document)
+    end: int  # one past the last input token
+    first_target: int  # first position (in the document) whose log-prob this window reports
+
+
+def windows_for(n_tokens: int, window: int, stride: int, doc: int = 0) -> list[Window]:
+    """The windows that score positions 1..n_tokens-1 of one document exactly once."""
+    assert 0 < stride <= window, (stride, window)
+    out, scored_to, begin = [], 1, 0
+    while scored_to < n_tokens:
+        end = min(begin + window, n_tokens)
+        out.append(Window(doc, begin, end, scored_to))
+        scored_to = end
+        begin += stride
+        if end == n_tokens:
+            break
+    return out
+
+
+def batched(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def score_documents(model, docs: list[list[int]], window: int = 512, stride: int = 256,
+                    batch_size: int = 8, pad_id: int = 0, progress: bool = False) -> list[np.ndarray]:
+    """Natural-log probabilities of tokens 1..n-1 of each document (float64 arrays)."""
+    model.eval()
+    device = next(model.parameters()).device
+    wins = [w for i, d in enumerate(docs) for w in windows_for(len(d), window, stride, i)]
+    wins.sort(key=lambda w: w.end - w.begin)  # similar lengths together: little padding
+    out = [np.zeros(max(len(d) - 1, 0), dtype=np.float64) for d in docs]
+    for batch in tqdm(list(batched(wins, batch_size)), desc="score", unit="batch", disable=not progress):
+        length = max(w.end - w.begin for w in batch)
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for r, w in enumerate(batch):
+            ids[r, : w.end - w.begin] = torch.as_tensor(docs[w.doc][w.begin : w.end])
+            mask[r, : w.end - w.begin] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for r, w in enumerate(batch):
+            # logits at input position t predict token t+1
+            lo, hi = w.first_target - w.begin - 1, w.end - w.begin - 1
+            targets = ids[r, lo + 1 : hi + 1].to(device)
+            lp = logp[r, lo:hi].gather(-1, targets[:, None])[:, 0]
+            out[w.doc][w.first_target - 1 : w.end - 1] = lp.double().cpu().numpy()
+    return out
+
+
+def perplexity(logprobs: Iterable[np.ndarray]) -> float:
+    arrs = [a for a in logprobs if len(a)]
+    n = sum(len(a) for a in arrs)
+    if n == 0:
+        return float("nan")
+    return math.exp(-sum(float(a.sum()) for a in arrs) / n)
+
+
+def load_eval_docs(corpus: str, tok, split: str = "test", tiers: Iterable[str] | None = None,
+                   max_docs: int | None = None, max_tokens: int | None = None,
+                   max_doc_tokens: int | None = None) -> tuple[list[dict], list[list[int]]]:
+    """Documents of one split (and tiers) with their token ids, capped for quick runs."""
+    metas, docs, total = [], [], 0
+    for doc in iter_documents(corpus, tiers=tiers, split=split, columns=["text", "source", "license"]):
+        ids = encode_document(tok, doc["text"])
+        if max_doc_tokens is not None:
+            ids = ids[:max_doc_tokens]
+        if len(ids) < 2:
+            continue
+        metas.append({k: doc[k] for k in ("doc_id", "source", "tier", "license")})
+        docs.append(ids)
+        total += len(ids) - 1
+        if (max_docs is not None and len(docs) >= max_docs) or (max_tokens is not None and total >= max_tokens):
+            break
+    return metas, docs
+
+
+def perplexity_report(metas: list[dict], logprobs: list[np.ndarray]) -> dict:
+    """Overall perplexity and per-source / per-tier breakdown with token counts."""
+    groups: dict[str, dict[str, list[np.ndarray]]] = {"source": defaultdict(list), "tier": defaultdict(list)}
+    for m, lp in zip(metas, logprobs, strict=True):
+        groups["source"][m["source"]].append(lp)
+        groups["tier"][m["tier"]].append(lp)
+    report = {
+        "perplexity": perplexity(logprobs),
+        "tokens": int(sum(len(a) for a in logprobs)),
+        "documents": len(metas),
+    }
+    for kind, g in groups.items():
+        report[kind] = {k: {"perplexity": perplexity(v), "tokens": int(sum(len(a) for a in v)), "documents": len(v)}
+                        for k, v in sorted(g.items())}
+    return report
+
+
+def evaluate_lm(model, tok, corpus: str, split: str = "test", tiers: Iterable[str] | None = None,
+                window: int = 512, stride: int = 256, batch_size: int = 8, max_docs: int | None = None,
+                max_tokens: int | None = None, progress: bool = False) -> dict:
+    """`silo lm eval`: LM-only sliding-window perplexity over a split, per source and overall."""
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and window > max_pos:
+        raise SiloError(f"window {window} is longer than the model's context ({max_pos})")
+    metas, docs = load_eval_docs(corpus, tok, split, tiers, max_docs, max_tokens)
+    if not docs:
+        raise SiloError(f"no documents in split {split!r}" + (f" for tiers {','.join(tiers)}" if tiers else ""))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    lps = score_documents(model, docs, window, stride, batch_size, pad, progress)
+    return perplexity_report(metas, lps)

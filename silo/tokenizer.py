@@ -1,0 +1,108 @@
+"""SentencePiece tokenizer trained on the permissive tiers, saved as a transformers folder.
+
+The trained model is converted through `LlamaTokenizer.from_pretrained(DIR)` with the
+SentencePiece file at `DIR/tokenizer.model` (building it from `vocab_file=` silently gives
+a broken tokenizer) and saved with `save_pretrained`, so `AutoTokenizer.from_pretrained`
+loads the folder. Options chosen so code and prose round-trip exactly: byte fallback (no
+unknown characters), identity normalization, whitespace kept as is, no dummy prefix.
+Special ids: 0 <unk>, 1 <s> (document start), 2 </s> (document end), 3 <pad> — padding
+is never EOS.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from silo.errors import SiloError
+from silo.corpus import iter_documents, tier_guard
+
+CHUNK_CHARS = 4096  # SentencePiece trains on "sentences": feed documents in line-aligned chunks
+
+
+def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    for text in texts:
+        start = 0
+        while start < len(text):
+            end = min(start + max_chars, len(text))
+            if end < len(text):
+                nl = text.rfind("\n", start, end)
+                end = nl + 1 if nl > start else end
+            yield text[start:end]
+            start = end
+
+
+def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, vocab_size: int = 8192,
+                    max_chars: int = 50_000_000):
+    """Train SentencePiece (BPE) on `texts` (at most `max_chars`), save a HF tokenizer folder."""
+    from transformers import LlamaTokenizer
+
+    def limited() -> Iterator[str]:
+        total = 0
+        for chunk in _chunks(texts, CHUNK_CHARS):
+            if total >= max_chars:
+                return
+            total += len(chunk)
+            yield chunk
+
+    # Materialised (≤ max_chars) so errors from `texts`, e.g. the tier guard, surface as
+    # themselves instead of being wrapped by SentencePiece's C++ trainer.
+    chunks = list(limited())
+    if not chunks:
+        raise SiloError("no text to train a tokenizer on")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(chunks), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, add_dummy_prefix=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, character_coverage=0.9995,
+        max_sentence_length=CHUNK_CHARS * 4, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1, minloglevel=2, hard_vocab_limit=False,
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
+        tok = LlamaTokenizer.from_pretrained(tmp, pad_token="<pad>", add_prefix_space=False,
+                                             add_bos_token=False, add_eos_token=False)
+    tok.save_pretrained(out)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    return tok
+
+
+def train_tokenizer_on_corpus(corpus: str | os.PathLike, out: str | os.PathLike, tiers: Iterable[str],
+                              vocab_size: int = 8192, max_chars: int = 50_000_000, allow_restricted: bool = False):
+    """Train the tokenizer on the train split of the given tiers only (same guard as the LM)."""
+    tiers = tuple(tiers)
+
+    def texts() -> Iterator[str]:
+        for doc in iter_documents(corpus, tiers=tiers, split="train",
+                                  columns=["text", "license", "license_classifiers"]):
+            tier_guard(doc, tiers, allow_restricted)
+            yield doc["text"]
+
+    return train_tokenizer(texts(), out, vocab_size=vocab_size, max_chars=max_chars)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """AutoTokenizer from a local folder, with a clear error if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SiloError(f"{path}: no usable tokenizer in this folder ({e})") from e
+    return tok
+
+
+def encode_document(tok, text: str) -> list[int]:
+    """Token ids of one document framed as <s> … </s> (the document separators)."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return bos + ids + eos

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from silo.errors import SiloError
 from silo.corpus import iter_documents
+from silo.errors import SiloError
 from silo.tokenizer import encode_document
 
 

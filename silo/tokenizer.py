@@ -19,8 +19,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from silo.errors import SiloError
 from silo.corpus import iter_documents, tier_guard
+from silo.errors import SiloError
 
 CHUNK_CHARS = 4096  # SentencePiece trains on "sentences": feed documents in line-aligned chunks
 

@@ -200,9 +200,7 @@ def train(args: TrainArgs) -> dict:
         raise NoTrainableTextError(f"no trainable text in tiers {','.join(args.tiers)}; corpus has {have}")
 
     tok_dir = Path(args.tokenizer) if args.tokenizer else work / "tokenizer"
-    if args.tokenizer:
-        tok = load_tokenizer(tok_dir)
-    elif (tok_dir / "tokenizer.json").is_file() and args.resume:
+    if args.tokenizer or (tok_dir / "tokenizer.json").is_file() and args.resume:
         tok = load_tokenizer(tok_dir)
     else:
         tok = train_tokenizer_on_corpus(args.corpus, tok_dir, args.tiers, args.vocab_size,

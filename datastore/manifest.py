@@ -1,0 +1,116 @@
+"""`manifest.json` of a store, and the model fingerprint that ties a store to its LM.
+
+The fingerprint hashes what decides the keys and values: the model config, the tokenizer
+files and each weight file's safetensors header plus its first and last MiB (cheap for a
+multi-GB checkpoint, yet any retrained or different model changes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from silo.errors import SiloError
+
+FORMAT_VERSION = 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+class StoreError(SiloError):
+    """A store folder that is missing, corrupt, or does not fit the request."""
+
+
+class FingerprintMismatch(StoreError):
+    """The store was built with another model or tokenizer."""
+
+
+def _hash_file_ends(h, path: Path, mib: int = 1) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(mib << 20))
+        if size > 2 * (mib << 20):
+            f.seek(-(mib << 20), os.SEEK_END)
+            h.update(f.read())
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    config = json.loads((d / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name in _TOKENIZER_FILES:
+        if (d / name).is_file() and name != "tokenizer_config.json":
+            h.update(name.encode())
+            h.update((d / name).read_bytes())
+    for weights in sorted(d.glob("*.safetensors")):
+        _hash_file_ends(h, weights)
+    return h.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(model_dir: str | os.PathLike) -> str:
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        if (d / name).is_file():
+            h.update(name.encode())
+            h.update((d / name).read_bytes())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class ShardInfo:
+    name: str  # folder under shards/
+    first_entry: int  # global id of its first entry; entries are [first_entry, first_entry + entries)
+    entries: int
+    documents: int
+    index: str  # faiss factory string, or "bm25"
+
+
+@dataclass
+class Manifest:
+    kind: str  # "token" | "passage"
+    model: str  # path the store was built from (informational)
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    dim: int  # key dimension (0 for a BM25-only passage store)
+    metric: str  # "l2" | "ip" | "bm25"
+    key_type: str | None
+    shards: list[ShardInfo]
+    corpus: str
+    tiers: list[str]
+    split: str
+    documents: int
+    entries: int
+    passage_tokens: int | None = None
+    retrievers: list[str] = field(default_factory=list)  # passage stores: "bm25", "dense"
+    defaults: dict = field(default_factory=dict)  # tuned k, lambda, temperature (silo eval --sweep)
+    build: dict = field(default_factory=dict)  # settings and timings of the build
+    format_version: int = FORMAT_VERSION
+
+    def save(self, store: str | os.PathLike) -> None:
+        path = Path(store) / "manifest.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, store: str | os.PathLike) -> Manifest:
+        path = Path(store) / "manifest.json"
+        if not path.is_file():
+            raise StoreError(f"{store} is not a SILO datastore (no manifest.json)")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise StoreError(f"{store}: unsupported store format {raw.get('format_version')!r}")
+            raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
+            return cls(**raw)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise StoreError(f"{path} is corrupt: {e}") from e

@@ -1,0 +1,231 @@
+"""`Datastore`: a store folder opened for search, with attribution of every entry.
+
+    store = Datastore.open("STORE")
+    distances, ids = store.search(queries, k=8, policy=RetrievalPolicy(tiers=("restricted",)))
+    store.values(ids); store.attribute(ids[0])
+
+Search fans out to every shard in parallel (FAISS releases the GIL) and merges the
+per-shard top-k by distance — for exact indexes, the same answer one big index gives.
+Each shard search carries a bitmap of the entries this call may see (policy ∧ not opted
+out) as an `IDSelectorBitmap`; results are post-filtered against the same bitmap because
+some FAISS paths ignore selectors (REFERENCE.md), so nothing disallowed ever leaves here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from datastore.index import bitmap, search
+from datastore.manifest import (
+    FingerprintMismatch,
+    Manifest,
+    ShardInfo,
+    StoreError,
+    model_fingerprint,
+)
+from datastore.optout import read_log
+from datastore.policy import RetrievalPolicy
+
+ENTRY_COLUMNS = ("doc", "position", "value", "sentence")
+
+
+@dataclass
+class Shard:
+    info: ShardInfo
+    path: Path
+    index: faiss.Index | None
+    entries: dict[str, np.ndarray]  # ENTRY_COLUMNS, row i = entry info.first_entry + i
+
+
+class Datastore:
+    """A token or passage store opened read-only for search and attribution."""
+
+    def __init__(self, path: str | os.PathLike, manifest: Manifest, shards: list[Shard], docs):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.shards = shards
+        self.docs = docs  # pyarrow Table, row i = document index i
+        self.entry_doc = np.concatenate([s.entries["doc"] for s in shards]) if shards else np.zeros(0, np.int32)
+        self._doc_cols = {c: np.asarray(docs.column(c).to_pylist(), dtype=object)
+                          for c in ("doc_id", "source", "license", "tier", "owner")}
+        self._doc_index = {d: i for i, d in enumerate(self._doc_cols["doc_id"])}
+        self._masks: dict[RetrievalPolicy, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(shards), os.cpu_count() or 1)))
+        self.dead_docs = np.zeros(len(docs), dtype=bool)  # opted-out documents (tombstones)
+        self.reload_optouts()
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, load_index: bool = True) -> Datastore:
+        path = Path(path)
+        manifest = Manifest.load(path)
+        shards = []
+        for info in manifest.shards:
+            d = path / "shards" / info.name
+            index = None
+            if load_index and info.index != "bm25":
+                try:
+                    index = faiss.read_index(str(d / "index.faiss"))
+                except RuntimeError as e:
+                    raise StoreError(f"{d / 'index.faiss'}: unreadable FAISS index ({str(e).splitlines()[0]})") from e
+                if index.ntotal != info.entries:
+                    raise StoreError(f"{d}: index has {index.ntotal} entries, manifest says {info.entries}")
+            try:
+                table = pq.read_table(d / "entries.parquet")
+            except (OSError, Exception) as e:
+                raise StoreError(f"{d / 'entries.parquet'}: unreadable ({e})") from e
+            entries = {c: table.column(c).to_numpy() for c in table.column_names}
+            if len(entries["doc"]) != info.entries:
+                raise StoreError(f"{d}: entries.parquet has {len(entries['doc'])} rows, manifest says {info.entries}")
+            shards.append(Shard(info, d, index, entries))
+        try:
+            docs = pq.read_table(path / "docs.parquet")
+        except Exception as e:
+            raise StoreError(f"{path / 'docs.parquet'}: unreadable ({e})") from e
+        return cls(path, manifest, shards, docs)
+
+    def check_model(self, model_dir: str | os.PathLike) -> None:
+        """Refuse a model other than the one this store was built with."""
+        fp = model_fingerprint(model_dir)
+        if fp != self.manifest.model_fingerprint:
+            raise FingerprintMismatch(
+                f"store {self.path} was built with model {self.manifest.model} "
+                f"(fingerprint {self.manifest.model_fingerprint}); {model_dir} has fingerprint {fp}. "
+                "Keys from another model are meaningless: use the store's model or rebuild the store.")
+
+    # ------------------------------------------------------------------ masks
+
+    @property
+    def n_entries(self) -> int:
+        return int(self.manifest.entries)
+
+    def doc_mask(self, policy: RetrievalPolicy | None) -> np.ndarray:
+        c = self._doc_cols
+        base = ~self.dead_docs
+        if policy is None or policy.is_open:
+            return base
+        return base & policy.doc_mask(c["tier"], c["license"], c["source"], c["owner"], c["doc_id"])
+
+    def allowed_bitmap(self, policy: RetrievalPolicy | None) -> np.ndarray | None:
+        """Packed bitmap over global entry ids of what `policy` (and opt-out) lets through;
+        None when everything is allowed (a clean search is a little faster)."""
+        key = policy or RetrievalPolicy()
+        with self._lock:
+            if key not in self._masks:
+                docs = self.doc_mask(policy)
+                self._masks[key] = None if docs.all() else bitmap(docs[self.entry_doc])
+            return self._masks[key]
+
+    def reload_optouts(self) -> None:
+        """Tombstone every document the opt-out log removes (doc id, owner, source, span)."""
+        rem = read_log(self.path)
+        dead = np.zeros(len(self.docs), dtype=bool)
+        if rem.records:
+            c = self._doc_cols
+            dead |= np.isin(c["doc_id"], list(rem.doc_ids))
+            if rem.owners:
+                dead |= np.isin(c["owner"], list(rem.owners))
+            if rem.sources:
+                dead |= np.isin(c["source"], list(rem.sources))
+            if rem.spans:
+                texts = self.docs.column("text").to_pylist()
+                dead |= np.array([any(sp in t for sp in rem.spans) for t in texts], dtype=bool)
+        self.dead_docs = dead
+        self.invalidate_masks()
+
+    def invalidate_masks(self) -> None:
+        with self._lock:
+            self._masks.clear()
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               policy: RetrievalPolicy | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (distances, global entry ids) per query; id -1 where fewer than k exist."""
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
+            raise ValueError(f"queries must be (n, {self.manifest.dim}), got {queries.shape}")
+        allowed = self.allowed_bitmap(policy)
+        results = list(self._pool.map(lambda s: search(s.index, queries, k, nprobe, allowed), self.shards))
+        dist = np.concatenate([r[0] for r in results], axis=1)
+        ids = np.concatenate([r[1] for r in results], axis=1)
+        bad = ids < 0
+        if allowed is not None:  # post-filter: never trust a selector alone
+            safe = np.where(bad, 0, ids)
+            bad |= ((allowed[safe >> 3] >> (safe & 7)) & 1) == 0
+        worst = np.inf if self.manifest.metric == "l2" else -np.inf
+        dist = np.where(bad, worst, dist)
+        ids = np.where(bad, -1, ids)
+        order = np.argsort(dist if self.manifest.metric == "l2" else -dist, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+
+    # ------------------------------------------------------------------ metadata
+
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts = np.array([s.info.first_entry for s in self.shards], dtype=np.int64)
+        shard = np.searchsorted(starts, ids, side="right") - 1
+        return shard, ids - starts[np.clip(shard, 0, None)]
+
+    def entries(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """ENTRY_COLUMNS for global ids (any shape); -1 ids give -1 everywhere."""
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.ravel()
+        valid = (flat >= 0) & (flat < self.n_entries)
+        out = {c: np.full(flat.shape, -1, dtype=np.int64) for c in ENTRY_COLUMNS}
+        shard, local = self._locate(np.where(valid, flat, 0))
+        for si, s in enumerate(self.shards):
+            sel = valid & (shard == si)
+            if sel.any():
+                for c in ENTRY_COLUMNS:
+                    if c in s.entries:
+                        out[c][sel] = s.entries[c][local[sel]]
+        return {c: v.reshape(ids.shape) for c, v in out.items()}
+
+    def values(self, ids: np.ndarray) -> np.ndarray:
+        return self.entries(ids)["value"]
+
+    def doc_row(self, doc: int) -> dict:
+        return self.docs.slice(int(doc), 1).to_pylist()[0]
+
+    def doc_index(self, doc_id: str) -> int | None:
+        return self._doc_index.get(doc_id)
+
+    def attribute(self, ids: np.ndarray, scores: np.ndarray | None = None) -> list[dict]:
+        """Who and what each entry is: doc_id, source, license, tier, owner, sentence text."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        ent = self.entries(ids)
+        out = []
+        for j, eid in enumerate(ids):
+            if eid < 0:
+                continue
+            doc = self.doc_row(ent["doc"][j])
+            starts = doc["sentence_starts"]
+            s = int(ent["sentence"][j])
+            end = starts[s + 1] if s + 1 < len(starts) else len(doc["text"])
+            hit = {
+                "entry_id": int(eid), "doc_id": doc["doc_id"], "source": doc["source"],
+                "license": doc["license"], "tier": doc["tier"], "owner": doc["owner"],
+                "sentence_index": s, "sentence": doc["text"][starts[s]:end].strip() if starts else "",
+                "position": int(ent["position"][j]),
+            }
+            if scores is not None:
+                hit["score"] = float(np.asarray(scores).ravel()[j])
+            out.append(hit)
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+

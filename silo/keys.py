@@ -1,0 +1,75 @@
+"""Datastore keys: the LM's hidden state at each position, taken with a forward hook.
+
+Default (`ffn_input`): the input of the last block's feed-forward, after its layer norm —
+the kNN-LM / knn-transformers choice, which retrieves better than the block output.
+Option (`final`): the final hidden state (after the last norm), SILO's choice.
+
+The hook finds the last decoder block and its MLP by architecture: Llama/Mistral/Qwen
+(`model.layers[i].mlp`), GPT-NeoX/Pythia (`gpt_neox.layers[i].mlp`), GPT-2/GPT-J
+(`transformer.h[i].mlp`), OPT (`model.decoder.layers[i].fc1`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+KEY_TYPES = ("ffn_input", "final")
+
+
+def _last_block_ffn(model) -> torch.nn.Module:
+    base = getattr(model, model.base_model_prefix, model)
+    for attr in ("layers", "h", "blocks"):
+        blocks = getattr(base, attr, None)
+        if blocks is None and hasattr(base, "decoder"):
+            blocks = getattr(base.decoder, attr, None)
+        if blocks is not None:
+            last = blocks[-1]
+            for name in ("mlp", "feed_forward", "ffn", "fc1"):
+                if hasattr(last, name):
+                    return getattr(last, name)
+    raise ValueError(f"cannot find the last block's feed-forward in {type(model).__name__}; "
+                     "use key type 'final'")
+
+
+@contextmanager
+def capture_keys(model, key_type: str = "ffn_input"):
+    """Within the block, `box["keys"]` holds the (batch, seq, dim) keys of the last forward."""
+    if key_type not in KEY_TYPES:
+        raise ValueError(f"unknown key type {key_type!r}; expected one of {', '.join(KEY_TYPES)}")
+    box: dict[str, torch.Tensor] = {}
+    if key_type == "ffn_input":
+        def hook(_module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            box["keys"] = x.detach()
+
+        handle = _last_block_ffn(model).register_forward_pre_hook(hook, with_kwargs=True)
+    else:
+        norm = _final_norm(model)
+
+        def hook(_module, _args, output):
+            box["keys"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        handle = norm.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def _final_norm(model) -> torch.nn.Module:
+    base = getattr(model, model.base_model_prefix, model)
+    for name in ("norm", "final_layer_norm", "ln_f", "final_layernorm"):
+        if hasattr(base, name):
+            return getattr(base, name)
+    if hasattr(base, "decoder") and hasattr(base.decoder, "final_layer_norm"):
+        return base.decoder.final_layer_norm
+    raise ValueError(f"cannot find the final norm of {type(model).__name__}")
+
+
+def key_dim(model, key_type: str = "ffn_input") -> int:
+    """Dimension of the keys for this model (one tiny forward pass)."""
+    with torch.no_grad(), capture_keys(model, key_type) as box:
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
+    return int(box["keys"].shape[-1])

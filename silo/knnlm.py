@@ -1,0 +1,219 @@
+"""kNN-LM: p = (1-λ)·p_LM + λ·p_kNN, with p_kNN(w) ∝ Σ_{neighbours with value w} exp(-d/T).
+
+λ is the *datastore* weight (SILO's code convention). Scoring runs the LM once per
+sliding window (the same windows as LM-only evaluation, so both modes score the same
+tokens), takes the keys of the scored positions with the same hook the store was built
+with, and searches the store for the whole batch at once. The neighbours are kept
+(distances and values per token), so λ and T can be swept without searching again, and
+any k' ≤ k by truncation.
+
+Generation goes one token at a time with the KV cache; every generated token carries its
+attribution: the neighbours that voted, with their weight and source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datastore.policy import RetrievalPolicy
+from datastore.store import Datastore
+from silo.errors import SiloError
+from silo.evaluate import batched, windows_for
+from silo.keys import capture_keys
+
+
+@dataclass(frozen=True)
+class KNNParams:
+    k: int = 128
+    lam: float = 0.25  # datastore weight λ
+    temperature: float = 10.0
+    nprobe: int | None = 32
+
+    def validate(self) -> KNNParams:
+        if self.k <= 0:
+            raise SiloError(f"k must be positive, got {self.k}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise SiloError(f"lambda must be in [0, 1], got {self.lam}")
+        if self.temperature <= 0:
+            raise SiloError(f"temperature must be positive, got {self.temperature}")
+        if self.nprobe is not None and self.nprobe <= 0:
+            raise SiloError(f"nprobe must be positive, got {self.nprobe}")
+        return self
+
+
+def knn_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax of -d/T over each row's neighbours; missing neighbours (d = inf) weigh 0."""
+    logits = -np.asarray(dists, dtype=np.float64) / temperature
+    finite = np.isfinite(logits)
+    top = np.where(finite, logits, -np.inf).max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    w = np.where(finite, np.exp(logits - top), 0.0)
+    total = w.sum(axis=-1, keepdims=True)
+    return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+
+
+def knn_target_logprob(dists: np.ndarray, values: np.ndarray, targets: np.ndarray, temperature: float) -> np.ndarray:
+    """log p_kNN(target) per row (-inf where no neighbour has the target as value)."""
+    w = knn_weights(dists, temperature)
+    p = (w * (values == targets[:, None])).sum(axis=-1)
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def knn_interpolate(lm_logprob: np.ndarray, knn_logprob: np.ndarray, lam: float) -> np.ndarray:
+    """log((1-λ)·p_LM + λ·p_kNN), stable in log space."""
+    if lam <= 0.0:
+        return np.asarray(lm_logprob, dtype=np.float64)
+    if lam >= 1.0:
+        return np.asarray(knn_logprob, dtype=np.float64)
+    return np.logaddexp(lm_logprob + math.log1p(-lam), knn_logprob + math.log(lam))
+
+
+def knn_distribution(dists: torch.Tensor, values: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """p_kNN over the vocabulary, (n, V), from (n, k) neighbours (for generation)."""
+    w = torch.from_numpy(knn_weights(dists.numpy(), temperature)).float()
+    safe = values.clamp(min=0).long()
+    out = torch.zeros((dists.shape[0], vocab_size))
+    out.scatter_add_(1, safe, w * (values >= 0))
+    return out
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class DocNeighbours:
+    """Per scored token of one document: LM log-prob, target, and its k neighbours."""
+
+    lm_logprob: np.ndarray  # (n,) float64
+    targets: np.ndarray  # (n,) int64
+    dists: np.ndarray  # (n, k) float32
+    values: np.ndarray  # (n, k) int64, -1 = no neighbour
+    ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (n, k) entry ids
+
+    def knn_logprob(self, params: KNNParams) -> np.ndarray:
+        k = params.k
+        knn = knn_target_logprob(self.dists[:, :k], self.values[:, :k], self.targets, params.temperature)
+        return knn_interpolate(self.lm_logprob, knn, params.lam)
+
+
+@torch.no_grad()
+def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, window: int = 512,
+                        stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
+                        policy: RetrievalPolicy | None = None, progress: bool = False) -> list[DocNeighbours]:
+    """One pass: LM log-probs and the store's k neighbours for every scored token."""
+    model.eval()
+    device = next(model.parameters()).device
+    wins = [w for i, d in enumerate(docs) for w in windows_for(len(d), window, stride, i)]
+    wins.sort(key=lambda w: w.end - w.begin)
+    n = [max(len(d) - 1, 0) for d in docs]
+    out = [DocNeighbours(np.zeros(m), np.asarray(d[1:], dtype=np.int64), np.zeros((m, k), np.float32),
+                         np.full((m, k), -1, np.int64), np.full((m, k), -1, np.int64)) for d, m in zip(docs, n, strict=True)]
+    with capture_keys(model, store.manifest.key_type or "ffn_input") as box:
+        for batch in tqdm(list(batched(wins, batch_size)), desc="kNN-LM score", unit="batch", disable=not progress):
+            length = max(w.end - w.begin for w in batch)
+            ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), length), dtype=torch.long)
+            for r, w in enumerate(batch):
+                ids[r, : w.end - w.begin] = torch.as_tensor(docs[w.doc][w.begin : w.end])
+                mask[r, : w.end - w.begin] = 1
+            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+            keys = box["keys"].float().cpu()
+            spans, queries = [], []
+            for r, w in enumerate(batch):
+                lo, hi = w.first_target - w.begin - 1, w.end - w.begin - 1
+                targets = ids[r, lo + 1 : hi + 1].to(device)
+                lp = logp[r, lo:hi].gather(-1, targets[:, None])[:, 0]
+                out[w.doc].lm_logprob[w.first_target - 1 : w.end - 1] = lp.double().cpu().numpy()
+                queries.append(keys[r, lo:hi].numpy())
+                spans.append((w.doc, w.first_target - 1, w.end - 1))
+            dist, eid = store.search(np.concatenate(queries), k, nprobe=nprobe, policy=policy)
+            vals = store.values(eid)
+            row = 0
+            for doc, a, b in spans:
+                o = out[doc]
+                o.dists[a:b], o.ids[a:b], o.values[a:b] = dist[row : row + b - a], eid[row : row + b - a], vals[row : row + b - a]
+                row += b - a
+    return out
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GeneratedToken:
+    token_id: int
+    text: str
+    logprob: float  # log-prob of the token under the distribution it was drawn from
+    lm_logprob: float
+    attribution: list[dict]  # top neighbours: doc_id, source, license, sentence, weight
+
+
+def _sample(probs: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(probs.argmax())
+    logits = torch.log(probs.clamp_min(1e-30)) / temperature
+    p = torch.softmax(logits, -1)
+    if top_p < 1.0:
+        sp, si = torch.sort(p, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p
+        keep[0] = True
+        p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
+        p = p / p.sum()
+    return int(torch.multinomial(p, 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore | None = None,
+             params: KNNParams = KNNParams(), temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             policy: RetrievalPolicy | None = None, stop: tuple[str, ...] = (), attribution_top: int = 3,
+             ) -> Iterator[GeneratedToken]:
+    """Yield tokens one at a time, LM-only (store None) or kNN-LM, with attribution."""
+    if not prompt:
+        raise SiloError("empty prompt")
+    device = next(model.parameters()).device
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
+    max_pos = getattr(model.config, "max_position_embeddings", 2048)
+    ids = ids[-max(1, max_pos - max_new_tokens):]
+    gen = torch.Generator().manual_seed(seed)
+    key_type = store.manifest.key_type if store is not None else "ffn_input"
+    text_so_far, past, generated = "", None, []
+    inp = torch.tensor([ids], device=device)
+    with capture_keys(model, key_type or "ffn_input") as box:
+        for _ in range(max_new_tokens):
+            out = model(input_ids=inp, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            lm_p = torch.softmax(out.logits[0, -1].float(), -1).cpu()
+            p, attribution = lm_p, []
+            if store is not None and params.lam > 0:
+                q = box["keys"][0, -1:].float().cpu().numpy()
+                dist, eid = store.search(q, params.k, nprobe=params.nprobe, policy=policy)
+                vals = torch.from_numpy(store.values(eid))
+                knn_p = knn_distribution(torch.from_numpy(dist), vals, lm_p.shape[0], params.temperature)[0]
+                p = (1 - params.lam) * lm_p + params.lam * knn_p
+                w = knn_weights(dist, params.temperature)[0]
+                top = np.argsort(-w)[:attribution_top]
+                top = top[eid[0, top] >= 0]
+                for hit, j in zip(store.attribute(eid[0, top], dist[0, top]), top, strict=True):
+                    hit["weight"] = float(w[j] * params.lam)
+                    attribution.append(hit)
+            next_id = _sample(p, temperature, top_p, gen)
+            generated.append(next_id)
+            # Decode the whole continuation and emit the new suffix: byte-fallback pieces of
+            # one character are held back until the character is complete.
+            full = tok.decode(generated, skip_special_tokens=True)
+            piece = "" if full.endswith("\ufffd") else full[len(text_so_far):]
+            yield GeneratedToken(next_id, piece, float(torch.log(p[next_id].clamp_min(1e-30))),
+                                 float(torch.log(lm_p[next_id].clamp_min(1e-30))), attribution)
+            if next_id == tok.eos_token_id:
+                return
+            text_so_far += piece
+            if any(s and s in text_so_far for s in stop):
+                return
+            inp = torch.tensor([[next_id]], device=device)

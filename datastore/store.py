@@ -225,6 +225,23 @@ class Datastore:
             out.append(hit)
         return out
 
+    def stats(self) -> dict:
+        """Entries and documents (all and live), shards, per tier and per source, bytes on disk."""
+        live_docs = ~self.dead_docs
+        per_doc = np.bincount(self.entry_doc, minlength=len(self.docs)) if len(self.entry_doc) else np.zeros(len(self.docs), int)
+        groups: dict[str, dict] = {"tiers": {}, "sources": {}}
+        for group, col in (("tiers", "tier"), ("sources", "source")):
+            values = self._doc_cols[col]
+            for v in sorted(set(values.tolist())):
+                sel = (values == v) & live_docs
+                groups[group][v] = {"documents": int(sel.sum()), "entries": int(per_doc[sel].sum())}
+        return {
+            "kind": self.manifest.kind, "documents": len(self.docs), "live_documents": int(live_docs.sum()),
+            "entries": self.n_entries, "live_entries": int(per_doc[live_docs].sum()),
+            "shards": len(self.shards), "index": self.manifest.shards[0].index if self.shards else None,
+            "bytes": sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()), **groups,
+        }
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 

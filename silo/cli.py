@@ -11,6 +11,8 @@ import json
 import sys
 from collections.abc import Callable
 
+import numpy as np
+
 from silo.licenses import parse_tiers
 
 
@@ -141,6 +143,143 @@ def cmd_lm_eval(a: argparse.Namespace) -> None:
     _print_table(rows, ["group", "documents", "tokens", "perplexity"])
 
 
+# ---------------------------------------------------------------------------- datastore
+
+
+def _policy(a: argparse.Namespace):
+    from datastore.policy import RetrievalPolicy
+
+    return RetrievalPolicy.from_strings(
+        tiers=a.allow_tiers, allow_licenses=a.allow_licenses or "", deny_licenses=a.deny_licenses or "",
+        allow_sources=a.allow_sources or "", deny_sources=a.deny_sources or "", deny_owners=a.deny_owners or "")
+
+
+def _add_policy_args(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("retrieval policy (applied inside the search: exact top-k of what is allowed)")
+    g.add_argument("--allow-tiers", help="only these tiers, e.g. pd,sw,by")
+    g.add_argument("--allow-licenses", help="only licenses matching these globs, e.g. 'CC-BY-*,MIT'")
+    g.add_argument("--deny-licenses", help="never licenses matching these globs, e.g. '*-NC-*'")
+    g.add_argument("--allow-sources", help="only these sources (globs)")
+    g.add_argument("--deny-sources", help="never these sources (globs)")
+    g.add_argument("--deny-owners", help="never these owners")
+
+
+def cmd_datastore_build(a: argparse.Namespace) -> None:
+    from datastore.build import BuildArgs, build_token_store
+
+    common = dict(model=a.model, corpus=a.corpus, out=a.out, tiers=a.tiers, split=a.split, shards=a.shards,
+                  memory_budget=a.memory_budget, factory=a.factory, window=a.window, stride=a.stride,
+                  batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens)
+    if a.kind == "token":
+        m = build_token_store(BuildArgs(key_type=a.key_type, keep_keys=a.keep_keys, **common))
+    else:
+        from datastore.passages import PassageBuildArgs, build_passage_store
+
+        m = build_passage_store(PassageBuildArgs(passage_tokens=a.passage_tokens, retrievers=a.retrievers,
+                                                 embedder=a.embedder, **common))
+    print(f"{m.kind} store: {m.documents} documents, {m.entries} entries in {len(m.shards)} shards "
+          f"({m.shards[0].index}) -> {a.out}")
+
+
+def cmd_datastore_search(a: argparse.Namespace) -> None:
+    from datastore.manifest import Manifest
+    from silo.lm import load_causal_lm
+
+    if a.k <= 0:
+        raise SystemExit("silo: error: -k must be positive")
+    if not a.query.strip():
+        raise SystemExit("silo: error: empty query")
+    manifest = Manifest.load(a.store)
+    policy = _policy(a)
+    if manifest.kind == "passage":
+        from datastore.passages import PassageStore
+
+        store = PassageStore.open(a.store)
+        model = tok = None
+        if a.retriever == "dense":
+            model, tok = load_causal_lm(a.model or manifest.model)
+            store.check_model(a.model or manifest.model)
+        scores, ids = store.search_text([a.query], a.k, policy=policy, retriever=a.retriever, model=model, tok=tok)
+    else:
+        from datastore.store import Datastore
+        from silo.keys import text_keys
+
+        store = Datastore.open(a.store)
+        model_dir = a.model or manifest.model
+        store.check_model(model_dir)
+        model, tok = load_causal_lm(model_dir)
+        scores, ids = store.search(text_keys(model, tok, [a.query], manifest.key_type or "ffn_input"), a.k,
+                                   nprobe=a.nprobe, policy=policy)
+    hits = store.attribute(ids[0], scores[0])
+    if manifest.kind == "token":
+        for h, v in zip(hits, store.values(np.asarray([h["entry_id"] for h in hits])), strict=True):
+            h["next_token"] = tok.decode([int(v)])
+    if a.json:
+        print(json.dumps({"query": a.query, "hits": hits}, indent=2, ensure_ascii=False))
+        return
+    for rank, h in enumerate(hits, 1):
+        nxt = f"  next: {h['next_token']!r}" if "next_token" in h else ""
+        print(f"{rank:>2}. {h['score']:.3f}  {h['doc_id']}  [{h['source']} | {h['license'] or 'no license'} | "
+              f"{h['tier']}]{nxt}\n    {h['sentence'][:200]}")
+
+
+def cmd_datastore_stats(a: argparse.Namespace) -> None:
+    from datastore.store import Datastore
+
+    store = Datastore.open(a.store, load_index=False)
+    st = store.stats()
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return
+    for k in ("kind", "documents", "live_documents", "entries", "live_entries", "shards", "index", "bytes"):
+        print(f"{k:>15}: {st[k]}")
+    for group in ("tiers", "sources"):
+        _print_table([[n, v["documents"], v["entries"]] for n, v in st[group].items()], [group[:-1], "documents", "entries"])
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from silo.eval_modes import EvalArgs, run_eval, sweep_knn
+    from silo.knnlm import KNNParams
+
+    if a.sweep:
+        if not a.store:
+            raise SystemExit("silo: error: --sweep needs --store")
+        res = sweep_knn(a.model, a.store, a.corpus, window=a.window, stride=a.stride, batch_size=a.batch_size,
+                        max_tokens=a.max_tokens or 20_000, progress=True)
+        print(f"tuned on {res['split']} ({res['tokens']} tokens): k={res['k']} lambda={res['lambda']} "
+              f"T={res['temperature']}  ppl LM {res['lm']:.3f} -> kNN-LM {res['knn']:.3f}; saved in the manifest")
+    knn = None
+    if any(v is not None for v in (a.k, a.lam, a.temperature)):
+        from datastore.store import Datastore
+        from silo.eval_modes import store_knn_params
+
+        base = store_knn_params(Datastore.open(a.store, load_index=False)) if a.store else KNNParams()
+        knn = KNNParams(k=a.k or base.k, lam=base.lam if a.lam is None else a.lam,
+                        temperature=a.temperature or base.temperature, nprobe=a.nprobe or base.nprobe)
+    rep = run_eval(EvalArgs(model=a.model, corpus=a.corpus, store=a.store, passage_store=a.passage_store,
+                            split=a.split, modes=tuple(m for m in a.modes.split(",") if m), oracle=a.oracle,
+                            tiers=a.tiers, window=a.window, stride=a.stride, batch_size=a.batch_size,
+                            max_docs=a.max_docs, max_tokens=a.max_tokens, knn=knn, ric_stride=a.ric_stride,
+                            policy=_policy(a), decontaminate=not a.no_decontaminate, progress=True))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rep, f, indent=2)
+    print_eval_table(rep)
+
+
+def print_eval_table(rep: dict) -> None:
+    names = {"lm": "LM only", "knn": "kNN-LM", "ric": "RIC-LM", "oracle": "oracle LM"}
+    rows = [[names[m], rep["modes"][m]["tokens"], f"{rep[m]:.3f}"] for m in ("lm", "knn", "ric", "oracle") if m in rep]
+    _print_table(rows, ["mode", "tokens", "perplexity"])
+    for m in ("knn", "ric"):
+        if f"gap_closed_{m}" in rep:
+            print(f"gap closed by {names[m]}: {100 * rep[f'gap_closed_{m}']:.1f}%  "
+                  "((ppl_LM - ppl_mode) / (ppl_LM - ppl_oracle))")
+    for store, c in rep.get("checks", {}).items():
+        print(f"{store}: {c['leaked_eval_docs']} evaluation documents found in the store, "
+              f"{c['decontaminated_store_docs']} store documents dropped as near-copies of evaluation text")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from silo.demo import run_demo
 
@@ -218,6 +357,66 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-docs", type=int)
     sp.add_argument("--max-tokens", type=int)
     sp.add_argument("--json", action="store_true")
+
+    ds = sub.add_parser("datastore", help="build, search and inspect datastores").add_subparsers(
+        dest="ds_command", required=True, metavar="COMMAND")
+    sp = add(ds, "build", cmd_datastore_build, "build a sharded token (kNN-LM) or passage (RIC-LM) store")
+    sp.add_argument("--kind", choices=["token", "passage"], default="token")
+    sp.add_argument("--model", required=True, help="the LM whose hidden states are the keys")
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--tiers", type=_tiers, default=("restricted",), help="tiers to store (default restricted)")
+    sp.add_argument("--split", choices=["train", "validation", "test"], default="train")
+    sp.add_argument("--shards", type=int, default=1)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--memory-budget", type=_size, help="index memory budget (e.g. 2G): picks Flat or IVF-PQ")
+    sp.add_argument("--factory", help="FAISS factory string overriding the choice, e.g. IVF4096,PQ64")
+    sp.add_argument("--key-type", choices=["ffn_input", "final"], default="ffn_input")
+    sp.add_argument("--keep-keys", action="store_true", help="also keep raw keys (fp16) per shard")
+    sp.add_argument("--window", type=int, default=512)
+    sp.add_argument("--stride", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--passage-tokens", type=int, default=256)
+    sp.add_argument("--retrievers", type=lambda s: tuple(x for x in s.split(",") if x), default=("bm25",),
+                    help="passage stores: bm25, dense or both (bm25,dense)")
+    sp.add_argument("--embedder", help="passage stores: local sentence-embedding model folder for dense retrieval")
+    sp.add_argument("--max-docs", type=int)
+    sp.add_argument("--max-tokens", type=int)
+    sp = add(ds, "search", cmd_datastore_search, "search a store with text; hits with attribution")
+    sp.add_argument("store")
+    sp.add_argument("--query", required=True)
+    sp.add_argument("-k", type=int, default=5)
+    sp.add_argument("--model", help="default: the model the store was built with")
+    sp.add_argument("--nprobe", type=int)
+    sp.add_argument("--retriever", choices=["bm25", "dense"], default="bm25", help="passage stores")
+    sp.add_argument("--json", action="store_true")
+    _add_policy_args(sp)
+    sp = add(ds, "stats", cmd_datastore_stats, "entries, live entries, shards, tiers, sources")
+    sp.add_argument("store")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add(sub, "eval", cmd_eval, "perplexity of LM-only / kNN-LM / RIC-LM / oracle on the same tokens")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--store", help="token store (mode knn)")
+    sp.add_argument("--passage-store", help="passage store (mode ric)")
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    sp.add_argument("--modes", default="lm,knn", help="comma list of lm, knn, ric")
+    sp.add_argument("--oracle", help="a model trained on all tiers: reports the share of the gap closed")
+    sp.add_argument("--tiers", type=_tiers, default=None, help="evaluation text tiers (default: the store's)")
+    sp.add_argument("--window", type=int, default=512)
+    sp.add_argument("--stride", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--max-docs", type=int)
+    sp.add_argument("--max-tokens", type=int)
+    sp.add_argument("-k", dest="k", type=int, help="neighbours (default: the store's tuned value)")
+    sp.add_argument("--lambda", dest="lam", type=float, help="datastore weight λ in [0,1]")
+    sp.add_argument("--temperature", type=float)
+    sp.add_argument("--nprobe", type=int)
+    sp.add_argument("--ric-stride", type=int, default=64, help="RIC-LM: retrieve every this many tokens")
+    sp.add_argument("--sweep", action="store_true", help="first tune k, λ, T on the validation split (saved)")
+    sp.add_argument("--no-decontaminate", action="store_true")
+    sp.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    _add_policy_args(sp)
 
     sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded default corpus")
     sp.add_argument("--workdir", default="runs/demo", help="where the corpus, models and stores go")

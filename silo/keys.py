@@ -73,3 +73,21 @@ def key_dim(model, key_type: str = "ffn_input") -> int:
     with torch.no_grad(), capture_keys(model, key_type) as box:
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
     return int(box["keys"].shape[-1])
+
+
+@torch.no_grad()
+def text_keys(model, tok, texts: list[str], key_type: str = "ffn_input"):
+    """The key at the last position of each `<s> text` — what a token store is searched with
+    to find contexts that continue like this text."""
+    import numpy as np
+
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    out = []
+    device = next(model.parameters()).device
+    max_pos = getattr(model.config, "max_position_embeddings", 2048)
+    with capture_keys(model, key_type) as box:
+        for text in texts:
+            ids = (bos + tok(text, add_special_tokens=False)["input_ids"])[-max_pos:]
+            model(input_ids=torch.tensor([ids], device=device))
+            out.append(box["keys"][0, -1].float().cpu().numpy())
+    return np.stack(out)

@@ -69,6 +69,9 @@ def load_causal_lm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dt
     Weights are read only from safetensors: a folder that has only pickled weights
     (`pytorch_model.bin`) is refused rather than unpickled."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one-line loads; SILO shows its own progress for long work
 
     from silo.tokenizer import load_tokenizer
 

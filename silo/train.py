@@ -282,6 +282,9 @@ def train(args: TrainArgs) -> dict:
         "unigram_val_perplexity": round(unigram_perplexity(np.asarray(train_tokens), np.asarray(val_tokens), len(tok)), 3),
         "seed": args.seed,
     }
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "silo_model.json").write_text(json.dumps(record, indent=2))

@@ -1,0 +1,77 @@
+"""The `silo` command end to end, as a user types it (real subprocesses for the main paths)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from silo.cli import build_parser, main
+from tests.conftest import make_records, write_jsonl
+
+SUBCOMMANDS = [
+    ["corpus", "import"], ["corpus", "harvest"], ["corpus", "stats"], ["tokenizer", "train"], ["lm", "train"],
+    ["lm", "eval"], ["datastore", "build"], ["datastore", "search"], ["datastore", "stats"], ["eval"], ["demo"],
+]
+
+
+def silo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "silo.cli", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"silo {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: silo" in capsys.readouterr().out
+
+
+def test_size_and_tier_arguments_are_validated(capsys):
+    p = build_parser()
+    with pytest.raises(SystemExit):
+        p.parse_args(["lm", "train", "--corpus", "c", "--out", "m", "--tiers", "pd,bogus"])
+    assert "bogus" in capsys.readouterr().err
+    args = p.parse_args(["corpus", "harvest", "--out", "x", "--limit-bytes", "1.5M"])
+    assert args.limit_bytes == int(1.5 * (1 << 20))
+
+
+def test_import_stats_train_refusal_and_errors(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", make_records(30))
+    out = silo("corpus", "import", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "c")).stdout
+    assert "restricted" in out and "skipped: 0 empty" in out
+    stats = json.loads(silo("corpus", "stats", str(tmp_path / "c"), "--json").stdout)
+    assert stats["total"]["documents"] == 30
+    bad = silo("lm", "train", "--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "m"), "--tiers", "restricted",
+               check=False)
+    assert bad.returncode != 0 and "never trained on" in bad.stderr
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "\xff"}\n')
+    bad = silo("corpus", "import", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "d"), check=False)
+    assert bad.returncode == 2 and "bad.jsonl:1: invalid UTF-8" in bad.stderr and "Traceback" not in bad.stderr
+    bad = silo("lm", "eval", str(tmp_path), "--corpus", str(tmp_path / "c"), check=False)
+    assert bad.returncode == 2 and "not a model folder" in bad.stderr
+
+
+def test_store_build_search_stats_eval(tmp_path, tiny_model, corpus_dir):
+    store = tmp_path / "store"
+    silo("datastore", "build", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--out", str(store),
+         "--shards", "2", "--window", "128", "--stride", "64")
+    hits = json.loads(silo("datastore", "search", str(store), "--query", "The harbour of Hobart was built in",
+                           "-k", "3", "--json").stdout)["hits"]
+    assert len(hits) == 3 and all(h["tier"] == "restricted" and h["sentence"] for h in hits)
+    st = json.loads(silo("datastore", "stats", str(store), "--json").stdout)
+    assert st["shards"] == 2 and st["live_entries"] == st["entries"] > 0
+    report = tmp_path / "eval.json"
+    out = silo("eval", "--model", str(tiny_model), "--store", str(store), "--corpus", str(corpus_dir),
+               "--modes", "lm,knn", "--window", "128", "--stride", "64", "-k", "16", "--lambda", "0.5",
+               "--temperature", "10", "--json", str(report)).stdout
+    assert "kNN-LM" in out and "near-copies of evaluation text" in out
+    rep = json.loads(report.read_text())
+    assert rep["knn"] < rep["lm"]
+    bad = silo("datastore", "search", str(store), "--query", "x", "--model", str(tmp_path), check=False)
+    assert bad.returncode == 2 and "not a model folder" in bad.stderr

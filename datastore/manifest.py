@@ -39,6 +39,8 @@ def _hash_file_ends(h, path: Path, mib: int = 1) -> None:
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
     d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise StoreError(f"{d}: not a model folder (no config.json)")
     h = hashlib.sha256()
     config = json.loads((d / "config.json").read_text())
     for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):

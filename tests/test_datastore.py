@@ -252,3 +252,38 @@ def test_index_choice_rules():
     f = choose_factory(3_000_000, 256, memory_budget=3_000_000 * 40)
     assert f.startswith("IVF16384,PQ") and int(f.split("PQ")[1]) <= 32
     assert choose_factory(300_000, 64, memory_budget=10 << 30).startswith("IVF")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_foreign_architectures_build_and_search(arch, tmp_path, tiny_model, corpus_dir):
+    """Keys hook the last block's feed-forward input of GPT-2 and GPT-NeoX/Pythia models too."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from silo.keys import capture_keys, key_dim
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=48, n_layer=2, n_head=4, n_positions=256))
+        ffn = model.transformer.h[-1].mlp
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, intermediate_size=96,
+                                                 max_position_embeddings=256))
+        ffn = model.gpt_neox.layers[-1].mlp
+    seen = {}
+    handle = ffn.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad(), capture_keys(model) as box:
+        model(input_ids=torch.tensor([[1, 5, 9, 12]]))
+    handle.remove()
+    torch.testing.assert_close(box["keys"], seen["x"])
+    assert key_dim(model, "final") == 48
+    model.save_pretrained(tmp_path / arch)
+    tok.save_pretrained(tmp_path / arch)
+    m = build_token_store(BuildArgs(model=str(tmp_path / arch), corpus=str(corpus_dir), out=str(tmp_path / "s"),
+                                    tiers=("restricted",), window=64, stride=32, max_docs=10, progress=False))
+    assert m.dim == 48 and m.entries > 0
+    store = Datastore.open(tmp_path / "s")
+    store.check_model(tmp_path / arch)
+    _, i = store.search(np.zeros((2, 48), np.float32), 4)
+    assert (i >= 0).all()

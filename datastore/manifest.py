@@ -72,6 +72,7 @@ class ShardInfo:
     entries: int
     documents: int
     index: str  # faiss factory string, or "bm25"
+    index_entries: int = -1  # vectors in the index file; -1 = all `entries` (fewer after compaction)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Manifest:
     retrievers: list[str] = field(default_factory=list)  # passage stores: "bm25", "dense"
     defaults: dict = field(default_factory=dict)  # tuned k, lambda, temperature (silo eval --sweep)
     build: dict = field(default_factory=dict)  # settings and timings of the build
+    docs_file: str = "docs.parquet"  # compaction writes a new one and switches to it
+    compactions: list[dict] = field(default_factory=list)  # what each compaction removed
     format_version: int = FORMAT_VERSION
 
     def save(self, store: str | os.PathLike) -> None:
@@ -102,6 +105,11 @@ class Manifest:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)  # the rename itself must survive a crash
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     @classmethod
     def load(cls, store: str | os.PathLike) -> Manifest:

@@ -31,10 +31,33 @@ from datastore.manifest import (
     StoreError,
     model_fingerprint,
 )
-from datastore.optout import read_log
+from datastore.optout import LOG_NAME, append_removal, read_log
 from datastore.policy import RetrievalPolicy
 
 ENTRY_COLUMNS = ("doc", "position", "value", "sentence")
+
+
+class ShardUnavailable(StoreError):
+    """A shard (remote) did not answer in time; `shards` names it."""
+
+    def __init__(self, message: str, shards: list[str]):
+        super().__init__(message)
+        self.shards = shards
+
+
+class UnknownDocuments(StoreError):
+    """An opt-out named doc ids this store does not hold."""
+
+
+@dataclass
+class SearchResult:
+    distances: np.ndarray  # (n, k) float32; inf (l2) / -inf (ip) where no hit
+    ids: np.ndarray  # (n, k) int64 global entry ids; -1 where no hit
+    missing: list[str]  # shards that did not answer (only with allow_partial)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing)
 
 
 @dataclass
@@ -61,25 +84,30 @@ class Datastore:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(shards), os.cpu_count() or 1)))
         self.dead_docs = np.zeros(len(docs), dtype=bool)  # opted-out documents (tombstones)
+        self._optout_lock = threading.Lock()
+        self._seen_log: tuple[int, int] | None = None
+        self.remotes: list = []  # remote shard groups (server.remote), searched beside local shards
         self.reload_optouts()
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike, load_index: bool = True) -> Datastore:
+    def open(cls, path: str | os.PathLike, load_index: bool = True, only_shards: set[int] | None = None) -> Datastore:
+        """Open a store; `only_shards` loads just those shards' indexes (a shard server)."""
         path = Path(path)
         manifest = Manifest.load(path)
         shards = []
-        for info in manifest.shards:
+        for no, info in enumerate(manifest.shards):
             d = path / "shards" / info.name
             index = None
-            if load_index and info.index != "bm25":
+            if load_index and info.index != "bm25" and (only_shards is None or no in only_shards):
                 try:
                     index = faiss.read_index(str(d / "index.faiss"))
                 except RuntimeError as e:
                     raise StoreError(f"{d / 'index.faiss'}: unreadable FAISS index ({str(e).splitlines()[0]})") from e
-                if index.ntotal != info.entries:
-                    raise StoreError(f"{d}: index has {index.ntotal} entries, manifest says {info.entries}")
+                expected = info.entries if info.index_entries < 0 else info.index_entries
+                if index.ntotal != expected:
+                    raise StoreError(f"{d}: index has {index.ntotal} entries, manifest says {expected}")
             try:
                 table = pq.read_table(d / "entries.parquet")
             except (OSError, Exception) as e:
@@ -89,9 +117,9 @@ class Datastore:
                 raise StoreError(f"{d}: entries.parquet has {len(entries['doc'])} rows, manifest says {info.entries}")
             shards.append(Shard(info, d, index, entries))
         try:
-            docs = pq.read_table(path / "docs.parquet")
+            docs = pq.read_table(path / manifest.docs_file)
         except Exception as e:
-            raise StoreError(f"{path / 'docs.parquet'}: unreadable ({e})") from e
+            raise StoreError(f"{path / manifest.docs_file}: unreadable ({e})") from e
         return cls(path, manifest, shards, docs)
 
     def check_model(self, model_dir: str | os.PathLike) -> None:
@@ -126,8 +154,56 @@ class Datastore:
                 self._masks[key] = None if docs.all() else bitmap(docs[self.entry_doc])
             return self._masks[key]
 
+    def _log_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = (self.path / LOG_NAME).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_size, st.st_mtime_ns)
+
+    def maybe_reload_optouts(self) -> None:
+        """Re-read the log if another process appended to it (a stat call per search)."""
+        if self._log_stamp() != self._seen_log:
+            self.reload_optouts()
+
+    def opt_out(self, by: str, values: list[str]) -> tuple[dict, list[str], int]:
+        """Remove documents durably: resolve, append to the log (fsync'd), tombstone.
+
+        Returns (log record, removed doc ids, removed entries). Unknown doc ids raise
+        `UnknownDocuments` and nothing is logged; an owner, source or span that matches
+        nothing here is still logged, so a later rebuild never ingests it."""
+        values = [v for v in values if v]
+        if not values:
+            raise ValueError("an opt-out needs at least one non-empty value")
+        c = self._doc_cols
+        with self._optout_lock:
+            self.maybe_reload_optouts()
+            if by == "doc_ids":
+                unknown = [v for v in values if v not in self._doc_index]
+                if unknown:
+                    raise UnknownDocuments(f"unknown doc id(s) in {self.path.name}: {', '.join(unknown[:20])}")
+                hit = np.isin(c["doc_id"], values)
+            elif by == "owner":
+                hit = np.isin(c["owner"], values)
+            elif by == "source":
+                hit = np.isin(c["source"], values)
+            elif by == "span":
+                texts = self.docs.column("text").to_pylist()
+                hit = np.array([any(v in t for v in values) for t in texts], dtype=bool)
+            else:
+                raise ValueError(f"unknown opt-out kind {by!r}")
+            removed = c["doc_id"][hit & ~self.dead_docs].tolist()
+            record = append_removal(self.path, by, values, c["doc_id"][hit].tolist())
+            dead = self.dead_docs | hit
+            self.dead_docs = dead
+            self._seen_log = self._log_stamp()
+            self.invalidate_masks()
+        per_doc = np.bincount(self.entry_doc, minlength=len(self.docs)) if len(self.entry_doc) else np.zeros(len(self.docs), int)
+        return record, removed, int(per_doc[np.isin(c["doc_id"], removed)].sum())
+
     def reload_optouts(self) -> None:
         """Tombstone every document the opt-out log removes (doc id, owner, source, span)."""
+        stamp = self._log_stamp()
         rem = read_log(self.path)
         dead = np.zeros(len(self.docs), dtype=bool)
         if rem.records:
@@ -141,6 +217,7 @@ class Datastore:
                 texts = self.docs.column("text").to_pylist()
                 dead |= np.array([any(sp in t for sp in rem.spans) for t in texts], dtype=bool)
         self.dead_docs = dead
+        self._seen_log = stamp
         self.invalidate_masks()
 
     def invalidate_masks(self) -> None:
@@ -151,14 +228,36 @@ class Datastore:
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                policy: RetrievalPolicy | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (distances, global entry ids) per query; id -1 where fewer than k exist."""
+        """Top-k (distances, global entry ids) per query; id -1 where fewer than k exist.
+        Raises `ShardUnavailable` if a remote shard is down or late."""
+        res = self.search_ex(queries, k, nprobe, policy, allow_partial=False)
+        return res.distances, res.ids
+
+    def search_ex(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+                  policy: RetrievalPolicy | None = None, allow_partial: bool = False) -> SearchResult:
+        """`search`, with partial answers on request: a shard that is down or late is then
+        listed in `missing` instead of failing the call — never silently."""
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
             raise ValueError(f"queries must be (n, {self.manifest.dim}), got {queries.shape}")
+        self.maybe_reload_optouts()
         allowed = self.allowed_bitmap(policy)
-        results = list(self._pool.map(lambda s: search(s.index, queries, k, nprobe, allowed), self.shards))
+        local = [s for s in self.shards if s.index is not None]
+        jobs = [self._pool.submit(search, s.index, queries, k, nprobe, allowed) for s in local]
+        jobs += [self._pool.submit(r.search, queries, k, nprobe, policy) for r in self.remotes]
+        results, missing = [], []
+        for job in jobs:
+            try:
+                results.append(job.result())
+            except ShardUnavailable as e:
+                if not allow_partial:
+                    raise
+                missing.extend(e.shards)
+        if not results:
+            nq = len(queries)
+            return SearchResult(np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64), missing)
         dist = np.concatenate([r[0] for r in results], axis=1)
         ids = np.concatenate([r[1] for r in results], axis=1)
         bad = ids < 0
@@ -169,7 +268,7 @@ class Datastore:
         dist = np.where(bad, worst, dist)
         ids = np.where(bad, -1, ids)
         order = np.argsort(dist if self.manifest.metric == "l2" else -dist, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+        return SearchResult(np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1), missing)
 
     # ------------------------------------------------------------------ metadata
 

@@ -287,3 +287,39 @@ def test_foreign_architectures_build_and_search(arch, tmp_path, tiny_model, corp
     store.check_model(tmp_path / arch)
     _, i = store.search(np.zeros((2, 48), np.float32), 4)
     assert (i >= 0).all()
+
+
+def test_compaction_removes_entries_physically_and_keeps_answers(stores, tmp_path):
+    from datastore.compact import compact
+
+    path = tmp_path / "s"
+    shutil.copytree(stores / "three", path)
+    store = Datastore.open(path)
+    q = _queries(Datastore.open(stores / "one"), 20)
+    victims = sorted({store.doc_row(d)["doc_id"] for d in store.entries(store.search(q, 5)[1])["doc"].ravel()})[:4]
+    store.opt_out("doc_ids", victims)
+    before = store.search(q, 10)
+    victim_idx = [store.doc_index(v) for v in victims]
+    dead_ids = np.flatnonzero(np.isin(store.entry_doc, victim_idx))
+    res = compact(path)
+    assert res["removed_entries"] == len(dead_ids) and res["rewritten_shards"] >= 1
+    after_store = Datastore.open(path)
+    after = after_store.search(q, 10)
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_allclose(before[0], after[0], rtol=1e-6)
+    # physically gone: no index file holds the removed ids, no text of the removed documents remains
+    import faiss
+
+    for s in after_store.shards:
+        index = faiss.read_index(str(s.path / "index.faiss"))
+        lo, hi = s.info.first_entry, s.info.first_entry + s.info.entries
+        mine = dead_ids[(dead_ids >= lo) & (dead_ids < hi)]
+        if len(mine):
+            assert index.ntotal == s.info.entries - len(mine)
+            idmap = faiss.vector_to_array(faiss.downcast_index(index).id_map)
+            assert not np.isin(mine, idmap).any()
+    for v in victim_idx:
+        assert after_store.doc_row(v)["text"] == ""
+    assert (after_store.values(dead_ids) == -1).all()
+    assert len(list((path / "shards").iterdir())) == 3  # old folders deleted
+    assert compact(path)["rewritten_shards"] == 0  # nothing left to do

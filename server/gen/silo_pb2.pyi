@@ -1,0 +1,456 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETRIEVAL_NONE: _ClassVar[RetrievalMode]
+    RETRIEVAL_KNN: _ClassVar[RetrievalMode]
+    RETRIEVAL_RIC: _ClassVar[RetrievalMode]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    MAX_TOKENS: _ClassVar[StopReason]
+    EOS_TOKEN: _ClassVar[StopReason]
+    STOP_SEQUENCE: _ClassVar[StopReason]
+    CANCELLED: _ClassVar[StopReason]
+    TIME_LIMIT: _ClassVar[StopReason]
+RETRIEVAL_NONE: RetrievalMode
+RETRIEVAL_KNN: RetrievalMode
+RETRIEVAL_RIC: RetrievalMode
+STOP_REASON_UNSPECIFIED: StopReason
+MAX_TOKENS: StopReason
+EOS_TOKEN: StopReason
+STOP_SEQUENCE: StopReason
+CANCELLED: StopReason
+TIME_LIMIT: StopReason
+
+class RetrievalPolicy(_message.Message):
+    __slots__ = ("tiers", "allow_licenses", "deny_licenses", "allow_sources", "deny_sources", "deny_owners")
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LICENSES_FIELD_NUMBER: _ClassVar[int]
+    DENY_LICENSES_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    DENY_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    DENY_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    allow_licenses: _containers.RepeatedScalarFieldContainer[str]
+    deny_licenses: _containers.RepeatedScalarFieldContainer[str]
+    allow_sources: _containers.RepeatedScalarFieldContainer[str]
+    deny_sources: _containers.RepeatedScalarFieldContainer[str]
+    deny_owners: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tiers: _Optional[_Iterable[str]] = ..., allow_licenses: _Optional[_Iterable[str]] = ..., deny_licenses: _Optional[_Iterable[str]] = ..., allow_sources: _Optional[_Iterable[str]] = ..., deny_sources: _Optional[_Iterable[str]] = ..., deny_owners: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RetrievalOptions(_message.Message):
+    __slots__ = ("mode", "k", "lambda_", "temperature", "nprobe", "policy", "allow_partial", "ric_stride")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA__FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    RIC_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    mode: RetrievalMode
+    k: int
+    lambda_: float
+    temperature: float
+    nprobe: int
+    policy: RetrievalPolicy
+    allow_partial: bool
+    ric_stride: int
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ...) -> None: ...
+
+class Neighbour(_message.Message):
+    __slots__ = ("entry_id", "doc_id", "source", "license", "tier", "owner", "sentence", "sentence_index", "weight", "distance", "next_token")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SENTENCE_FIELD_NUMBER: _ClassVar[int]
+    SENTENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    entry_id: int
+    doc_id: str
+    source: str
+    license: str
+    tier: str
+    owner: str
+    sentence: str
+    sentence_index: int
+    weight: float
+    distance: float
+    next_token: str
+    def __init__(self, entry_id: _Optional[int] = ..., doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ..., sentence: _Optional[str] = ..., sentence_index: _Optional[int] = ..., weight: _Optional[float] = ..., distance: _Optional[float] = ..., next_token: _Optional[str] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop_sequences", "retrieval", "attribution_top", "time_limit_s")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_TOP_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_S_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop_sequences: _containers.RepeatedScalarFieldContainer[str]
+    retrieval: RetrievalOptions
+    attribution_top: int
+    time_limit_s: float
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., retrieval: _Optional[_Union[RetrievalOptions, _Mapping]] = ..., attribution_top: _Optional[int] = ..., time_limit_s: _Optional[float] = ...) -> None: ...
+
+class GeneratedToken(_message.Message):
+    __slots__ = ("index", "token_id", "text", "logprob", "lm_logprob", "attribution")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    LM_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    token_id: int
+    text: str
+    logprob: float
+    lm_logprob: float
+    attribution: _containers.RepeatedCompositeFieldContainer[Neighbour]
+    def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., lm_logprob: _Optional[float] = ..., attribution: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ...) -> None: ...
+
+class Citation(_message.Message):
+    __slots__ = ("doc_id", "source", "license", "tier", "owner", "total_weight", "tokens", "obligation", "attribution_line")
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OBLIGATION_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_LINE_FIELD_NUMBER: _ClassVar[int]
+    doc_id: str
+    source: str
+    license: str
+    tier: str
+    owner: str
+    total_weight: float
+    tokens: int
+    obligation: str
+    attribution_line: str
+    def __init__(self, doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ..., total_weight: _Optional[float] = ..., tokens: _Optional[int] = ..., obligation: _Optional[str] = ..., attribution_line: _Optional[str] = ...) -> None: ...
+
+class GenerationSummary(_message.Message):
+    __slots__ = ("stop_reason", "prompt_tokens", "generated_tokens", "text", "citations")
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    stop_reason: StopReason
+    prompt_tokens: int
+    generated_tokens: int
+    text: str
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("token", "summary")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    token: GeneratedToken
+    summary: GenerationSummary
+    def __init__(self, token: _Optional[_Union[GeneratedToken, _Mapping]] = ..., summary: _Optional[_Union[GenerationSummary, _Mapping]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("text", "retrieval", "window", "stride")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    retrieval: RetrievalOptions
+    window: int
+    stride: int
+    def __init__(self, text: _Optional[str] = ..., retrieval: _Optional[_Union[RetrievalOptions, _Mapping]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
+
+class TokenScore(_message.Message):
+    __slots__ = ("token_id", "text", "logprob", "lm_logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    LM_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprob: float
+    lm_logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., lm_logprob: _Optional[float] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("tokens", "perplexity", "total_logprob", "num_tokens")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
+    perplexity: float
+    total_logprob: float
+    num_tokens: int
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., perplexity: _Optional[float] = ..., total_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class TokenizeRequest(_message.Message):
+    __slots__ = ("text", "add_special_tokens")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    add_special_tokens: bool
+    def __init__(self, text: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("ids", "tokens")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoreInfo(_message.Message):
+    __slots__ = ("name", "kind", "entries", "shards", "tiers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    entries: int
+    shards: int
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., entries: _Optional[int] = ..., shards: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelInfoResponse(_message.Message):
+    __slots__ = ("model", "model_type", "parameters", "vocab_size", "max_position_embeddings", "fingerprint", "trained_tiers", "trained_on_restricted", "stores", "max_new_tokens_limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TIERS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_ON_RESTRICTED_FIELD_NUMBER: _ClassVar[int]
+    STORES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_type: str
+    parameters: int
+    vocab_size: int
+    max_position_embeddings: int
+    fingerprint: str
+    trained_tiers: _containers.RepeatedScalarFieldContainer[str]
+    trained_on_restricted: bool
+    stores: _containers.RepeatedCompositeFieldContainer[StoreInfo]
+    max_new_tokens_limit: int
+    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., fingerprint: _Optional[str] = ..., trained_tiers: _Optional[_Iterable[str]] = ..., trained_on_restricted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreInfo, _Mapping]]] = ..., max_new_tokens_limit: _Optional[int] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("query", "k", "nprobe", "policy", "store", "allow_partial")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    k: int
+    nprobe: int
+    policy: RetrievalPolicy
+    store: str
+    allow_partial: bool
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store: _Optional[str] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "partial", "missing_shards")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Neighbour]
+    partial: bool
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., partial: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DocIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OptOutRequest(_message.Message):
+    __slots__ = ("doc_ids", "owner", "source", "text_span", "reason")
+    DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_SPAN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    doc_ids: DocIds
+    owner: str
+    source: str
+    text_span: str
+    reason: str
+    def __init__(self, doc_ids: _Optional[_Union[DocIds, _Mapping]] = ..., owner: _Optional[str] = ..., source: _Optional[str] = ..., text_span: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class OptOutResponse(_message.Message):
+    __slots__ = ("receipt_id", "removed_doc_ids", "removed_entries", "logged_at")
+    RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LOGGED_AT_FIELD_NUMBER: _ClassVar[int]
+    receipt_id: str
+    removed_doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    removed_entries: int
+    logged_at: str
+    def __init__(self, receipt_id: _Optional[str] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., removed_entries: _Optional[int] = ..., logged_at: _Optional[str] = ...) -> None: ...
+
+class OptOutStatusRequest(_message.Message):
+    __slots__ = ("receipt_id", "doc_id")
+    RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    receipt_id: str
+    doc_id: str
+    def __init__(self, receipt_id: _Optional[str] = ..., doc_id: _Optional[str] = ...) -> None: ...
+
+class OptOutStatusResponse(_message.Message):
+    __slots__ = ("removed", "receipt_id", "logged_at", "by", "values", "removed_doc_ids", "compacted")
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGGED_AT_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMPACTED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    receipt_id: str
+    logged_at: str
+    by: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    removed_doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    compacted: bool
+    def __init__(self, removed: _Optional[bool] = ..., receipt_id: _Optional[str] = ..., logged_at: _Optional[str] = ..., by: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., compacted: _Optional[bool] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GroupStats(_message.Message):
+    __slots__ = ("documents", "entries")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    documents: int
+    entries: int
+    def __init__(self, documents: _Optional[int] = ..., entries: _Optional[int] = ...) -> None: ...
+
+class StoreStats(_message.Message):
+    __slots__ = ("name", "kind", "documents", "live_documents", "entries", "live_entries", "shards", "index", "tiers", "sources", "bytes")
+    class TiersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: GroupStats
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[GroupStats, _Mapping]] = ...) -> None: ...
+    class SourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: GroupStats
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[GroupStats, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    documents: int
+    live_documents: int
+    entries: int
+    live_entries: int
+    shards: int
+    index: str
+    tiers: _containers.MessageMap[str, GroupStats]
+    sources: _containers.MessageMap[str, GroupStats]
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., documents: _Optional[int] = ..., live_documents: _Optional[int] = ..., entries: _Optional[int] = ..., live_entries: _Optional[int] = ..., shards: _Optional[int] = ..., index: _Optional[str] = ..., tiers: _Optional[_Mapping[str, GroupStats]] = ..., sources: _Optional[_Mapping[str, GroupStats]] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("stores",)
+    STORES_FIELD_NUMBER: _ClassVar[int]
+    stores: _containers.RepeatedCompositeFieldContainer[StoreStats]
+    def __init__(self, stores: _Optional[_Iterable[_Union[StoreStats, _Mapping]]] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ("store",)
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    store: str
+    def __init__(self, store: _Optional[str] = ...) -> None: ...
+
+class CompactResponse(_message.Message):
+    __slots__ = ("rewritten_shards", "removed_entries", "seconds")
+    REWRITTEN_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    rewritten_shards: int
+    removed_entries: int
+    seconds: float
+    def __init__(self, rewritten_shards: _Optional[int] = ..., removed_entries: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ShardSearchRequest(_message.Message):
+    __slots__ = ("queries", "num_queries", "dim", "k", "nprobe", "policy", "store_fingerprint")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    STORE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    queries: bytes
+    num_queries: int
+    dim: int
+    k: int
+    nprobe: int
+    policy: RetrievalPolicy
+    store_fingerprint: str
+    def __init__(self, queries: _Optional[bytes] = ..., num_queries: _Optional[int] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store_fingerprint: _Optional[str] = ...) -> None: ...
+
+class ShardSearchResponse(_message.Message):
+    __slots__ = ("distances", "ids", "shards")
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    distances: bytes
+    ids: bytes
+    shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, distances: _Optional[bytes] = ..., ids: _Optional[bytes] = ..., shards: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -280,6 +280,172 @@ def print_eval_table(rep: dict) -> None:
               f"{c['decontaminated_store_docs']} store documents dropped as near-copies of evaluation text")
 
 
+# ---------------------------------------------------------------------------- serving
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from server.app import serve
+
+    remote = [t for t in (a.remote_shards or "").split(",") if t]
+    serve(a.model, a.store or [], a.port, a.host, a.token_file, a.tls_cert, a.tls_key, remote, a.shard_deadline,
+          a.max_concurrent, a.max_new_tokens, a.ready_file)
+
+
+def cmd_serve_shards(a: argparse.Namespace) -> None:
+    from server.app import serve_shards
+
+    serve_shards(a.store, a.shards, a.port, a.host, a.ready_file)
+
+
+def _client(a: argparse.Namespace):
+    from pathlib import Path
+
+    from server.client import SiloClient
+
+    token = Path(a.token_file).read_text().strip() if getattr(a, "token_file", None) else None
+    cert = Path(a.tls_ca).read_bytes() if getattr(a, "tls_ca", None) else None
+    return SiloClient(a.target, token=token, root_cert=cert)
+
+
+def _retrieval_kwargs(a: argparse.Namespace) -> dict:
+    def split(v):
+        return [x for x in (v or "").split(",") if x]
+
+    return dict(mode=a.mode, k=a.k, lam=a.lam, temperature=a.knn_temperature, nprobe=a.nprobe or 0,
+                tiers=split(a.allow_tiers), allow_licenses=split(a.allow_licenses), deny_licenses=split(a.deny_licenses),
+                allow_sources=split(a.allow_sources), deny_sources=split(a.deny_sources), deny_owners=split(a.deny_owners))
+
+
+def _rpc(fn):
+    """Client verbs: a gRPC error becomes one line naming the status, exit 1."""
+    def run(a: argparse.Namespace) -> None:
+        import grpc
+
+        try:
+            fn(a)
+        except grpc.RpcError as e:
+            print(f"silo: {e.code().name}: {e.details()}", file=sys.stderr)
+            raise SystemExit(1) from None
+    return run
+
+
+@_rpc
+def cmd_generate(a: argparse.Namespace) -> None:
+    from server.client import to_dict
+
+    with _client(a) as c:
+        events = c.generate(a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, tuple(a.stop or ()),
+                            **_retrieval_kwargs(a))
+        if a.json:
+            print(json.dumps([to_dict(e) for e in events], indent=2, ensure_ascii=False))
+            return
+        summary = None
+        sys.stdout.write(a.prompt)
+        for e in events:
+            if e.HasField("token"):
+                sys.stdout.write(e.token.text)
+                sys.stdout.flush()
+            else:
+                summary = e.summary
+        print()
+        if summary is not None:
+            from server.gen import silo_pb2 as pb
+
+            print(f"\n[{pb.StopReason.Name(summary.stop_reason)}, {summary.generated_tokens} tokens]")
+            for cit in summary.citations[: a.citations]:
+                print(f"  {cit.total_weight:6.3f}  {cit.doc_id}  [{cit.source} | {cit.license or 'no license'} | "
+                      f"{cit.tier}]  {cit.obligation}")
+
+
+@_rpc
+def cmd_score(a: argparse.Namespace) -> None:
+    from server.client import to_dict
+
+    text = sys.stdin.read() if a.text == "-" else a.text
+    with _client(a) as c:
+        r = c.score(text, **_retrieval_kwargs(a))
+    if a.json:
+        print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
+    else:
+        print(f"perplexity {r.perplexity:.3f} over {r.num_tokens} tokens (mode {a.mode})")
+
+
+@_rpc
+def cmd_search_remote(a: argparse.Namespace) -> None:
+    from server.client import to_dict
+
+    def split(v):
+        return [x for x in (v or "").split(",") if x]
+
+    with _client(a) as c:
+        r = c.search(a.query, a.k, store=a.store_kind, nprobe=a.nprobe or 0, tiers=split(a.allow_tiers),
+                     allow_licenses=split(a.allow_licenses), deny_licenses=split(a.deny_licenses),
+                     allow_sources=split(a.allow_sources), deny_sources=split(a.deny_sources),
+                     deny_owners=split(a.deny_owners), allow_partial=a.allow_partial)
+    if a.json:
+        print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
+        return
+    if r.partial:
+        print(f"PARTIAL: missing shards {', '.join(r.missing_shards)}")
+    for rank, h in enumerate(r.hits, 1):
+        print(f"{rank:>2}. {h.distance:.3f}  {h.doc_id}  [{h.source} | {h.license or 'no license'} | {h.tier}]\n"
+              f"    {h.sentence[:200]}")
+
+
+@_rpc
+def cmd_optout(a: argparse.Namespace) -> None:
+    from server.client import to_dict
+
+    with _client(a) as c:
+        if a.status:
+            r = c.optout_status(receipt_id=a.status)
+        else:
+            r = c.optout(doc_ids=a.doc_id, owner=a.owner, source=a.source, text_span=a.text_span, reason=a.reason)
+    if a.json or a.status:
+        print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
+    else:
+        print(f"removed {len(r.removed_doc_ids)} document(s), {r.removed_entries} entries; receipt {r.receipt_id} "
+              f"(logged {r.logged_at})")
+
+
+@_rpc
+def cmd_stats(a: argparse.Namespace) -> None:
+    from server.client import to_dict
+
+    with _client(a) as c:
+        r = c.stats()
+    if a.json:
+        print(json.dumps(to_dict(r), indent=2))
+        return
+    for st in r.stores:
+        print(f"{st.name} ({st.kind}): {st.live_entries}/{st.entries} live entries, "
+              f"{st.live_documents}/{st.documents} live documents, {st.shards} shards, {st.index}")
+
+
+@_rpc
+def cmd_compact(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        r = c.compact()
+    print(f"rewrote {r.rewritten_shards} shard(s), removed {r.removed_entries} entries in {r.seconds:.1f} s")
+
+
+def _add_client_args(sp: argparse.ArgumentParser, token: bool = False) -> None:
+    sp.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    sp.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS server")
+    if token:
+        sp.add_argument("--token-file", help="file holding the admin token")
+    sp.add_argument("--json", action="store_true")
+
+
+def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--mode", choices=["none", "knn", "ric"], default="none")
+    sp.add_argument("-k", type=int)
+    sp.add_argument("--lambda", dest="lam", type=float)
+    sp.add_argument("--knn-temperature", type=float)
+    sp.add_argument("--nprobe", type=int)
+    _add_policy_args(sp)
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from silo.demo import run_demo
 
@@ -417,6 +583,62 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-decontaminate", action="store_true")
     sp.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     _add_policy_args(sp)
+
+    sp = add(sub, "serve", cmd_serve, "serve the LM and datastores over gRPC")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--store", action="append", help="a token or passage store (repeatable)")
+    sp.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--token-file", help="admin token for OptOut/Compact (without it they are refused)")
+    sp.add_argument("--tls-cert")
+    sp.add_argument("--tls-key")
+    sp.add_argument("--remote-shards", help="host:port,… of `silo serve-shards` servers holding the indexes")
+    sp.add_argument("--shard-deadline", type=float, default=5.0, help="seconds per remote shard call")
+    sp.add_argument("--max-concurrent", type=int, default=32, help="calls beyond this get RESOURCE_EXHAUSTED")
+    sp.add_argument("--max-new-tokens", type=int, default=512)
+    sp.add_argument("--ready-file", help="write the bound port here once serving")
+    sp = add(sub, "serve-shards", cmd_serve_shards, "serve some shards of a token store to a main server")
+    sp.add_argument("store")
+    sp.add_argument("--shards", required=True, help="e.g. 0-3 or 0,2")
+    sp.add_argument("--port", type=int, default=50061)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--ready-file")
+
+    sp = add(sub, "generate", cmd_generate, "generate over gRPC, showing the sources that contributed")
+    sp.add_argument("prompt")
+    sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--stop", action="append")
+    sp.add_argument("--citations", type=int, default=5)
+    _add_client_args(sp)
+    _add_retrieval_args(sp)
+    sp = add(sub, "score", cmd_score, "per-token log-probs and perplexity of a text over gRPC ('-' reads stdin)")
+    sp.add_argument("text")
+    _add_client_args(sp)
+    _add_retrieval_args(sp)
+    sp = add(sub, "search", cmd_search_remote, "search a server's datastore")
+    sp.add_argument("--query", required=True)
+    sp.add_argument("-k", type=int, default=5)
+    sp.add_argument("--store-kind", default="", help="token (default) or passage")
+    sp.add_argument("--nprobe", type=int)
+    sp.add_argument("--allow-partial", action="store_true")
+    _add_client_args(sp)
+    _add_policy_args(sp)
+    sp = add(sub, "optout", cmd_optout, "remove documents from a server's datastores, durably")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--doc-id", action="append", help="repeatable")
+    g.add_argument("--owner")
+    g.add_argument("--source")
+    g.add_argument("--text-span", help="every document containing this text")
+    g.add_argument("--status", metavar="RECEIPT", help="look up an earlier opt-out")
+    sp.add_argument("--reason", default="")
+    _add_client_args(sp, token=True)
+    sp = add(sub, "stats", cmd_stats, "a server's stores: entries, live entries, shards")
+    _add_client_args(sp)
+    sp = add(sub, "compact", cmd_compact, "physically remove opted-out entries (admin)")
+    _add_client_args(sp, token=True)
 
     sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded default corpus")
     sp.add_argument("--workdir", default="runs/demo", help="where the corpus, models and stores go")

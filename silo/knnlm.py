@@ -13,6 +13,7 @@ attribution: the neighbours that voted, with their weight and source.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -184,11 +185,13 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
     gen = torch.Generator().manual_seed(seed)
     key_type = store.manifest.key_type if store is not None else "ffn_input"
     text_so_far, past, generated = "", None, []
+    # transformers ≥ 5.2x calls the KV cache `cache`; earlier releases `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     inp = torch.tensor([ids], device=device)
     with capture_keys(model, key_type or "ffn_input") as box:
         for _ in range(max_new_tokens):
-            out = model(input_ids=inp, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=inp, use_cache=True, **{cache_arg: past})
+            past = getattr(out, cache_arg)
             lm_p = torch.softmax(out.logits[0, -1].float(), -1).cpu()
             p, attribution = lm_p, []
             if store is not None and params.lam > 0:

@@ -258,7 +258,13 @@ def test_index_choice_rules():
 def test_foreign_architectures_build_and_search(arch, tmp_path, tiny_model, corpus_dir):
     """Keys hook the last block's feed-forward input of GPT-2 and GPT-NeoX/Pythia models too."""
     import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+    )
 
     from silo.keys import capture_keys, key_dim
 

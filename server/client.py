@@ -1,0 +1,138 @@
+"""`SiloClient`: the Python client of a SILO server.
+
+    with SiloClient("127.0.0.1:50051", token="…") as c:
+        for event in c.generate("The harbour of Hobart", mode="knn", k=16):
+            ...
+        c.search("lighthouse", k=5); c.optout(doc_ids=["doc-1"]); c.stats()
+
+Methods return the protobuf messages of `proto/silo/v1/silo.proto`; `to_dict` turns any
+of them into plain data. gRPC errors surface as `grpc.RpcError` with the server's status
+code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.gen import silo_pb2 as pb
+from server.gen import silo_pb2_grpc as pb_grpc
+
+MODES = {"none": pb.RETRIEVAL_NONE, "knn": pb.RETRIEVAL_KNN, "ric": pb.RETRIEVAL_RIC}
+
+
+def to_dict(message) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def retrieval_options(mode: str = "none", k: int | None = None, lam: float | None = None,
+                      temperature: float | None = None, nprobe: int = 0, tiers=(), deny_licenses=(),
+                      allow_licenses=(), allow_sources=(), deny_sources=(), deny_owners=(),
+                      allow_partial: bool = False) -> pb.RetrievalOptions:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}")
+    opts = pb.RetrievalOptions(mode=MODES[mode], nprobe=nprobe, allow_partial=allow_partial, policy=pb.RetrievalPolicy(
+        tiers=list(tiers), allow_licenses=list(allow_licenses), deny_licenses=list(deny_licenses),
+        allow_sources=list(allow_sources), deny_sources=list(deny_sources), deny_owners=list(deny_owners)))
+    if k is not None:
+        opts.k = k
+    if lam is not None:
+        opts.lambda_ = lam
+    if temperature is not None:
+        opts.temperature = temperature
+    return opts
+
+
+class SiloClient:
+    def __init__(self, target: str, token: str | None = None, root_cert: bytes | None = None,
+                 timeout: float | None = 60.0):
+        self.target, self.timeout = target, timeout
+        opts = [("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options=opts)
+                        if root_cert else grpc.insecure_channel(target, options=opts))
+        self.lm = pb_grpc.LanguageModelStub(self.channel)
+        self.ds = pb_grpc.DatastoreStub(self.channel)
+        self._auth = [("authorization", f"Bearer {token}")] if token else []
+
+    # ------------------------------------------------------------------ LanguageModel
+
+    def generate(self, prompt: str, max_new_tokens: int | None = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop: tuple[str, ...] = (), attribution_top: int = 3, time_limit_s: float = 0.0,
+                 retrieval: pb.RetrievalOptions | None = None, timeout: float | None = None,
+                 **retrieval_kwargs) -> Iterator[pb.GenerateResponse]:
+        req = pb.GenerateRequest(prompt=prompt, temperature=temperature, top_p=top_p, seed=seed,
+                                 stop_sequences=list(stop), attribution_top=attribution_top, time_limit_s=time_limit_s,
+                                 retrieval=retrieval or retrieval_options(**retrieval_kwargs))
+        if max_new_tokens is not None:
+            req.max_new_tokens = max_new_tokens
+        return self.lm.Generate(req, timeout=timeout or self.timeout)
+
+    def score(self, text: str, window: int = 0, stride: int = 0, retrieval: pb.RetrievalOptions | None = None,
+              **retrieval_kwargs) -> pb.ScoreResponse:
+        return self.lm.Score(pb.ScoreRequest(text=text, window=window, stride=stride,
+                                             retrieval=retrieval or retrieval_options(**retrieval_kwargs)),
+                             timeout=self.timeout)
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> pb.TokenizeResponse:
+        return self.lm.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=self.timeout)
+
+    def model_info(self) -> pb.ModelInfoResponse:
+        return self.lm.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+
+    # ------------------------------------------------------------------ Datastore
+
+    def search(self, query: str, k: int | None = 10, store: str = "", nprobe: int = 0, tiers=(), deny_licenses=(),
+               allow_licenses=(), allow_sources=(), deny_sources=(), deny_owners=(),
+               allow_partial: bool = False) -> pb.SearchResponse:
+        req = pb.SearchRequest(query=query, store=store, nprobe=nprobe, allow_partial=allow_partial,
+                               policy=retrieval_options(tiers=tiers, deny_licenses=deny_licenses,
+                                                        allow_licenses=allow_licenses, allow_sources=allow_sources,
+                                                        deny_sources=deny_sources, deny_owners=deny_owners).policy)
+        if k is not None:
+            req.k = k
+        return self.ds.Search(req, timeout=self.timeout)
+
+    def optout(self, doc_ids: list[str] | None = None, owner: str | None = None, source: str | None = None,
+               text_span: str | None = None, reason: str = "") -> pb.OptOutResponse:
+        given = [x is not None for x in (doc_ids, owner, source, text_span)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of doc_ids, owner, source, text_span")
+        if doc_ids is not None:
+            req = pb.OptOutRequest(doc_ids=pb.DocIds(ids=doc_ids), reason=reason)
+        elif owner is not None:
+            req = pb.OptOutRequest(owner=owner, reason=reason)
+        elif source is not None:
+            req = pb.OptOutRequest(source=source, reason=reason)
+        else:
+            req = pb.OptOutRequest(text_span=text_span, reason=reason)
+        return self.ds.OptOut(req, timeout=self.timeout, metadata=self._auth)
+
+    def optout_status(self, receipt_id: str | None = None, doc_id: str | None = None) -> pb.OptOutStatusResponse:
+        req = pb.OptOutStatusRequest(receipt_id=receipt_id) if receipt_id else pb.OptOutStatusRequest(doc_id=doc_id or "")
+        return self.ds.OptOutStatus(req, timeout=self.timeout)
+
+    def stats(self) -> pb.StatsResponse:
+        return self.ds.Stats(pb.StatsRequest(), timeout=self.timeout)
+
+    def compact(self, store: str = "") -> pb.CompactResponse:
+        return self.ds.Compact(pb.CompactRequest(store=store), timeout=None, metadata=self._auth)
+
+    def health(self, service: str = "") -> str:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> SiloClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,130 @@
+"""A datastore too large for one machine: shard servers behind the same Datastore API.
+
+`silo serve-shards STORE --shards 0-3 --port P` loads only those shards' indexes and
+answers `ShardSearch.SearchShards` (vectors in, per-shard-merged top-k out). The main
+server opens the store without indexes, attaches one `RemoteShardGroup` per shard
+server, and `Datastore.search_ex` fans out to them in parallel with a per-shard deadline,
+merging exactly as for local shards. A shard server that is down or late raises
+`ShardUnavailable` naming its shards — or, only when the request allows partial results,
+is listed as missing. Never a silent partial answer.
+
+Both sides read the same store folder (shared storage): a shard server re-reads
+`optout.log` when it changes and reopens the store when a compaction switches the
+manifest, and the main server post-filters every result against its own tombstones, so
+an acknowledged removal is honoured even by a shard server that has not caught up yet.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from datastore.policy import RetrievalPolicy
+from datastore.store import Datastore, ShardUnavailable
+from server.gen import silo_pb2 as pb
+from server.gen import silo_pb2_grpc as pb_grpc
+
+
+def parse_shard_range(spec: str, n_shards: int) -> set[int]:
+    """'0-3', '0,2,5' or '1-2,7' -> shard numbers, checked against the store."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        lo, hi = int(a), int(b or a)
+        if lo > hi:
+            raise ValueError(f"bad shard range {part!r}")
+        out.update(range(lo, hi + 1))
+    bad = sorted(x for x in out if not 0 <= x < n_shards)
+    if bad or not out:
+        raise ValueError(f"shards {spec!r}: the store has shards 0-{n_shards - 1}")
+    return out
+
+
+def _policy_pb(policy: RetrievalPolicy | None) -> pb.RetrievalPolicy:
+    p = policy or RetrievalPolicy()
+    return pb.RetrievalPolicy(tiers=list(p.tiers or ()), allow_licenses=p.allow_licenses,
+                              deny_licenses=p.deny_licenses, allow_sources=p.allow_sources,
+                              deny_sources=p.deny_sources, deny_owners=p.deny_owners)
+
+
+class ShardSearchServicer(pb_grpc.ShardSearchServicer):
+    """Serves some shards of a store; reopens it when a compaction switches the manifest."""
+
+    def __init__(self, path: str | os.PathLike, shards: set[int]):
+        self.path, self.shard_numbers = Path(path), shards
+        self._lock = threading.Lock()
+        self._open()
+
+    def _stamp(self) -> int:
+        return (self.path / "manifest.json").stat().st_mtime_ns
+
+    def _open(self) -> None:
+        self.store = Datastore.open(self.path, only_shards=self.shard_numbers)
+        self.stamp = self._stamp()
+        self.names = [self.store.shards[i].info.name for i in sorted(self.shard_numbers)]
+
+    def current(self) -> Datastore:
+        with self._lock:
+            if self._stamp() != self.stamp:
+                self._open()
+            return self.store
+
+    def SearchShards(self, request, context):
+        from server.servicers import policy_from_pb
+
+        store = self.current()
+        if request.store_fingerprint and request.store_fingerprint != store.manifest.model_fingerprint:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"shard server holds a store of another model ({store.manifest.model_fingerprint})")
+        if request.num_queries == 0:  # handshake: which shards are here
+            return pb.ShardSearchResponse(shards=self.names)
+        if request.dim != store.manifest.dim or len(request.queries) != 4 * request.num_queries * request.dim:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "queries do not match num_queries x dim")
+        if request.k <= 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "k must be positive")
+        q = np.frombuffer(request.queries, dtype="<f4").reshape(request.num_queries, request.dim)
+        res = store.search_ex(q, request.k, request.nprobe or None, policy_from_pb(request.policy))
+        return pb.ShardSearchResponse(distances=res.distances.astype("<f4").tobytes(),
+                                      ids=res.ids.astype("<i8").tobytes(), shards=self.names)
+
+
+class RemoteShardGroup:
+    """The main server's handle on one shard server."""
+
+    def __init__(self, target: str, fingerprint: str, deadline_s: float = 5.0, credentials=None):
+        self.target, self.fingerprint, self.deadline_s = target, fingerprint, deadline_s
+        opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+        self.channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
+                        else grpc.insecure_channel(target, options=opts))
+        self.stub = pb_grpc.ShardSearchStub(self.channel)
+        self.names = [target]
+        try:  # learn the shard names for error messages; a server down now is named by address
+            resp = self.stub.SearchShards(pb.ShardSearchRequest(num_queries=0, store_fingerprint=fingerprint),
+                                          timeout=deadline_s)
+            self.names = [f"{n}@{target}" for n in resp.shards]
+        except grpc.RpcError:
+            pass
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None, policy: RetrievalPolicy | None):
+        req = pb.ShardSearchRequest(queries=np.ascontiguousarray(queries, dtype="<f4").tobytes(),
+                                    num_queries=len(queries), dim=queries.shape[1], k=k, nprobe=nprobe or 0,
+                                    policy=_policy_pb(policy), store_fingerprint=self.fingerprint)
+        try:
+            resp = self.stub.SearchShards(req, timeout=self.deadline_s)
+        except grpc.RpcError as e:
+            what = "late" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "down"
+            raise ShardUnavailable(f"shard server {self.target} ({', '.join(self.names)}) is {what}: "
+                                   f"{e.code().name}", self.names) from e
+        n = len(queries)
+        return (np.frombuffer(resp.distances, dtype="<f4").reshape(n, k),
+                np.frombuffer(resp.ids, dtype="<i8").reshape(n, k))
+
+    def close(self) -> None:
+        self.channel.close()

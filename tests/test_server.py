@@ -1,0 +1,376 @@
+"""gRPC serving against real servers on loopback: contract, calls, errors, opt-out, shards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from datastore.build import BuildArgs, build_token_store
+from server.app import build_server, load_state
+from server.client import SiloClient, retrieval_options
+from server.gen import silo_pb2 as pb
+from server.servicers import DatastoreServicer, LanguageModelServicer
+
+TOKEN = "test-admin-token-0123456789"
+WINDOW = 128
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory, tiny_model, corpus_dir):
+    out = tmp_path_factory.mktemp("srv") / "store"
+    build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
+                                shards=2, window=WINDOW, stride=WINDOW // 2, progress=False))
+    return out
+
+
+def start(model, stores, **kw):
+    state = load_state(str(model), [str(s) for s in stores], **{k: v for k, v in kw.items()
+                                                                if k in ("remote_shards", "shard_deadline_s")})
+    server, port, _ = build_server({"LanguageModel": LanguageModelServicer(state), "Datastore": DatastoreServicer(state)},
+                                   0, token=kw.get("token", TOKEN), max_concurrent=kw.get("max_concurrent", 32),
+                                   tls=kw.get("tls"))
+    return server, port, state
+
+
+@pytest.fixture
+def live(tmp_path, store_dir, tiny_model):
+    """A server over a private copy of the store (tests may remove things)."""
+    path = tmp_path / "store"
+    shutil.copytree(store_dir, path)
+    server, port, state = start(tiny_model, [path])
+    client = SiloClient(f"127.0.0.1:{port}", token=TOKEN)
+    yield client, path, state
+    client.close()
+    server.stop(0)
+
+
+def code_of(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        r = fn()
+        if hasattr(r, "__next__"):
+            list(r)
+    return e.value.code()
+
+
+def test_generated_code_is_current():
+    from server import protogen
+
+    proc = subprocess.run([sys.executable, "-m", "server.protogen", "--check"], capture_output=True, text=True,
+                          cwd=protogen.ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_generate_streams_tokens_with_attribution_and_citations(live):
+    client, _, _ = live
+    events = list(client.generate("The museum of Nairobi", max_new_tokens=6, mode="knn", k=8, lam=0.5,
+                                  temperature=10.0))
+    tokens = [e.token for e in events if e.HasField("token")]
+    summary = events[-1].summary
+    assert len(tokens) == summary.generated_tokens == 6 and summary.stop_reason == pb.MAX_TOKENS
+    assert all(t.attribution for t in tokens)
+    assert {a.tier for t in tokens for a in t.attribution} == {"restricted"}
+    cited = {c.doc_id for c in summary.citations}
+    assert cited == {a.doc_id for t in tokens for a in t.attribution}
+    assert all(c.obligation == "not licensed for reuse" for c in summary.citations)
+    assert summary.text == "".join(t.text for t in tokens)
+    plain = list(client.generate("def parse", max_new_tokens=4))
+    assert not any(e.token.attribution for e in plain if e.HasField("token"))
+
+
+def test_score_tokenize_modelinfo_search(live):
+    client, _, _ = live
+    text = "The lighthouse of Lisbon was built in 1700 by Ada Lovelace. In 1751, Alan Turing finished the bridge of Quito."
+    lm = client.score(text)
+    knn = client.score(text, mode="knn", k=16, lam=0.5, temperature=10.0)
+    assert lm.num_tokens == knn.num_tokens == len(client.tokenize(text).ids) + 1
+    assert knn.perplexity < lm.perplexity
+    assert [t.token_id for t in lm.tokens] == [t.token_id for t in knn.tokens]
+    info = client.model_info()
+    assert info.model_type == "llama" and info.trained_tiers == ["pd", "sw"] and not info.trained_on_restricted
+    assert info.stores[0].kind == "token" and info.stores[0].entries > 0
+    hits = client.search("The bridge of Quito was built in", k=4).hits
+    assert len(hits) == 4 and all(h.sentence and h.license is not None for h in hits)
+    by_source = client.search("The bridge of Quito was built in", k=4, deny_sources=["books", "news"]).hits
+    assert len(by_source) == 4 and not {h.source for h in by_source} & {"books", "news"}
+    assert client.health() == "SERVING" and client.health("silo.v1.Datastore") == "SERVING"
+
+
+def test_bad_input_gets_the_right_status_and_server_stays_up(live, tmp_path):
+    client, _, _ = live
+    inv = grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: client.generate("", max_new_tokens=3)) == inv
+    assert code_of(lambda: client.generate("x", max_new_tokens=10_000)) == inv
+    assert code_of(lambda: client.generate("x", max_new_tokens=0)) == inv
+    assert code_of(lambda: client.generate("x", mode="knn", k=0)) == inv
+    assert code_of(lambda: client.generate("x", mode="knn", k=-3)) == inv
+    assert code_of(lambda: client.generate("x", mode="knn", lam=1.5)) == inv
+    assert code_of(lambda: client.score("   ")) == inv
+    assert code_of(lambda: client.score("x" * 300_000)) == inv
+    assert code_of(lambda: client.search("x", k=0)) == inv
+    assert code_of(lambda: client.search("x", tiers=["gold"])) == inv
+    assert code_of(lambda: client.search("x", store="elsewhere")) == inv
+    # invalid UTF-8 in a string field: raw bytes, as a buggy client in any language could send
+    raw = client.channel.unary_unary("/silo.v1.LanguageModel/Score", request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as e:
+        raw(b"\x0a\x03\xff\xfe\x41", timeout=10)
+    assert e.value.code() == inv and "UTF-8" in e.value.details()
+    assert code_of(lambda: client.optout(doc_ids=["no-such-doc"])) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.optout_status(receipt_id="nope")) == grpc.StatusCode.NOT_FOUND
+    anon = SiloClient(client.target)
+    assert code_of(lambda: anon.optout(owner="owner-1")) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: anon.compact()) == grpc.StatusCode.UNAUTHENTICATED
+    wrong = SiloClient(client.target, token="wrong-token-wrong-token")
+    assert code_of(lambda: wrong.optout(owner="owner-1")) == grpc.StatusCode.UNAUTHENTICATED
+    assert client.health() == "SERVING"
+    assert client.score("still here").num_tokens > 0
+
+
+def test_store_of_another_model_is_failed_precondition(store_dir, tmp_path, tiny_model, corpus_dir):
+    from silo.train import TrainArgs, train
+
+    other = tmp_path / "other"
+    train(TrainArgs(corpus=str(corpus_dir), out=str(other), config="tiny", tokenizer=str(tiny_model), steps=2,
+                    seed=9, progress=False))
+    server, port, _ = start(other, [store_dir])
+    try:
+        c = SiloClient(f"127.0.0.1:{port}")
+        assert code_of(lambda: c.search("x")) == grpc.StatusCode.FAILED_PRECONDITION
+        assert code_of(lambda: c.generate("x", mode="knn")) == grpc.StatusCode.FAILED_PRECONDITION
+        assert c.score("LM-only still works").num_tokens > 0
+    finally:
+        server.stop(0)
+
+
+def test_concurrency_limit_gives_resource_exhausted(store_dir, tiny_model):
+    server, port, _ = start(tiny_model, [store_dir], max_concurrent=2)
+    codes, lock = [], threading.Lock()
+
+    def call():
+        c = SiloClient(f"127.0.0.1:{port}")
+        try:
+            list(c.generate("The tower of Oslo", max_new_tokens=40, mode="knn", k=8))
+            res = "OK"
+        except grpc.RpcError as e:
+            res = e.code().name
+        with lock:
+            codes.append(res)
+        c.close()
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    server.stop(0)
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+
+
+def test_deadline_and_cancellation_stop_generation(live):
+    client, _, state = live
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate("The tower of Oslo", max_new_tokens=500, mode="knn", k=8, timeout=0.5))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stream = client.generate("The tower of Oslo", max_new_tokens=500, mode="knn", k=8)
+    next(stream)
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stream)
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    t = time.perf_counter()
+    assert client.score("responsive after cancellations").num_tokens > 0
+    assert time.perf_counter() - t < 10
+
+
+def _docs_seen(client: SiloClient, queries: list[str]) -> set[str]:
+    seen = set()
+    for q in queries:
+        seen |= {h.doc_id for h in client.search(q, k=20).hits}
+        for e in client.generate(q, max_new_tokens=3, mode="knn", k=16, lam=0.5, attribution_top=16):
+            if e.HasField("token"):
+                seen |= {a.doc_id for a in e.token.attribution}
+    return seen
+
+
+QUERIES = [f"The {t} of {p}" for t, p in (("lighthouse", "Lisbon"), ("observatory", "Kyoto"), ("library", "Quito"),
+                                           ("bridge", "Oslo"), ("museum", "Nairobi"), ("harbour", "Tallinn"))]
+
+
+def test_optout_is_honoured_at_once_with_status_and_stats(live):
+    client, _, _ = live
+    before = _docs_seen(client, QUERIES)
+    victims = sorted(before)[:5]
+    live_before = client.stats().stores[0].live_entries
+    r = client.optout(doc_ids=victims, reason="owner request")
+    assert sorted(r.removed_doc_ids) == victims and r.removed_entries > 0 and r.receipt_id
+    assert not _docs_seen(client, QUERIES) & set(victims)
+    st = client.optout_status(receipt_id=r.receipt_id)
+    assert st.removed and sorted(st.removed_doc_ids) == victims and not st.compacted
+    assert client.optout_status(doc_id=victims[0]).removed
+    assert client.stats().stores[0].live_entries == live_before - r.removed_entries
+    c = client.compact()
+    assert c.rewritten_shards >= 1 and c.removed_entries == r.removed_entries
+    assert client.optout_status(receipt_id=r.receipt_id).compacted
+    assert not _docs_seen(client, QUERIES) & set(victims)
+
+
+def test_optout_by_text_span_removes_every_document_containing_it(live):
+    client, path, state = live
+    span = "the observatory of Kyoto"
+    store = state.token_store
+    texts = store.docs.column("text").to_pylist()
+    holders = {d for d, t in zip(store.docs.column("doc_id").to_pylist(), texts, strict=True) if span in t}
+    assert len(holders) > 1
+    r = client.optout(text_span=span)
+    assert set(r.removed_doc_ids) == holders
+    assert not _docs_seen(client, QUERIES + ["In 1734, Claude Shannon finished the observatory of Kyoto"]) & holders
+
+
+# ---------------------------------------------------------------------------- real processes
+
+
+def _spawn(args: list[str], ready: Path, env: dict | None = None) -> subprocess.Popen:
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "silo.cli", *args, "--ready-file", str(ready)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    deadline = time.time() + 120
+    while not ready.exists() or not ready.read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            proc.kill()
+            raise AssertionError(f"server did not start: {out[-3000:]}")
+        time.sleep(0.1)
+    return proc
+
+
+def _serve(tmp_path, model, store, env=None) -> tuple[subprocess.Popen, SiloClient]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    ready = tmp_path / "ready"
+    proc = _spawn(["serve", "--model", str(model), "--store", str(store), "--port", "0", "--token-file",
+                   str(token_file)], ready, env)
+    return proc, SiloClient(f"127.0.0.1:{ready.read_text()}", token=TOKEN)
+
+
+def test_kill9_after_acknowledged_optout_loses_nothing(tmp_path, store_dir, tiny_model):
+    path = tmp_path / "store"
+    shutil.copytree(store_dir, path)
+    proc, client = _serve(tmp_path, tiny_model, path)
+    victims = sorted(_docs_seen(client, QUERIES[:3]))[:4]
+    client.optout(doc_ids=victims)
+    os.kill(proc.pid, signal.SIGKILL)  # right after the acknowledgement
+    proc.wait()
+    proc, client = _serve(tmp_path, tiny_model, path)
+    try:
+        queries = QUERIES + [f"In {1700 + 17 * i}, someone finished the" for i in range(8)]
+        assert not _docs_seen(client, queries) & set(victims)
+        assert client.optout_status(doc_id=victims[0]).removed
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_kill9_during_compaction_leaves_store_intact(tmp_path, store_dir, tiny_model):
+    import numpy as np
+
+    from datastore.optout import read_log
+    from datastore.store import Datastore
+
+    def removed() -> set[str]:
+        return {d for rec in read_log(path).records for d in rec["doc_ids"]}
+
+    path = tmp_path / "store"
+    shutil.copytree(store_dir, path)
+    for delay_kill in (0.3, 1.2, 2.2):  # kill in different phases of a slowed-down compaction
+        proc, client = _serve(tmp_path, tiny_model, path, env={"SILO_TEST_COMPACT_DELAY": "0.5"})
+        victims = sorted(_docs_seen(client, QUERIES) - removed())[:2]
+        client.optout(doc_ids=victims)
+        client.ds.Compact.future(pb.CompactRequest(), metadata=client._auth)
+        time.sleep(delay_kill)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        store = Datastore.open(path)  # every file the manifest names is whole
+        assert store.search(np.zeros((1, store.manifest.dim), np.float32), 5)[1].shape == (1, 5)
+        assert set(victims) <= removed()
+        proc, client = _serve(tmp_path, tiny_model, path)
+        try:
+            assert not _docs_seen(client, QUERIES) & removed()
+        finally:
+            proc.kill()
+            proc.wait()
+    proc, client = _serve(tmp_path, tiny_model, path)
+    try:
+        client.compact()  # finishes whatever the killed compactions left
+        assert not _docs_seen(client, QUERIES) & removed()
+    finally:
+        proc.kill()
+        proc.wait()
+    store = Datastore.open(path)
+    dead = np.isin(store.entry_doc, [store.doc_index(d) for d in removed()])
+    assert dead.any() and (store.values(np.flatnonzero(dead)) == -1).all()  # physically gone
+    assert sorted(p.name for p in (path / "shards").iterdir()) == sorted(s.name for s in store.manifest.shards)
+
+
+def test_remote_shards_answer_like_a_local_store(tmp_path, store_dir, tiny_model):
+    from server.app import build_server as bs
+    from server.remote import ShardSearchServicer
+
+    shard_servers = []
+    for shards in ({0}, {1}):
+        srv, port, _ = bs({"ShardSearch": ShardSearchServicer(store_dir, shards)}, 0)
+        shard_servers.append((srv, port))
+    remote = [f"127.0.0.1:{p}" for _, p in shard_servers]
+    main, mport, _ = start(tiny_model, [store_dir], remote_shards=remote, shard_deadline_s=3.0)
+    local, lport, _ = start(tiny_model, [store_dir])
+    try:
+        rc, lc = SiloClient(f"127.0.0.1:{mport}"), SiloClient(f"127.0.0.1:{lport}")
+        for q in QUERIES:
+            a, b = rc.search(q, k=8), lc.search(q, k=8)
+            assert [h.entry_id for h in a.hits] == [h.entry_id for h in b.hits] and not a.partial
+        assert rc.score("The library of Quito", mode="knn", k=8).perplexity == pytest.approx(
+            lc.score("The library of Quito", mode="knn", k=8).perplexity, rel=1e-5)
+        shard_servers[1][0].stop(0)
+        with pytest.raises(grpc.RpcError) as e:
+            rc.search(QUERIES[0], k=8)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "00001" in e.value.details()
+        part = rc.search(QUERIES[0], k=8, allow_partial=True)
+        assert part.partial and any("00001" in m for m in part.missing_shards) and len(part.hits) == 8
+        assert code_of(lambda: rc.generate("x", mode="knn", k=4)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for srv, _ in shard_servers:
+            srv.stop(0)
+        main.stop(0)
+        local.stop(0)
+
+
+def test_tls(tmp_path, store_dir, tiny_model):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server, port, _ = start(tiny_model, [store_dir], tls=(cert.read_bytes(), key.read_bytes()))
+    try:
+        c = SiloClient(f"localhost:{port}", root_cert=cert.read_bytes())
+        assert c.score("over TLS").num_tokens > 0
+        plain = SiloClient(f"localhost:{port}", timeout=3)
+        assert code_of(lambda: plain.score("no TLS")) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+
+def test_retrieval_options_helper():
+    o = retrieval_options("knn", k=5, lam=0.25, tiers=["pd"])
+    assert o.mode == pb.RETRIEVAL_KNN and o.k == 5 and o.lambda_ == 0.25 and list(o.policy.tiers) == ["pd"]
+    assert not retrieval_options().HasField("k")
+    with pytest.raises(ValueError):
+        retrieval_options("magic")

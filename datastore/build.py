@@ -39,6 +39,7 @@ from datastore.manifest import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
+from datastore.parallel import ShardJob, run_jobs
 from silo.corpus import iter_documents
 from silo.evaluate import batched, windows_for
 from silo.keys import capture_keys
@@ -70,6 +71,13 @@ class BuildArgs:
     exclude_doc_ids: tuple[str, ...] = ()
     progress: bool = True
     seed: int = 0
+    backend: str = "local"  # local | ray: where shard jobs run (datastore.parallel)
+    workers: int = 1
+    ray_address: str | None = None
+    retries: int = 2
+
+
+RUN_ONLY = ("progress", "backend", "workers", "ray_address", "retries")  # may differ when resuming
 
 
 def _plan(args: BuildArgs, tok, build: Path, out: Path) -> dict:
@@ -231,7 +239,7 @@ def build_token_store(args: BuildArgs) -> Manifest:
         raise StoreError(f"{out} already holds a finished store; remove it or choose another --out")
     build = out / "build"
     build.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in asdict(args).items() if k not in ("progress",)}
+    settings = {k: v for k, v in asdict(args).items() if k not in RUN_ONLY}
     settings["exclude_doc_ids"] = sorted(settings["exclude_doc_ids"])
     settings_path = build / "settings.json"
     if settings_path.is_file() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
@@ -268,18 +276,21 @@ def build_token_store(args: BuildArgs) -> Manifest:
         faiss.write_index(trained, str(trained_path) + ".tmp")
         os.replace(str(trained_path) + ".tmp", trained_path)
 
-    infos = []
-    bar = tqdm(total=plan["entries"], desc=f"build {len(plan['doc_ranges'])} shards", unit="tok",
-               disable=not args.progress)
+    infos: dict[int, ShardInfo] = {}
+    jobs = []
     for s, (a, b) in enumerate(plan["doc_ranges"]):
         shard_json = out / "shards" / f"{s:05d}" / "shard.json"
         if shard_json.is_file():  # finished by an earlier run
-            info = ShardInfo(**json.loads(shard_json.read_text()))
+            infos[s] = ShardInfo(**json.loads(shard_json.read_text()))
         else:
-            info = _write_shard(args, model, tok, docs, s, (a, b), trained, factory, out)
-        infos.append(info)
-        bar.update(info.entries)
-    bar.close()
+            jobs.append(ShardJob(s, (a, b), int(docs.first_entry[b - 1] + docs.n_tokens[b - 1] - 1
+                                                 - docs.first_entry[a]) if b > a else 0))
+    del model  # workers load their own copy (once each)
+    job_settings = {"args": {**asdict(args), "progress": False}, "factory": factory}
+    for job, info in zip(jobs, run_jobs(jobs, job_settings, args.backend, args.workers, args.ray_address,
+                                        args.retries, args.progress), strict=True):
+        infos[job.shard] = ShardInfo(**info)
+    infos = [infos[s] for s in range(len(plan["doc_ranges"]))]
 
     manifest = Manifest(
         kind="token", model=str(Path(args.model).resolve()), model_fingerprint=model_fingerprint(args.model),

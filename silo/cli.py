@@ -171,7 +171,8 @@ def cmd_datastore_build(a: argparse.Namespace) -> None:
                   memory_budget=a.memory_budget, factory=a.factory, window=a.window, stride=a.stride,
                   batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens)
     if a.kind == "token":
-        m = build_token_store(BuildArgs(key_type=a.key_type, keep_keys=a.keep_keys, **common))
+        m = build_token_store(BuildArgs(key_type=a.key_type, keep_keys=a.keep_keys, backend=a.backend,
+                                        workers=a.workers, ray_address=a.ray_address, retries=a.retries, **common))
     else:
         from datastore.passages import PassageBuildArgs, build_passage_store
 
@@ -541,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--window", type=int, default=512)
     sp.add_argument("--stride", type=int, default=256)
     sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="where shard jobs run: worker processes here, or Ray (local or a cluster)")
+    sp.add_argument("--workers", type=int, default=1, help="parallel shard jobs (processes or Ray actors)")
+    sp.add_argument("--ray-address", help="an existing Ray cluster, e.g. ray://head:10001 (default: start one here)")
+    sp.add_argument("--retries", type=int, default=2, help="attempts per failed shard job")
     sp.add_argument("--passage-tokens", type=int, default=256)
     sp.add_argument("--retrievers", type=lambda s: tuple(x for x in s.split(",") if x), default=("bm25",),
                     help="passage stores: bm25, dense or both (bm25,dense)")

@@ -1,0 +1,61 @@
+"""Distributed build: worker processes and Ray build the same store, shard for shard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datastore.build import BuildArgs, build_token_store
+from datastore.store import Datastore
+from silo.evaluate import load_eval_docs, perplexity
+from silo.knnlm import KNNParams, retrieve_neighbours
+from silo.lm import load_causal_lm
+
+
+def _build(out, tiny_model, corpus_dir, **kw):
+    return build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out),
+                                       tiers=("restricted", "by"), shards=4, window=64, stride=32, progress=False, **kw))
+
+
+def _knn_ppl(store_dir, tiny_model, corpus_dir):
+    model, tok = load_causal_lm(tiny_model)
+    store = Datastore.open(store_dir)
+    _, docs = load_eval_docs(str(corpus_dir), tok, "test", ("restricted", "by"))
+    neigh = retrieve_neighbours(model, store, docs, 16, 64, 32, 8, tok.pad_token_id)
+    return perplexity([n.knn_logprob(KNNParams(k=16, lam=0.5, temperature=10.0)) for n in neigh])
+
+
+@pytest.mark.slow
+def test_ray_and_local_workers_build_identical_stores(tmp_path, tiny_model, corpus_dir):
+    pytest.importorskip("ray")
+    _build(tmp_path / "local", tiny_model, corpus_dir, backend="local", workers=2)
+    _build(tmp_path / "ray", tiny_model, corpus_dir, backend="ray", workers=2)
+    a, b = Datastore.open(tmp_path / "local"), Datastore.open(tmp_path / "ray")
+    assert a.manifest.entries == b.manifest.entries and len(a.shards) == len(b.shards) == 4
+    for sa, sb in zip(a.shards, b.shards, strict=True):
+        assert (sa.path / "index.faiss").read_bytes() == (sb.path / "index.faiss").read_bytes()
+    q = np.random.default_rng(0).standard_normal((16, a.manifest.dim)).astype(np.float32)
+    da, ia = a.search(q, 10)
+    db, ib = b.search(q, 10)
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_array_equal(da, db)
+    assert _knn_ppl(tmp_path / "local", tiny_model, corpus_dir) == _knn_ppl(tmp_path / "ray", tiny_model, corpus_dir)
+
+
+def test_worker_processes_retry_failed_shards(tmp_path, tiny_model, corpus_dir, monkeypatch):
+    """Every shard's first attempt fails in its worker process; retries finish the build."""
+    monkeypatch.setenv("SILO_TEST_FAIL_ONCE", str(tmp_path / "faults"))
+    (tmp_path / "faults").mkdir()
+    m = _build(tmp_path / "s", tiny_model, corpus_dir, backend="local", workers=2)
+    assert len(list((tmp_path / "faults").iterdir())) == 4  # each shard failed once
+    store = Datastore.open(tmp_path / "s")
+    assert store.n_entries == m.entries and all(s.info.entries > 0 for s in store.shards)
+    monkeypatch.setenv("SILO_TEST_FAIL_ONCE", str(tmp_path / "faults2"))
+    (tmp_path / "faults2").mkdir()
+    with pytest.raises(RuntimeError, match="injected"):
+        _build(tmp_path / "t", tiny_model, corpus_dir, backend="local", workers=2, retries=0)
+
+
+def test_unknown_backend_is_an_error(tmp_path, tiny_model, corpus_dir):
+    with pytest.raises(ValueError, match="unknown backend"):
+        _build(tmp_path / "x", tiny_model, corpus_dir, backend="spark")

@@ -447,6 +447,21 @@ def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
     _add_policy_args(sp)
 
 
+def cmd_scaling_curve(a: argparse.Namespace) -> None:
+    from silo.knnlm import KNNParams
+    from silo.scaling import CurveArgs, scaling_curve
+
+    knn = KNNParams(k=a.k, lam=a.lam, temperature=a.temperature, nprobe=a.nprobe) if a.k else None
+    rows = scaling_curve(CurveArgs(
+        model=a.model, store=a.store, corpus=a.corpus, out=a.out, split=a.split,
+        fractions=tuple(float(x) for x in a.fractions.split(",")), seeds=a.seeds, depth=a.depth, knn=knn,
+        window=a.window, stride=a.stride, max_tokens=a.max_tokens, oracle=a.oracle, progress=True))
+    _print_table([[r["mode"], r["fraction"], r["seed"], r["tokens"], f"{r['perplexity']:.3f}", r["k_satisfied"],
+                   r["ann_recall"]] for r in rows],
+                 ["mode", "fraction", "seed", "tokens", "perplexity", "k satisfied", "ANN recall"])
+    print(f"-> {a.out}/scaling.csv, {a.out}/scaling.png")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from silo.demo import run_demo
 
@@ -645,6 +660,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(sp)
     sp = add(sub, "compact", cmd_compact, "physically remove opted-out entries (admin)")
     _add_client_args(sp, token=True)
+
+    sp = add(sub, "scaling-curve", cmd_scaling_curve,
+             "perplexity vs datastore size by nested subsampling of one retrieval (MassiveDS)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--store", required=True)
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    sp.add_argument("--fractions", default="0.01,0.03,0.1,0.3,1")
+    sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument("--depth", type=int, default=1024, help="neighbours retrieved once from the full store")
+    sp.add_argument("-k", type=int, help="neighbours used (default: the store's tuned value)")
+    sp.add_argument("--lambda", dest="lam", type=float, default=0.25)
+    sp.add_argument("--temperature", type=float, default=10.0)
+    sp.add_argument("--nprobe", type=int, default=32)
+    sp.add_argument("--window", type=int, default=512)
+    sp.add_argument("--stride", type=int, default=256)
+    sp.add_argument("--max-tokens", type=int, default=20_000)
+    sp.add_argument("--oracle")
+    sp.add_argument("--out", required=True)
 
     sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded default corpus")
     sp.add_argument("--workdir", default="runs/demo", help="where the corpus, models and stores go")

@@ -97,6 +97,7 @@ class DocNeighbours:
     dists: np.ndarray  # (n, k) float32
     values: np.ndarray  # (n, k) int64, -1 = no neighbour
     ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (n, k) entry ids
+    queries: np.ndarray | None = None  # (n, d) query keys, when asked for (ANN recall checks)
 
     def knn_logprob(self, params: KNNParams) -> np.ndarray:
         k = params.k
@@ -107,7 +108,8 @@ class DocNeighbours:
 @torch.no_grad()
 def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, window: int = 512,
                         stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
-                        policy: RetrievalPolicy | None = None, progress: bool = False) -> list[DocNeighbours]:
+                        policy: RetrievalPolicy | None = None, progress: bool = False,
+                        keep_queries: bool = False) -> list[DocNeighbours]:
     """One pass: LM log-probs and the store's k neighbours for every scored token."""
     model.eval()
     device = next(model.parameters()).device
@@ -116,6 +118,9 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
     n = [max(len(d) - 1, 0) for d in docs]
     out = [DocNeighbours(np.zeros(m), np.asarray(d[1:], dtype=np.int64), np.zeros((m, k), np.float32),
                          np.full((m, k), -1, np.int64), np.full((m, k), -1, np.int64)) for d, m in zip(docs, n, strict=True)]
+    if keep_queries:
+        for o in out:
+            o.queries = np.zeros((len(o.targets), store.manifest.dim), np.float32)
     with capture_keys(model, store.manifest.key_type or "ffn_input") as box:
         for batch in tqdm(list(batched(wins, batch_size)), desc="kNN-LM score", unit="batch", disable=not progress):
             length = max(w.end - w.begin for w in batch)
@@ -134,12 +139,15 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
                 out[w.doc].lm_logprob[w.first_target - 1 : w.end - 1] = lp.double().cpu().numpy()
                 queries.append(keys[r, lo:hi].numpy())
                 spans.append((w.doc, w.first_target - 1, w.end - 1))
-            dist, eid = store.search(np.concatenate(queries), k, nprobe=nprobe, policy=policy)
+            q_all = np.concatenate(queries)
+            dist, eid = store.search(q_all, k, nprobe=nprobe, policy=policy)
             vals = store.values(eid)
             row = 0
             for doc, a, b in spans:
                 o = out[doc]
                 o.dists[a:b], o.ids[a:b], o.values[a:b] = dist[row : row + b - a], eid[row : row + b - a], vals[row : row + b - a]
+                if keep_queries:
+                    o.queries[a:b] = q_all[row : row + b - a]
                 row += b - a
     return out
 

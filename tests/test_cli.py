@@ -13,7 +13,8 @@ from tests.conftest import make_records, write_jsonl
 
 SUBCOMMANDS = [
     ["corpus", "import"], ["corpus", "harvest"], ["corpus", "stats"], ["tokenizer", "train"], ["lm", "train"],
-    ["lm", "eval"], ["datastore", "build"], ["datastore", "search"], ["datastore", "stats"], ["eval"], ["demo"],
+    ["lm", "eval"], ["scaling-curve"], ["serve"], ["serve-shards"], ["generate"], ["score"], ["search"], ["optout"],
+    ["stats"], ["compact"], ["datastore", "build"], ["datastore", "search"], ["datastore", "stats"], ["eval"], ["demo"],
 ]
 
 

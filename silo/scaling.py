@@ -1,0 +1,200 @@
+"""Datastore scaling curves, MassiveDS's way: retrieve once, subsample many times.
+
+For every scored token the full store is searched once with a large depth K. A store of
+fraction p is simulated by keeping an entry iff u(entry id, seed) < p, where u is a
+deterministic hash to [0, 1): the kept sets are nested (an entry kept at 1% is kept at
+10%), reproducible, and independent of the query — unlike MassiveDS's per-(query,
+candidate) coin. The first k survivors of each token's list are exactly the top-k of the
+subsampled store *for exact search*, as long as at least k survive (reported as
+`k_satisfied`). For IVF/PQ stores the trick is approximate, so the tool also measures ANN
+recall at each fraction against exact search over the kept raw keys (needs
+`--keep-keys`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datastore.store import Datastore
+from silo.evaluate import load_eval_docs, perplexity
+from silo.knnlm import DocNeighbours, KNNParams, retrieve_neighbours
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def entry_uniform(ids: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64(id, seed) -> uniform floats in [0, 1); same id and seed, same value."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as splitmix64 intends
+        x = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def keep_mask(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    ids = np.asarray(ids)
+    return (ids >= 0) & (entry_uniform(np.where(ids >= 0, ids, 0), seed) < fraction)
+
+
+def subsample_neighbours(n: DocNeighbours, fraction: float, seed: int, k: int) -> tuple[DocNeighbours, np.ndarray]:
+    """The first k kept neighbours of each token; and whether k survived, per token."""
+    keep = keep_mask(n.ids, fraction, seed)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept ones first, distance order kept
+    kept = np.take_along_axis(keep, order, 1)
+    dists = np.where(kept, np.take_along_axis(n.dists, order, 1), np.inf)
+    values = np.where(kept, np.take_along_axis(n.values, order, 1), -1)
+    ids = np.where(kept, np.take_along_axis(n.ids, order, 1), -1)
+    return DocNeighbours(n.lm_logprob, n.targets, dists, values, ids), kept.sum(1) >= k
+
+
+@dataclass
+class CurveArgs:
+    model: str
+    store: str
+    corpus: str
+    out: str
+    split: str = "test"
+    fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    seeds: int = 3
+    depth: int = 1024  # K: neighbours retrieved once from the full store
+    knn: KNNParams | None = None  # default: the store's tuned defaults
+    window: int = 512
+    stride: int = 256
+    batch_size: int = 8
+    max_tokens: int | None = 20_000
+    oracle: str | None = None
+    recall_queries: int = 200
+    progress: bool = False
+
+
+def scaling_curve(a: CurveArgs) -> list[dict]:
+    """Rows (fraction, tokens, seed, mode, perplexity, …); also writes CSV and PNG into `a.out`."""
+    from silo.eval_modes import _exclusions, _with_denied, store_knn_params
+    from silo.lm import load_causal_lm
+
+    if not a.fractions or any(not 0 < f <= 1 for f in a.fractions):
+        raise ValueError(f"fractions must be in (0, 1], got {a.fractions}")
+    model, tok = load_causal_lm(a.model)
+    store = Datastore.open(a.store)
+    store.check_model(a.model)
+    params = (a.knn or store_knn_params(store)).validate()
+    depth = max(a.depth, params.k)
+    metas, docs = load_eval_docs(a.corpus, tok, a.split, tuple(store.manifest.tiers), max_tokens=a.max_tokens)
+    if not docs:
+        raise ValueError(f"no {a.split} documents of tiers {','.join(store.manifest.tiers)}")
+    texts = [tok.decode(d, skip_special_tokens=True) for d in docs]
+    deny, _ = _exclusions(store, metas, texts, True)
+    policy = _with_denied(None, deny)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    recall_keys = _raw_keys(store)
+    neigh = retrieve_neighbours(model, store, docs, depth, a.window, a.stride, a.batch_size, pad, params.nprobe,
+                                policy, a.progress, keep_queries=recall_keys is not None)
+    live = store.doc_mask(policy)[store.entry_doc]
+    all_ids = np.flatnonzero(live)
+    lm_ppl = perplexity([n.lm_logprob for n in neigh])
+    rows = []
+    for seed in range(a.seeds):
+        for f in sorted(a.fractions):
+            subs = [subsample_neighbours(n, f, seed, params.k) for n in neigh]
+            ppl = perplexity([s.knn_logprob(params) for s, _ in subs])
+            satisfied = float(np.mean(np.concatenate([ok for _, ok in subs])))
+            tokens = int(keep_mask(all_ids, f, seed).sum())
+            row = {"fraction": f, "tokens": tokens, "seed": seed, "mode": "knn", "perplexity": ppl,
+                   "k_satisfied": round(satisfied, 4), "ann_recall": ""}
+            if recall_keys is not None:
+                row["ann_recall"] = round(_ann_recall(recall_keys, neigh, subs, f, seed, params.k, all_ids,
+                                                      a.recall_queries), 4)
+            rows.append(row)
+    rows.append({"fraction": 1.0, "tokens": len(all_ids), "seed": 0, "mode": "lm", "perplexity": lm_ppl,
+                 "k_satisfied": "", "ann_recall": ""})
+    if a.oracle:
+        from silo.evaluate import score_documents
+
+        oracle, _ = load_causal_lm(a.oracle)
+        o = perplexity(score_documents(oracle, docs, a.window, a.stride, a.batch_size, pad))
+        rows.append({"fraction": 1.0, "tokens": len(all_ids), "seed": 0, "mode": "oracle", "perplexity": o,
+                     "k_satisfied": "", "ann_recall": ""})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "scaling.csv")
+    plot_curve(rows, out / "scaling.png", title=f"{Path(a.store).name}: kNN-LM perplexity vs datastore size "
+               f"(k={params.k}, λ={params.lam}, T={params.temperature})")
+    return rows
+
+
+def _raw_keys(store: Datastore) -> np.ndarray | None:
+    """All raw keys (fp16, memory-mapped) when the store kept them and uses an approximate index."""
+    if store.manifest.build.get("factory", "Flat") == "Flat":
+        return None  # exact search: the trick is exact, nothing to measure
+    files = [s.path / "keys.npy" for s in store.shards]
+    if not all(f.is_file() for f in files):
+        return None
+    return np.concatenate([np.load(f, mmap_mode="r") for f in files])
+
+
+def _ann_recall(keys, neigh, subs, fraction, seed, k, all_ids, n_queries) -> float:
+    """Recall@k of the subsampled ANN lists against exact search over the kept raw keys."""
+    import faiss
+
+    kept = all_ids[keep_mask(all_ids, fraction, seed)]
+    if len(kept) < k:
+        return float("nan")
+    index = faiss.IndexIDMap2(faiss.IndexFlatL2(keys.shape[1]))
+    index.add_with_ids(np.asarray(keys[kept], dtype=np.float32), kept.astype(np.int64))
+    rng = np.random.default_rng(seed)
+    q = np.concatenate([n.queries for n in neigh])
+    approx = np.concatenate([s.ids for s, _ in subs])
+    rows = rng.choice(len(q), min(len(q), n_queries), replace=False)
+    _, exact = index.search(q[rows], k)
+    return float(np.mean([len(set(e) & set(a[a >= 0])) / k for e, a in zip(exact, approx[rows], strict=True)]))
+
+
+def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
+    cols = ["fraction", "tokens", "seed", "mode", "perplexity", "k_satisfied", "ann_recall"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+
+
+def plot_curve(rows: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Perplexity vs datastore tokens (log x): mean and min–max band per mode, LM/oracle lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    knn = [r for r in rows if r["mode"] == "knn"]
+    for mode, color in (("knn", "tab:blue"), ("ric", "tab:green")):
+        pts = [r for r in rows if r["mode"] == mode]
+        if not pts:
+            continue
+        fr = sorted({r["fraction"] for r in pts})
+        x = [np.mean([r["tokens"] for r in pts if r["fraction"] == f]) for f in fr]
+        ys = [[r["perplexity"] for r in pts if r["fraction"] == f] for f in fr]
+        ax.plot(x, [np.mean(y) for y in ys], "o-", color=color, label={"knn": "kNN-LM", "ric": "RIC-LM"}[mode])
+        ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.2)
+    for mode, style in (("lm", "k--"), ("oracle", "r:")):
+        for r in rows:
+            if r["mode"] == mode and math.isfinite(r["perplexity"]):
+                ax.axhline(r["perplexity"], linestyle=style[1:], color=style[0],
+                           label=f"{'LM only' if mode == 'lm' else 'oracle LM'} ({r['perplexity']:.2f})")
+    if knn:
+        ax.set_xscale("log")
+    ax.set_xlabel("datastore tokens (log scale)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

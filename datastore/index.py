@@ -38,7 +38,7 @@ def choose_factory(n: int, dim: int, memory_budget: int | None = None, metric: s
         return "Flat"
     nlist = min(nlist_for(n), max(1, n // 39))
     per_vector = budget / max(n, 1) - 8
-    m = next((m for m in PQ_CHOICES if dim % m == 0 and m <= per_vector), None)
+    m = next((m for m in PQ_CHOICES if dim % m == 0 and m <= per_vector and m <= dim // 2), None)
     if m is None:
         m = next(m for m in reversed(PQ_CHOICES) if dim % m == 0)
     return f"IVF{nlist},PQ{m}"
@@ -49,6 +49,9 @@ def new_index(factory: str, dim: int, metric: str = "l2") -> faiss.Index:
     index = faiss.index_factory(dim, factory, mt)
     if not is_ivf(index):  # flat-like indexes keep no ids of their own
         index = faiss.IndexIDMap2(index)
+    elif hasattr(index, "do_polysemous_training"):
+        # on by default for IVF-PQ, ~100x slower training, and only for Hamming filtering we never use
+        index.do_polysemous_training = False
     return index
 
 

@@ -462,6 +462,38 @@ def cmd_scaling_curve(a: argparse.Namespace) -> None:
     print(f"-> {a.out}/scaling.csv, {a.out}/scaling.png")
 
 
+def cmd_plan(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from datastore.plan import calibrate, human_bytes, human_time, plan
+
+    cal_path = Path(a.calibration)
+    if a.calibrate:
+        if not (a.model and a.corpus):
+            raise SystemExit("silo: error: --calibrate needs --model and --corpus")
+        calib = calibrate(a.model, a.corpus, cal_path.parent, tokens=a.calibrate_tokens)
+        print(f"calibrated on {calib['entries']:,} entries -> {cal_path}")
+    elif cal_path.is_file():
+        calib = json.loads(cal_path.read_text())
+    else:
+        raise SystemExit(f"silo: error: no calibration at {cal_path}; run `silo plan --calibrate --model M --corpus C`")
+    p = plan(a.tokens, calib, a.kind, a.index, a.ram_per_node, a.nodes, a.workers, a.cores_per_node, a.nprobe)
+    if a.json:
+        print(json.dumps(p, indent=2))
+        return
+    rows = [["tokens", f"{p['tokens']:.3g}"], ["entries", f"{p['entries']:.3g}"], ["index", p["index"]],
+            ["shards", f"{p['shards']:,} x {p['entries_per_shard']:.3g} entries"],
+            ["index bytes", human_bytes(p["index_bytes"])], ["entry metadata", human_bytes(p["metadata_bytes"])],
+            ["text (disk)", human_bytes(p["text_bytes"])], ["serving RAM", human_bytes(p["serving_ram_bytes"])],
+            ["nodes", f"{p['nodes']} ({p['nodes_needed_for_ram']} needed for RAM at {human_bytes(a.ram_per_node)})"],
+            ["build time", f"{human_time(p['build_hours'] * 3600)} with {p['build_workers']} workers"],
+            ["query latency", human_time(p["query_latency_s"])]]
+    _print_table(rows, ["figure", "value"])
+    print("\nassumptions:")
+    for x in p["assumptions"]:
+        print(f"  - {x}")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from silo.demo import run_demo
 
@@ -679,6 +711,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=int, default=20_000)
     sp.add_argument("--oracle")
     sp.add_argument("--out", required=True)
+
+    sp = add(sub, "plan", cmd_plan, "capacity plan for a store of N tokens, from costs measured here")
+    sp.add_argument("--tokens", type=float, default=1e12)
+    sp.add_argument("--kind", choices=["token", "passage"], default="token")
+    sp.add_argument("--index", default="IVF65536,PQ64")
+    sp.add_argument("--ram-per-node", type=_size, default=_size("256G"))
+    sp.add_argument("--nodes", type=int)
+    sp.add_argument("--workers", type=int, help="build workers (default: one per node)")
+    sp.add_argument("--cores-per-node", type=int, default=32)
+    sp.add_argument("--nprobe", type=int, default=32)
+    sp.add_argument("--calibrate", action="store_true", help="build a small store here and time it first")
+    sp.add_argument("--calibrate-tokens", type=int, default=200_000)
+    sp.add_argument("--calibration", default="runs/plan/calibration.json")
+    sp.add_argument("--model")
+    sp.add_argument("--corpus")
+    sp.add_argument("--json", action="store_true")
 
     sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded default corpus")
     sp.add_argument("--workdir", default="runs/demo", help="where the corpus, models and stores go")

@@ -14,7 +14,7 @@ from tests.conftest import make_records, write_jsonl
 SUBCOMMANDS = [
     ["corpus", "import"], ["corpus", "harvest"], ["corpus", "stats"], ["tokenizer", "train"], ["lm", "train"],
     ["lm", "eval"], ["scaling-curve"], ["serve"], ["serve-shards"], ["generate"], ["score"], ["search"], ["optout"],
-    ["stats"], ["compact"], ["datastore", "build"], ["datastore", "search"], ["datastore", "stats"], ["eval"], ["demo"],
+    ["stats"], ["compact"], ["plan"], ["datastore", "build"], ["datastore", "search"], ["datastore", "stats"], ["eval"], ["demo"],
 ]
 
 

@@ -36,7 +36,7 @@ class LMConfig:
 
 CONFIGS: dict[str, LMConfig] = {
     "tiny": LMConfig(64, 2, 4, 176, 512, True, seq_len=128, batch_size=8, lr=3e-3, steps=60, warmup=10),
-    "small": LMConfig(256, 4, 4, 688, 1024, True, seq_len=256, batch_size=16, lr=2e-3, steps=600, warmup=50),
+    "small": LMConfig(256, 4, 4, 688, 1024, True, seq_len=256, batch_size=16, lr=2e-3, steps=400, warmup=40),
     "1.3b": LMConfig(2048, 24, 16, 5632, 2048, False, seq_len=2048, batch_size=1280, lr=1e-3,
                      steps=100_000, warmup=2000),
 }

@@ -64,6 +64,20 @@ def sweep_orphans(path: str | os.PathLike) -> list[str]:
     return removed
 
 
+def _passage_texts(store: Datastore, dead_by_shard: list[np.ndarray]) -> tuple[dict, list[list[str]]]:
+    """Every shard's passage texts with removed ones as '', and the store-wide BM25 stats."""
+    from datastore.passages import bm25_statistics
+
+    texts = store.docs.column("text")
+    out = []
+    for s, dead in zip(store.shards, dead_by_shard, strict=True):
+        e = s.entries
+        live = (e["position"] >= 0) & ~dead
+        out.append([texts[int(d)].as_py()[a:b] if ok else "" for d, a, b, ok in
+                    zip(e["doc"], e["char_start"], e["char_end"], live, strict=True)])
+    return bm25_statistics(out), out
+
+
 def compact(path: str | os.PathLike, progress: bool = False) -> dict:
     """Rewrite the shards that still hold removed entries; returns what was done."""
     t0 = time.perf_counter()
@@ -73,10 +87,19 @@ def compact(path: str | os.PathLike, progress: bool = False) -> dict:
     m = store.manifest
     gen = len(m.compactions) + 1
     dead_docs = store.dead_docs
+    # an entry still present in the files has its position; compaction blanks it to -1
+    dead_by_shard = [dead_docs[s.entries["doc"]] & (s.entries["position"] >= 0) for s in store.shards]
+    bm25 = [(s.path / "bm25").is_dir() for s in store.shards]
+    rewrite = [bool(d.any()) for d in dead_by_shard]
+    bm25_stats = None
+    if any(rewrite) and any(bm25):
+        # BM25 scores carry store-wide statistics: every shard is re-indexed without the removed text
+        rewrite = [r or b for r, b in zip(rewrite, bm25, strict=True)]
+        bm25_stats, passage_texts = _passage_texts(store, dead_by_shard)
     new_shards, rewritten, removed_entries = [], [], 0
     for no, s in enumerate(store.shards):
-        dead = dead_docs[s.entries["doc"]] & (s.entries["value"] >= 0)
-        if not dead.any():
+        dead = dead_by_shard[no]
+        if not rewrite[no]:
             new_shards.append(s.info)
             continue
         dead_ids = s.info.first_entry + np.flatnonzero(dead).astype(np.int64)
@@ -84,14 +107,16 @@ def compact(path: str | os.PathLike, progress: bool = False) -> dict:
         tmp = path / "shards" / name
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if s.info.index != "bm25":
+        ntotal = -1
+        if (s.path / "index.faiss").is_file():
             index = faiss.read_index(str(s.path / "index.faiss"))  # in memory, never mmapped
             index.remove_ids(faiss.IDSelectorBatch(dead_ids))
             faiss.write_index(index, str(tmp / "index.faiss"))
             ntotal = int(index.ntotal)
-        else:
-            shutil.copytree(s.path / "bm25", tmp / "bm25")
-            ntotal = -1
+        if bm25[no]:
+            from datastore.passages import write_bm25
+
+            write_bm25(passage_texts[no], bm25_stats, tmp / "bm25")
         table = pq.read_table(s.path / "entries.parquet")
         cols = {c: table.column(c).to_numpy().copy() for c in table.column_names}
         for c in cols:

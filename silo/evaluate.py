@@ -42,9 +42,10 @@ def windows_for(n_tokens: int, window: int, stride: int, doc: int = 0) -> list[W
         end = min(begin + window, n_tokens)
         out.append(Window(doc, begin, end, scored_to))
         scored_to = end
-        begin += stride
         if end == n_tokens:
             break
+        # the next window's first target needs one token of context inside the window
+        begin = min(begin + stride, scored_to - 1)
     return out
 
 

@@ -135,6 +135,7 @@ def test_sliding_windows_score_each_token_once():
             scored = [p for w in wins for p in range(w.first_target, w.end)]
             assert scored == list(range(1, n)), (n, window, stride)
             assert all(w.end - w.begin <= window for w in wins)
+            assert all(w.first_target > w.begin for w in wins)  # every target has context in its window
             assert all(w.first_target - w.begin >= min(window - stride, w.first_target) for w in wins)
 
 

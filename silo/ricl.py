@@ -1,0 +1,137 @@
+"""RIC-LM (In-Context RALM): retrieved passages put in front of the context, no look-ahead.
+
+Targets 1..n-1 of each document are scored in blocks of `stride` tokens. For the block
+whose first target is position p:
+
+- query = the text of the last `query_tokens` tokens *before* p (decoded without special
+  tokens) — never the block itself; an empty query (the document start) retrieves nothing;
+- the top `passages` passages are retrieved (one batched search over every block), each
+  tokenized, cut to `max_passage_tokens` and framed `<s> passage </s>` like a document of
+  the packed training stream; several go worst first, so the best sits next to the text;
+- input = passages + the document's tokens up to p+stride-1, cut from the *left* of the
+  document so the whole fits `window` (passages are shortened first if even the block
+  alone would not fit); only the block's tokens are scored.
+
+The tokens scored are exactly those of `silo.evaluate.score_documents`, so perplexities of
+LM-only, kNN-LM and RIC-LM are comparable. Forwards are batched (right padding, attention
+mask, similar lengths together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from silo.errors import SiloError
+from silo.evaluate import batched
+
+RETRIEVERS = ("bm25", "dense")
+
+
+@dataclass
+class RICParams:
+    stride: int = 64  # tokens scored per retrieval
+    query_tokens: int = 32  # tokens before the block that form the query
+    passages: int = 1  # passages put in front
+    max_passage_tokens: int = 256  # each passage cut to this many tokens
+    retriever: str = "bm25"
+
+    def validate(self, window: int) -> RICParams:
+        for name in ("stride", "query_tokens", "passages", "max_passage_tokens"):
+            if getattr(self, name) < 1:
+                raise SiloError(f"RIC-LM {name} must be positive, got {getattr(self, name)}")
+        if self.retriever not in RETRIEVERS:
+            raise SiloError(f"unknown retriever {self.retriever!r}; expected one of {', '.join(RETRIEVERS)}")
+        if self.stride > window:
+            raise SiloError(f"RIC-LM stride {self.stride} leaves no room in window {window}")
+        return self
+
+
+@dataclass
+class RICBlock:
+    """One scored block: which targets, which query, which passages were put in front."""
+
+    doc: int  # index into the caller's documents
+    start: int  # first target position (in the document)
+    end: int  # one past the last target
+    query: str  # the retrieval query ('' = none made)
+    passage_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # best first
+    passage_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    context_begin: int = 0  # first document token in the input (left truncation)
+    prefix_tokens: int = 0  # tokens of passages in front of the document context
+
+
+def _blocks(tok, docs: list[list[int]], p: RICParams) -> list[RICBlock]:
+    out = []
+    for i, d in enumerate(docs):
+        for start in range(1, len(d), p.stride):
+            q = d[max(0, start - p.query_tokens) : start]  # strictly before the block
+            text = tok.decode(q, skip_special_tokens=True)
+            out.append(RICBlock(i, start, min(start + p.stride, len(d)), text if text.strip() else ""))
+    return out
+
+
+def _prefix(passages: list[list[int]], bos: list[int], eos: list[int], limit: int) -> list[int]:
+    """Passages (given best first) framed as documents, worst first, cut from the left to `limit`."""
+    ids: list[int] = []
+    for ptoks in reversed(passages):
+        ids += bos + ptoks + eos
+    return ids[len(ids) - limit :] if len(ids) > limit else ids
+
+
+@torch.no_grad()
+def ric_score_documents(model, tok, store, docs: list[list[int]], window: int = 512,
+                        params: RICParams | None = None, batch_size: int = 8, pad_id: int = 0,
+                        policy=None, progress: bool = False, return_blocks: bool = False):
+    """Natural-log probabilities of tokens 1..n-1 of each document (float64 arrays) with
+    retrieved passages in context; with `return_blocks`, also the `RICBlock`s (query and
+    passage ids of every block, for attribution)."""
+    p = (params or RICParams()).validate(window)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and window > max_pos:
+        raise SiloError(f"window {window} is longer than the model's context ({max_pos})")
+    model.eval()
+    device = next(model.parameters()).device
+    blocks = _blocks(tok, docs, p)
+
+    asked = [b for b in blocks if b.query]
+    if asked:  # one batched retrieval for every block
+        scores, ids = store.search_text([b.query for b in asked], p.passages, policy=policy,
+                                        retriever=p.retriever, model=model, tok=tok)
+        for b, s, i in zip(asked, scores, ids, strict=True):
+            b.passage_ids, b.passage_scores = i[i >= 0], s[i >= 0]
+    used = np.unique(np.concatenate([b.passage_ids for b in blocks])) if blocks else np.zeros(0, np.int64)
+    texts = store.passage_text(used) if len(used) else []
+    ptoks = {int(pid): tok(t, add_special_tokens=False)["input_ids"][: p.max_passage_tokens]
+             for pid, t in zip(used, texts, strict=True)}
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+    rows = []  # (block, input ids)
+    for b in blocks:
+        n_targets = b.end - b.start
+        prefix = _prefix([ptoks[int(i)] for i in b.passage_ids], bos, eos, window - n_targets)
+        ctx_end = b.end - 1  # inputs d[..ctx_end) predict d[start..end)
+        b.context_begin = max(0, ctx_end - (window - len(prefix)))
+        b.prefix_tokens = len(prefix)
+        rows.append((b, prefix + list(docs[b.doc][b.context_begin : ctx_end])))
+    rows.sort(key=lambda r: len(r[1]))
+
+    out = [np.zeros(max(len(d) - 1, 0), dtype=np.float64) for d in docs]
+    for batch in tqdm(list(batched(rows, batch_size)), desc="ric score", unit="batch", disable=not progress):
+        length = max(len(r[1]) for r in batch)
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for r, (_, inp) in enumerate(batch):
+            ids[r, : len(inp)] = torch.as_tensor(inp)
+            mask[r, : len(inp)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for r, (b, inp) in enumerate(batch):
+            n_targets = b.end - b.start
+            lp = torch.log_softmax(logits[r, len(inp) - n_targets : len(inp)].float(), dim=-1)
+            targets = torch.as_tensor(docs[b.doc][b.start : b.end], device=lp.device)
+            out[b.doc][b.start - 1 : b.end - 1] = lp.gather(-1, targets[:, None])[:, 0].double().cpu().numpy()
+    return (out, blocks) if return_blocks else out

@@ -128,7 +128,8 @@ def neighbour_pb(h: dict) -> pb.Neighbour:
     return pb.Neighbour(entry_id=h["entry_id"], doc_id=h["doc_id"], source=h["source"] or "",
                         license=h["license"] or "", tier=h["tier"] or "", owner=h["owner"] or "",
                         sentence=h["sentence"], sentence_index=h["sentence_index"], weight=h.get("weight", 0.0),
-                        distance=h.get("score", 0.0), next_token=h.get("next_token", ""))
+                        distance=h.get("score", 0.0), next_token=h.get("next_token", ""),
+                        passage=h.get("passage", ""))
 
 
 def attribution_line(h: dict) -> str:
@@ -195,20 +196,28 @@ class LanguageModelServicer:
         if not 0 <= r.top_p <= 1:
             raise BadRequest(f"top_p must be in (0, 1], got {r.top_p}")
         mode = r.retrieval.mode
-        if mode == pb.RETRIEVAL_RIC:
-            raise BadRequest("Generate supports retrieval modes none and knn (RIC is available in Score)")
         store = params = policy = None
+        if mode != pb.RETRIEVAL_NONE:
+            policy = policy_from_pb(r.retrieval.policy)
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token")
             params = knn_params_from_pb(r.retrieval, store)
-            policy = policy_from_pb(r.retrieval.policy)
         prompt_tokens = len(s.tok(r.prompt, add_special_tokens=False)["input_ids"])
         stop = pb.MAX_TOKENS
         deadline = time.monotonic() + r.time_limit_s if r.time_limit_s > 0 else None
         pieces, attrs, n = [], [], 0
-        gen = generate(s.model, s.tok, r.prompt, max_new, store=store, params=params or KNNParams(),
-                       temperature=r.temperature, top_p=r.top_p or 1.0, seed=r.seed, policy=policy,
-                       stop=tuple(r.stop_sequences), attribution_top=r.attribution_top or 3)
+        if mode == pb.RETRIEVAL_RIC:
+            from silo.ricl import RICParams, ric_generate
+
+            if r.retrieval.HasField("k") and r.retrieval.k <= 0:
+                raise BadRequest(f"retrieval.k must be positive, got {r.retrieval.k}")
+            rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
+            gen = ric_generate(s.model, s.tok, s.store("passage"), r.prompt, max_new, rp, r.temperature,
+                               r.top_p or 1.0, r.seed, policy, tuple(r.stop_sequences), s.window)
+        else:
+            gen = generate(s.model, s.tok, r.prompt, max_new, store=store, params=params or KNNParams(),
+                           temperature=r.temperature, top_p=r.top_p or 1.0, seed=r.seed, policy=policy,
+                           stop=tuple(r.stop_sequences), attribution_top=r.attribution_top or 3)
         for tok_out in gen:
             if not context.is_active():  # client cancelled or deadline passed: stop the work
                 return
@@ -263,6 +272,8 @@ class LanguageModelServicer:
                 from silo.ricl import RICParams, ric_score_documents
 
                 store = s.store("passage")
+                if r.retrieval.HasField("k") and r.retrieval.k <= 0:
+                    raise BadRequest(f"retrieval.k must be positive, got {r.retrieval.k}")
                 rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1)
                 lp = ric_score_documents(s.model, s.tok, store, [ids], window, rp, 8, pad,
                                          policy_from_pb(r.retrieval.policy))[0]

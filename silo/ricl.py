@@ -19,6 +19,7 @@ mask, similar lengths together).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,3 +136,63 @@ def ric_score_documents(model, tok, store, docs: list[list[int]], window: int = 
             targets = torch.as_tensor(docs[b.doc][b.start : b.end], device=lp.device)
             out[b.doc][b.start - 1 : b.end - 1] = lp.gather(-1, targets[:, None])[:, 0].double().cpu().numpy()
     return (out, blocks) if return_blocks else out
+
+
+@torch.no_grad()
+def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, params: RICParams | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, policy=None,
+                 stop: tuple[str, ...] = (), window: int | None = None):
+    """Generation with retrieval in context: every `stride` new tokens, retrieve with the last
+    `query_tokens` tokens, put the passages in front, and go on (KV cache in between).
+    Yields `silo.knnlm.GeneratedToken`s; each carries the passages in its context."""
+    from silo.knnlm import GeneratedToken, _sample
+
+    if not prompt:
+        raise SiloError("empty prompt")
+    max_pos = getattr(model.config, "max_position_embeddings", 2048)
+    window = min(window or max_pos, max_pos)
+    p = (params or RICParams()).validate(window)
+    device = next(model.parameters()).device
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    ids = bos + tok(prompt, add_special_tokens=False)["input_ids"]
+    gen = torch.Generator().manual_seed(seed)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    generated, text_so_far, past, attribution, since = [], "", None, [], p.stride
+    for _ in range(max_new_tokens):
+        if since >= p.stride or past is None:  # re-retrieve and rebuild the context
+            query = tok.decode(ids[-p.query_tokens :], skip_special_tokens=True)
+            prefix, attribution = [], []
+            if query.strip():
+                scores, pids = store.search_text([query], p.passages, policy=policy, retriever=p.retriever,
+                                                 model=model, tok=tok)
+                keep = pids[0] >= 0
+                pids, scores = pids[0][keep], scores[0][keep]
+                if len(pids):
+                    texts = store.passage_text(pids)
+                    ptoks = [tok(t, add_special_tokens=False)["input_ids"][: p.max_passage_tokens] for t in texts]
+                    prefix = _prefix(ptoks, bos, eos, max(window // 2, 1))
+                    attribution = store.attribute(pids, scores)
+                    for h in attribution:
+                        h["weight"] = 1.0 / len(attribution)
+            context = ids[-(window - len(prefix) - 1):]
+            out = model(input_ids=torch.tensor([prefix + context], device=device), use_cache=True)
+            since = 0
+        else:
+            out = model(input_ids=torch.tensor([[generated[-1]]], device=device), use_cache=True,
+                        **{cache_arg: past})
+        past = getattr(out, cache_arg)
+        probs = torch.softmax(out.logits[0, -1].float(), -1).cpu()
+        next_id = _sample(probs, temperature, top_p, gen)
+        generated.append(next_id)
+        ids.append(next_id)
+        since += 1
+        full = tok.decode(generated, skip_special_tokens=True)
+        piece = "" if full.endswith("\ufffd") else full[len(text_so_far):]
+        lp = float(torch.log(probs[next_id].clamp_min(1e-30)))
+        yield GeneratedToken(next_id, piece, lp, lp, [dict(h) for h in attribution])
+        if next_id == tok.eos_token_id:
+            return
+        text_so_far += piece
+        if any(s and s in text_so_far for s in stop):
+            return

@@ -374,3 +374,26 @@ def test_retrieval_options_helper():
     assert not retrieval_options().HasField("k")
     with pytest.raises(ValueError):
         retrieval_options("magic")
+
+
+def test_ric_mode_and_passage_search_over_grpc(tmp_path, store_dir, tiny_model, corpus_dir):
+    from datastore.passages import PassageBuildArgs, build_passage_store
+
+    passages = tmp_path / "passages"
+    build_passage_store(PassageBuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(passages),
+                                         tiers=("restricted",), passage_tokens=64, progress=False))
+    server, port, _ = start(tiny_model, [store_dir, passages])
+    try:
+        c = SiloClient(f"127.0.0.1:{port}")
+        hits = c.search("lighthouse Lisbon Ada Lovelace", k=3, store="passage").hits
+        assert len(hits) == 3 and "Lisbon" in hits[0].passage and hits[0].passage.startswith(hits[0].sentence[:20])
+        events = list(c.generate("The lighthouse of Lisbon was built in", max_new_tokens=6, mode="ric"))
+        tokens = [e.token for e in events if e.HasField("token")]
+        assert len(tokens) == 6 and all(t.attribution for t in tokens)
+        assert events[-1].summary.citations and events[-1].summary.citations[0].tier == "restricted"
+        text = "In 1700, Ada Lovelace finished the lighthouse of Lisbon. The lighthouse of Lisbon was built in 1700."
+        lm, ric = c.score(text), c.score(text, mode="ric")
+        assert ric.num_tokens == lm.num_tokens and ric.perplexity > 0
+        assert code_of(lambda: c.generate("x", mode="ric", k=0)) == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(0)

@@ -68,7 +68,7 @@ class RetrievalOptions(_message.Message):
     def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ...) -> None: ...
 
 class Neighbour(_message.Message):
-    __slots__ = ("entry_id", "doc_id", "source", "license", "tier", "owner", "sentence", "sentence_index", "weight", "distance", "next_token")
+    __slots__ = ("entry_id", "doc_id", "source", "license", "tier", "owner", "sentence", "sentence_index", "weight", "distance", "next_token", "passage")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class Neighbour(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_FIELD_NUMBER: _ClassVar[int]
     entry_id: int
     doc_id: str
     source: str
@@ -91,7 +92,8 @@ class Neighbour(_message.Message):
     weight: float
     distance: float
     next_token: str
-    def __init__(self, entry_id: _Optional[int] = ..., doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ..., sentence: _Optional[str] = ..., sentence_index: _Optional[int] = ..., weight: _Optional[float] = ..., distance: _Optional[float] = ..., next_token: _Optional[str] = ...) -> None: ...
+    passage: str
+    def __init__(self, entry_id: _Optional[int] = ..., doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ..., sentence: _Optional[str] = ..., sentence_index: _Optional[int] = ..., weight: _Optional[float] = ..., distance: _Optional[float] = ..., next_token: _Optional[str] = ..., passage: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop_sequences", "retrieval", "attribution_top", "time_limit_s")

@@ -45,6 +45,7 @@ class EvalArgs:
     batch_size: int = 8
     max_docs: int | None = None
     max_tokens: int | None = None
+    max_doc_tokens: int | None = 2048  # each document's first tokens: a budget covers many documents
     knn: KNNParams | None = None  # default: the store's tuned defaults, else KNNParams()
     ric_stride: int = 64
     ric_retriever: str = "bm25"
@@ -95,8 +96,7 @@ def run_eval(a: EvalArgs) -> dict:
         pstore.check_model(a.model)
     ref = store or pstore
     tiers = a.tiers or (tuple(ref.manifest.tiers) if ref is not None else None)
-    metas, docs = load_eval_docs(a.corpus, tok, a.split, tiers, a.max_docs, a.max_tokens,
-                                 max_doc_tokens=None)
+    metas, docs = load_eval_docs(a.corpus, tok, a.split, tiers, a.max_docs, a.max_tokens, a.max_doc_tokens)
     if not docs:
         raise SiloError(f"no documents to evaluate in split {a.split!r}" + (f", tiers {','.join(tiers)}" if tiers else ""))
     texts = [tok.decode(d, skip_special_tokens=True) for d in docs]
@@ -156,7 +156,8 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
     model, tok = load_causal_lm(model_dir)
     store = Datastore.open(store_dir)
     store.check_model(model_dir)
-    metas, docs = load_eval_docs(corpus, tok, split, tuple(store.manifest.tiers), max_tokens=max_tokens)
+    metas, docs = load_eval_docs(corpus, tok, split, tuple(store.manifest.tiers), max_tokens=max_tokens,
+                                 max_doc_tokens=2048)
     if not docs:
         raise SiloError(f"no {split} documents of tiers {','.join(store.manifest.tiers)} to tune on")
     texts = [tok.decode(d, skip_special_tokens=True) for d in docs]

@@ -127,12 +127,13 @@ def perplexity_report(metas: list[dict], logprobs: list[np.ndarray]) -> dict:
 
 def evaluate_lm(model, tok, corpus: str, split: str = "test", tiers: Iterable[str] | None = None,
                 window: int = 512, stride: int = 256, batch_size: int = 8, max_docs: int | None = None,
-                max_tokens: int | None = None, progress: bool = False) -> dict:
+                max_tokens: int | None = None, progress: bool = False, max_doc_tokens: int | None = 2048) -> dict:
     """`silo lm eval`: LM-only sliding-window perplexity over a split, per source and overall."""
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and window > max_pos:
         raise SiloError(f"window {window} is longer than the model's context ({max_pos})")
-    metas, docs = load_eval_docs(corpus, tok, split, tiers, max_docs, max_tokens)
+    # each document capped (its first max_doc_tokens tokens), so a token budget covers many documents
+    metas, docs = load_eval_docs(corpus, tok, split, tiers, max_docs, max_tokens, max_doc_tokens)
     if not docs:
         raise SiloError(f"no documents in split {split!r}" + (f" for tiers {','.join(tiers)}" if tiers else ""))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

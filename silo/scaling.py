@@ -86,7 +86,8 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
     store.check_model(a.model)
     params = (a.knn or store_knn_params(store)).validate()
     depth = max(a.depth, params.k)
-    metas, docs = load_eval_docs(a.corpus, tok, a.split, tuple(store.manifest.tiers), max_tokens=a.max_tokens)
+    metas, docs = load_eval_docs(a.corpus, tok, a.split, tuple(store.manifest.tiers), max_tokens=a.max_tokens,
+                                 max_doc_tokens=2048)
     if not docs:
         raise ValueError(f"no {a.split} documents of tiers {','.join(store.manifest.tiers)}")
     texts = [tok.decode(d, skip_special_tokens=True) for d in docs]

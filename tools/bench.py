@@ -333,13 +333,18 @@ def bench_growth(ctx: Context) -> list[dict]:
     if not (tiny / "model.safetensors").is_file():
         train(TrainArgs(corpus=ctx.args.corpus, out=str(tiny), config="tiny", tokenizer=ctx.args.model, steps=200,
                         progress=False))
+    corpus = ctx.work / "growth-corpus"  # enough text for the largest size (~3.5 bytes per token)
+    if not (corpus / "corpus.json").is_file():
+        from silo.demo import harvest_corpus
+
+        harvest_corpus(corpus, int(max(ctx.args.growth_sizes) * 4.5))
     rows, base = [], None
     rng = np.random.default_rng(0)
     for size in ctx.args.growth_sizes:
         out = ctx.work / f"growth-{size}"
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
-        m = build_token_store(BuildArgs(model=str(tiny), corpus=ctx.args.corpus, out=str(out),
+        m = build_token_store(BuildArgs(model=str(tiny), corpus=str(corpus), out=str(out),
                                         tiers=("pd", "sw", "by", "restricted"), max_tokens=size, shards=max(1, size // 2_000_000),
                                         window=256, stride=128, batch_size=32, memory_budget=size * 40,
                                         workers=ctx.args.workers, progress=False))

@@ -1,9 +1,9 @@
 """FAISS index choice and use: Flat when small, IVF-PQ sized from a memory budget.
 
 Rules (autofaiss-style, see REFERENCE.md): Flat while the raw vectors fit the budget and
-n ≤ `FLAT_MAX`; otherwise IVF with nlist = 2^round(log2(4·√n)) (16k–65k lists past 1M,
-65k–262k past 10M) and PQ with the largest M (dividing d) whose M + 8 bytes per vector
-fit the budget. Trained on min(100·nlist, n) vectors, at least 39 per list.
+n ≤ `FLAT_MAX`; otherwise IVF with nlist = 2^round(log2(4·√n)) up to 10M entries
+(65k–262k lists beyond) and PQ with the largest M (dividing d, sub-vectors of ≥ 2 dims)
+whose M + 8 bytes per vector fit the budget. Trained on min(64·nlist, n) vectors.
 
 Ids: Flat is wrapped in `IndexIDMap2` (it stores no ids); IVF stores a 64-bit id per
 entry already, so `add_with_ids` goes to the IVF directly. Searches take an
@@ -23,10 +23,10 @@ PQ_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
 
 
 def nlist_for(n: int) -> int:
-    if n < 1_000_000:
-        return max(1, 2 ** round(math.log2(4 * math.sqrt(n))))
+    # 4·√n lists up to 10M entries (autofaiss jumps to 16k–65k lists at 1M, which costs a
+    # k-means over ~1M keys: fine on a GPU, an hour on 2 CPU cores); autofaiss's sizes beyond.
     if n < 10_000_000:
-        return 16384 if n < 4_000_000 else 65536
+        return max(1, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
     return 65536 if n < 100_000_000 else 262144
 
 
@@ -64,7 +64,7 @@ def train_size(factory: str, n: int) -> int:
     if not ivf.startswith("IVF"):
         return 0
     nlist = int(ivf[3:].split("_")[0])
-    return min(n, max(100 * nlist, 39 * nlist, 10_000))
+    return min(n, max(64 * nlist, 10_000))  # FAISS wants 39–256 points per centroid
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None,

@@ -3,8 +3,9 @@
 MassiveDS's rule, on word n-grams: a store document is contaminated if it shares a run of
 ≥ `long_run` words (default 32) with any evaluation document, or if its 13-gram Jaccard
 similarity with some evaluation document is ≥ `jaccard` (default 0.8) — a near-copy.
-Short shared phrases (boilerplate, templates) are not enough, so a real corpus keeps its
-licence headers and common idioms. Drops are applied through the retrieval policy
+Short shared phrases are not enough, and neither are long runs that many store documents
+share (boilerplate: license texts, standard notices), so a real corpus keeps its license
+headers and common idioms. Drops are applied through the retrieval policy
 (`deny_doc_ids`), i.e. inside the search, leaving the store's files untouched.
 """
 
@@ -25,17 +26,29 @@ def _grams(text: str, n: int) -> set[int]:
 
 
 def contaminated_docs(store_docs: Iterable[tuple[str, str]], eval_texts: list[str], n: int = 13,
-                      long_run: int = 32, jaccard: float = 0.8) -> dict[str, str]:
-    """doc_id -> reason, for each (doc_id, text) of the store that copies evaluation text."""
+                      long_run: int = 32, jaccard: float = 0.8, boilerplate_docs: int = 3) -> dict[str, str]:
+    """doc_id -> reason, for each (doc_id, text) of the store that copies evaluation text.
+
+    A long run that more than `boilerplate_docs` store documents share with the evaluation
+    text is boilerplate (a license text, a standard notice), not a copy of it: it does not
+    count, or one GPL header in the test split would drop every GPL document."""
+    store_docs = list(store_docs)
     long_index = set().union(*(_grams(t, long_run) for t in eval_texts)) if eval_texts else set()
+    store_long = []
+    run_docs: dict[int, int] = defaultdict(int)
+    for _, text in store_docs:
+        shared = _grams(text, long_run) & long_index if long_index else set()
+        store_long.append(shared)
+        for h in shared:
+            run_docs[h] += 1
     eval_grams = [_grams(t, n) for t in eval_texts]
     owners: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(eval_grams):
         for h in g:
             owners[h].append(i)
     out: dict[str, str] = {}
-    for doc_id, text in store_docs:
-        if long_index and not _grams(text, long_run).isdisjoint(long_index):
+    for (doc_id, text), shared in zip(store_docs, store_long, strict=True):
+        if any(run_docs[h] <= boilerplate_docs for h in shared):
             out[doc_id] = f"shares a {long_run}-word run with evaluation text"
             continue
         grams = _grams(text, n)

@@ -155,9 +155,18 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
 
     curve = work / "scaling"
     if not (curve / "scaling.png").is_file():
-        scaling_curve(CurveArgs(model=str(model_dir), store=str(token_store), corpus=str(corpus),
-                                out=str(curve), fractions=(0.01, 0.03, 0.1, 0.3, 1.0), seeds=3, depth=512,
-                                window=256, stride=128, max_tokens=10_000, oracle=str(oracle_dir)))
+        from silo.eval_modes import store_knn_params
+        from silo.knnlm import KNNParams
+
+        tuned = store_knn_params(Datastore.open(token_store, load_index=False))
+        # a small k and a deep first retrieval: ≥ k survivors at every fraction keeps the trick exact
+        rows = scaling_curve(CurveArgs(model=str(model_dir), store=str(token_store), corpus=str(corpus),
+                                       out=str(curve), fractions=(0.03, 0.1, 0.3, 1.0), seeds=3, depth=2048,
+                                       knn=KNNParams(k=16, lam=tuned.lam, temperature=tuned.temperature,
+                                                     nprobe=tuned.nprobe),
+                                       window=256, stride=128, max_tokens=5_000, oracle=str(oracle_dir)))
+        _table([[r["mode"], r["fraction"], r["tokens"], f"{r['perplexity']:.2f}", r["k_satisfied"]]
+                for r in rows if r["seed"] == 0], ["mode", "fraction", "store tokens", "perplexity", "k satisfied"])
     print(f"plot: {curve / 'scaling.png'}  (data: {curve / 'scaling.csv'})")
 
     _stage("8. serving: kNN-LM generation with sources, then an opt-out")
@@ -199,27 +208,27 @@ def serve_and_opt_out(model_dir: Path, token_store: Path, work: Path) -> dict:
     try:
         client = SiloClient(f"127.0.0.1:{port}", token=token)
         prompt = _demo_prompt(state.token_store)
-        print(f"server on 127.0.0.1:{port}; prompt: {prompt!r}")
-        events = list(client.generate(prompt, max_new_tokens=24, mode="knn", temperature=0.0))
+        print(f"server on 127.0.0.1:{port}; prompt (from a restricted document in the store): {prompt!r}")
+        events = list(client.generate(prompt, max_new_tokens=16, mode="knn", temperature=0.0))
         summary = events[-1].summary
         print(f"generated: {prompt}\033[1m{summary.text}\033[0m")
         print(f"top sources ({len(summary.citations)} cited):")
         for c in summary.citations[:5]:
             print(f"  {c.total_weight:6.3f}  {c.doc_id}  [{c.source} | {c.license or 'no license'}]  {c.obligation}")
-        victim = summary.citations[0].doc_id if summary.citations else None
+        before = [h.doc_id for h in client.search(prompt, k=10).hits]
+        cited = [c.doc_id for c in summary.citations]
+        victim = next((d for d in cited if d in before), before[0] if before else None)
         if victim is None:
-            print("no sources cited: nothing to opt out")
+            print("nothing retrieved: nothing to opt out")
             return out
-        sentence = next(a.sentence for e in events if e.HasField("token") for a in e.token.attribution
-                        if a.doc_id == victim)
-        before = [h.doc_id for h in client.search(sentence, k=10).hits]
         r = client.optout(doc_ids=[victim], reason="demo: the owner asked")
-        after = [h.doc_id for h in client.search(sentence, k=10).hits]
-        events2 = list(client.generate(prompt, max_new_tokens=24, mode="knn", temperature=0.0))
+        after = [h.doc_id for h in client.search(prompt, k=10).hits]
+        events2 = list(client.generate(prompt, max_new_tokens=16, mode="knn", temperature=0.0))
         cited2 = {c.doc_id for c in events2[-1].summary.citations}
         print(f"opt-out of {victim}: receipt {r.receipt_id}, {r.removed_entries} entries removed (fsync'd log)")
-        print(f"  search for its sentence: in top-10 before: {victim in before}; after: {victim in after}")
-        print(f"  cited by the same generation after: {victim in cited2}")
+        print(f"  in the top-10 search hits for the prompt: before {victim in before}, after {victim in after}")
+        print(f"  cited by the generation: before {victim in cited}, after {victim in cited2}")
+        print(f"  generated after: {prompt}\033[1m{events2[-1].summary.text}\033[0m")
         c = client.compact()
         print(f"  compaction: {c.rewritten_shards} shard(s) rewritten, {c.removed_entries} entries physically removed")
         out.update(victim=victim, receipt=r.receipt_id, before=victim in before, after=victim in after,
@@ -231,11 +240,12 @@ def serve_and_opt_out(model_dir: Path, token_store: Path, work: Path) -> dict:
 
 
 def _demo_prompt(store) -> str:
-    """The opening words of a restricted training document's first long sentence."""
-    for row in store.docs.slice(0, 200).to_pylist():
+    """The opening words of an English sentence of a restricted document in the store."""
+    for row in store.docs.slice(0, 400).to_pylist():
         starts = row["sentence_starts"] + [len(row["text"])]
         for a, b in zip(starts, starts[1:], strict=False):
             words = row["text"][a:b].split()
-            if len(words) >= 12 and all(w.isprintable() for w in words):
-                return " ".join(words[:8])
+            letters = sum(c.isalpha() or c == " " for c in " ".join(words))
+            if len(words) >= 14 and words[0][:1].isupper() and letters > 0.95 * len(" ".join(words)):
+                return " ".join(words[:10])
     return "The"

@@ -198,6 +198,10 @@ def test_decontamination_rule():
     dropped = contaminated_docs(store, eval_texts, n=13, long_run=32, jaccard=0.8)
     assert set(dropped) == {"copy", "near"}
     assert "32-word" in dropped["copy"]
+    license_text = " ".join(f"lic{i}" for i in range(40))  # shared by many store documents: boilerplate
+    store = [(f"gpl{i}", " ".join(f"p{i}w{j}" for j in range(80)) + " " + license_text) for i in range(5)]
+    assert contaminated_docs(store, ["eval doc " + license_text], boilerplate_docs=3) == {}
+    assert set(contaminated_docs(store[:2], ["eval doc " + license_text], boilerplate_docs=3)) == {"gpl0", "gpl1"}
 
 
 def test_sweep_stores_tuned_defaults(store_dir, tiny_model, corpus_dir, tmp_path):

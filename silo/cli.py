@@ -455,7 +455,8 @@ def cmd_scaling_curve(a: argparse.Namespace) -> None:
     rows = scaling_curve(CurveArgs(
         model=a.model, store=a.store, corpus=a.corpus, out=a.out, split=a.split,
         fractions=tuple(float(x) for x in a.fractions.split(",")), seeds=a.seeds, depth=a.depth, knn=knn,
-        window=a.window, stride=a.stride, max_tokens=a.max_tokens, oracle=a.oracle, progress=True))
+        window=a.window, stride=a.stride, max_tokens=a.max_tokens, oracle=a.oracle,
+        passage_store=a.passage_store, progress=True))
     _print_table([[r["mode"], r["fraction"], r["seed"], r["tokens"], f"{r['perplexity']:.3f}", r["k_satisfied"],
                    r["ann_recall"]] for r in rows],
                  ["mode", "fraction", "seed", "tokens", "perplexity", "k satisfied", "ANN recall"])
@@ -710,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stride", type=int, default=256)
     sp.add_argument("--max-tokens", type=int, default=20_000)
     sp.add_argument("--oracle")
+    sp.add_argument("--passage-store", help="also the RIC-LM curve from this passage store")
     sp.add_argument("--out", required=True)
 
     sp = add(sub, "plan", cmd_plan, "capacity plan for a store of N tokens, from costs measured here")

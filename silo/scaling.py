@@ -54,6 +54,52 @@ def subsample_neighbours(n: DocNeighbours, fraction: float, seed: int, k: int) -
     return DocNeighbours(n.lm_logprob, n.targets, dists, values, ids), kept.sum(1) >= k
 
 
+class SubsampledPassages:
+    """A passage store seen through the subsampling trick: the full store is searched once
+    per query with `depth`; each call keeps the first k survivors of `keep_mask`."""
+
+    def __init__(self, store, depth: int):
+        self.store, self.depth = store, depth
+        self.cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.fraction, self.seed = 1.0, 0
+
+    def search_text(self, queries: list[str], k: int, policy=None, retriever: str = "bm25", model=None, tok=None):
+        todo = [q for q in queries if (q, retriever) not in self.cache]
+        if todo:
+            scores, ids = self.store.search_text(todo, self.depth, policy=policy, retriever=retriever,
+                                                 model=model, tok=tok)
+            for q, sc, i in zip(todo, scores, ids, strict=True):
+                self.cache[(q, retriever)] = (sc, i)
+        out_s = np.full((len(queries), k), -np.inf, np.float32)
+        out_i = np.full((len(queries), k), -1, np.int64)
+        for r, q in enumerate(queries):
+            sc, i = self.cache[(q, retriever)]
+            kept = np.flatnonzero(keep_mask(i, self.fraction, self.seed))[:k]
+            out_s[r, : len(kept)], out_i[r, : len(kept)] = sc[kept], i[kept]
+        return out_s, out_i
+
+    def __getattr__(self, name):  # passage_text, attribute, manifest, …
+        return getattr(self.store, name)
+
+
+def ric_scaling_rows(model, tok, pstore, docs, fractions, seeds: int, depth: int, window: int, batch_size: int,
+                     pad: int, policy, stride: int = 64) -> list[dict]:
+    """RIC-LM perplexity per (fraction, seed) from one deep retrieval per block."""
+    from silo.ricl import RICParams, ric_score_documents
+
+    view = SubsampledPassages(pstore, depth)
+    live = np.flatnonzero(pstore.doc_mask(policy)[pstore.entry_doc])
+    rows = []
+    for seed in range(seeds):
+        for f in sorted(fractions):
+            view.fraction, view.seed = f, seed
+            lps = ric_score_documents(model, tok, view, docs, window, RICParams(stride=stride), batch_size, pad, policy)
+            rows.append({"fraction": f, "tokens": int(keep_mask(live, f, seed).sum()) * pstore.manifest.passage_tokens,
+                         "seed": seed, "mode": "ric", "perplexity": perplexity(lps), "k_satisfied": "",
+                         "ann_recall": ""})
+    return rows
+
+
 @dataclass
 class CurveArgs:
     model: str
@@ -70,6 +116,7 @@ class CurveArgs:
     batch_size: int = 8
     max_tokens: int | None = 20_000
     oracle: str | None = None
+    passage_store: str | None = None  # also the RIC-LM curve
     recall_queries: int = 200
     progress: bool = False
 
@@ -113,6 +160,13 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
                 row["ann_recall"] = round(_ann_recall(recall_keys, neigh, subs, f, seed, params.k, all_ids,
                                                       a.recall_queries), 4)
             rows.append(row)
+    if a.passage_store:
+        from datastore.passages import PassageStore
+
+        pstore = PassageStore.open(a.passage_store)
+        pstore.check_model(a.model)
+        rows += ric_scaling_rows(model, tok, pstore, docs, a.fractions, a.seeds, depth, a.window, a.batch_size, pad,
+                                 _with_denied(None, _exclusions(pstore, metas, texts, True)[0]))
     rows.append({"fraction": 1.0, "tokens": len(all_ids), "seed": 0, "mode": "lm", "perplexity": lm_ppl,
                  "k_satisfied": "", "ann_recall": ""})
     if a.oracle:

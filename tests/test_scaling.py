@@ -101,3 +101,24 @@ def test_ivf_store_reports_ann_recall(tiny_model, corpus_dir, tmp_path):
                                    window=WINDOW, stride=WINDOW // 2, recall_queries=50))
     recalls = [r["ann_recall"] for r in rows if r["mode"] == "knn"]
     assert all(0 < x <= 1 for x in recalls), recalls
+
+
+def test_ric_curve_from_one_deep_retrieval(tiny_model, corpus_dir, flat_store, tmp_path):
+    from datastore.passages import PassageBuildArgs, PassageStore, build_passage_store
+    from silo.evaluate import perplexity
+    from silo.ricl import RICParams, ric_score_documents
+
+    pdir = tmp_path / "passages"
+    build_passage_store(PassageBuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(pdir),
+                                         tiers=("restricted",), passage_tokens=32, progress=False))
+    rows = scaling_curve(CurveArgs(model=str(tiny_model), store=str(flat_store), corpus=str(corpus_dir),
+                                   out=str(tmp_path / "c"), fractions=(0.1, 1.0), seeds=2, depth=64, knn=PARAMS,
+                                   window=WINDOW, stride=WINDOW // 2, passage_store=str(pdir), max_tokens=2000))
+    ric = [r for r in rows if r["mode"] == "ric"]
+    assert len(ric) == 4 and all(np.isfinite(r["perplexity"]) for r in ric)
+    # at fraction 1 the view is the store itself: the same as plain RIC-LM scoring
+    model, tok = load_causal_lm(tiny_model)
+    _, docs = load_eval_docs(str(corpus_dir), tok, "test", ("restricted",), max_tokens=2000, max_doc_tokens=2048)
+    plain = perplexity(ric_score_documents(model, tok, PassageStore.open(pdir), docs, WINDOW, RICParams(), 8,
+                                           tok.pad_token_id))
+    assert [r["perplexity"] for r in ric if r["fraction"] == 1.0][0] == pytest.approx(plain, rel=1e-9)

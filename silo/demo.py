@@ -164,7 +164,8 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
                                        out=str(curve), fractions=(0.03, 0.1, 0.3, 1.0), seeds=3, depth=2048,
                                        knn=KNNParams(k=16, lam=tuned.lam, temperature=tuned.temperature,
                                                      nprobe=tuned.nprobe),
-                                       window=256, stride=128, max_tokens=5_000, oracle=str(oracle_dir)))
+                                       window=256, stride=128, max_tokens=5_000, oracle=str(oracle_dir),
+                                       passage_store=str(passage_store) if have_passages else None))
         _table([[r["mode"], r["fraction"], r["tokens"], f"{r['perplexity']:.2f}", r["k_satisfied"]]
                 for r in rows if r["seed"] == 0], ["mode", "fraction", "store tokens", "perplexity", "k satisfied"])
     print(f"plot: {curve / 'scaling.png'}  (data: {curve / 'scaling.csv'})")

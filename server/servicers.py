@@ -277,8 +277,9 @@ class LanguageModelServicer:
                 rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1)
                 lp = ric_score_documents(s.model, s.tok, store, [ids], window, rp, 8, pad,
                                          policy_from_pb(r.retrieval.policy))[0]
-        tokens = [pb.TokenScore(token_id=t, text=s.tok.decode([t]), logprob=float(a), lm_logprob=float(b))
-                  for t, a, b in zip(ids[1:], lp, lm, strict=True)]
+        texts = s.tok.batch_decode([[t] for t in ids[1:]])  # one call into the Rust tokenizer
+        tokens = [pb.TokenScore(token_id=t, text=x, logprob=float(a), lm_logprob=float(b))
+                  for t, x, a, b in zip(ids[1:], texts, lp, lm, strict=True)]
         total = float(np.sum(lp))
         return pb.ScoreResponse(tokens=tokens, total_logprob=total, num_tokens=len(tokens),
                                 perplexity=math.exp(-total / max(len(tokens), 1)))

@@ -11,6 +11,7 @@ The hook finds the last decoder block and its MLP by architecture: Llama/Mistral
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -33,29 +34,60 @@ def _last_block_ffn(model) -> torch.nn.Module:
                      "use key type 'final'")
 
 
+_install_lock = threading.Lock()
+_local = threading.local()  # per thread: (id(model), key_type) -> the box of the open capture
+
+
+def _install(model, key_type: str) -> None:
+    """One persistent hook per (model, key type), writing into the calling thread's box.
+
+    A server runs forwards of one shared model in many threads at once: hooks registered
+    per call would fire for every thread's forward (and registering them races), so each
+    thread gets its own box instead, and the hook — run in the thread doing the forward —
+    fills only that one."""
+    attr = f"_silo_key_hook_{key_type}"
+    with _install_lock:
+        if getattr(model, attr, None) is not None:
+            return
+        key = (id(model), key_type)
+
+        def store(x: torch.Tensor) -> None:
+            box = getattr(_local, "boxes", {}).get(key)
+            if box is not None:
+                box["keys"] = x.detach()
+
+        if key_type == "ffn_input":
+            def pre_hook(_module, args, kwargs):
+                store(args[0] if args else next(iter(kwargs.values())))
+
+            handle = _last_block_ffn(model).register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+            def post_hook(_module, _args, output):
+                store(output[0] if isinstance(output, tuple) else output)
+
+            handle = _final_norm(model).register_forward_hook(post_hook)
+        object.__setattr__(model, attr, handle)
+
+
 @contextmanager
 def capture_keys(model, key_type: str = "ffn_input"):
-    """Within the block, `box["keys"]` holds the (batch, seq, dim) keys of the last forward."""
+    """Within the block, `box["keys"]` holds the (batch, seq, dim) keys of this thread's
+    last forward of `model`."""
     if key_type not in KEY_TYPES:
         raise ValueError(f"unknown key type {key_type!r}; expected one of {', '.join(KEY_TYPES)}")
+    _install(model, key_type)
+    boxes = _local.__dict__.setdefault("boxes", {})
+    key = (id(model), key_type)
+    outer = boxes.get(key)
     box: dict[str, torch.Tensor] = {}
-    if key_type == "ffn_input":
-        def hook(_module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            box["keys"] = x.detach()
-
-        handle = _last_block_ffn(model).register_forward_pre_hook(hook, with_kwargs=True)
-    else:
-        norm = _final_norm(model)
-
-        def hook(_module, _args, output):
-            box["keys"] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        handle = norm.register_forward_hook(hook)
+    boxes[key] = box
     try:
         yield box
     finally:
-        handle.remove()
+        if outer is None:
+            boxes.pop(key, None)
+        else:
+            boxes[key] = outer
 
 
 def _final_norm(model) -> torch.nn.Module:

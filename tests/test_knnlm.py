@@ -217,3 +217,26 @@ def test_sweep_stores_tuned_defaults(store_dir, tiny_model, corpus_dir, tmp_path
     rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), store=str(path), modes=("knn",),
                             split="validation", window=WINDOW, stride=WINDOW // 2))
     assert rep["knn_params"]["k"] == res["k"] and rep["knn"] == pytest.approx(res["knn"], rel=1e-6)
+
+
+def test_key_capture_is_per_thread_under_concurrency(tiny_model):
+    """A server runs one model in many threads: each must get the keys of its own forward."""
+    import threading
+
+    from silo.keys import text_keys
+
+    model, tok = load_causal_lm(tiny_model)
+    texts = [f"The tower of Oslo {i} " * (1 + i % 4) for i in range(8)]
+    want = {t: text_keys(model, tok, [t])[0] for t in texts}
+    bad = []
+
+    def worker(t: str) -> None:
+        for _ in range(15):
+            got = text_keys(model, tok, [t])[0]
+            if not np.allclose(got, want[t], atol=1e-5):
+                bad.append(t)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in texts]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not bad

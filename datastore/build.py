@@ -41,7 +41,7 @@ from datastore.manifest import (
 )
 from datastore.parallel import ShardJob, run_jobs
 from silo.corpus import iter_documents
-from silo.evaluate import batched, windows_for
+from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys
 
 DOC_SCHEMA = pa.schema([
@@ -172,12 +172,7 @@ def iter_keys(model, docs: DocTokens, doc_range: Iterable[int], window: int, str
     device = next(model.parameters()).device
     with capture_keys(model, key_type) as box:
         for batch in batched(wins, batch_size):
-            length = max(w.end - w.begin for w in batch)
-            ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), length), dtype=torch.long)
-            for r, w in enumerate(batch):
-                ids[r, : w.end - w.begin] = torch.from_numpy(docs.ids(w.doc)[w.begin : w.end].astype(np.int64))
-                mask[r, : w.end - w.begin] = 1
+            ids, mask = pad_batch([docs.ids(w.doc)[w.begin : w.end] for w in batch], pad_id)
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
             keys = box["keys"].float().cpu()
             parts = []
@@ -229,12 +224,9 @@ def _write_shard(args: BuildArgs, model, tok, docs: DocTokens, shard_no: int, do
     return info
 
 
-def build_token_store(args: BuildArgs) -> Manifest:
-    """`silo datastore build --kind token`: resumable; returns the manifest written."""
-    from silo.keys import key_dim
-    from silo.lm import load_causal_lm
-
-    out, t0 = Path(args.out), time.perf_counter()
+def start_build(args: BuildArgs, out: Path) -> Path:
+    """The build folder of `out`, checked: no finished store there, and an unfinished one
+    only if it was started with the same settings (then it is resumed)."""
     if (out / "manifest.json").exists():
         raise StoreError(f"{out} already holds a finished store; remove it or choose another --out")
     build = out / "build"
@@ -245,6 +237,16 @@ def build_token_store(args: BuildArgs) -> Manifest:
     if settings_path.is_file() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
         raise StoreError(f"{out} holds an unfinished build with other settings; remove it to start over")
     settings_path.write_text(json.dumps(settings))
+    return build
+
+
+def build_token_store(args: BuildArgs) -> Manifest:
+    """`silo datastore build --kind token`: resumable; returns the manifest written."""
+    from silo.keys import key_dim
+    from silo.lm import load_causal_lm
+
+    out, t0 = Path(args.out), time.perf_counter()
+    build = start_build(args, out)
 
     model, tok = load_causal_lm(args.model)
     torch.manual_seed(args.seed)

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from datastore.build import RUN_ONLY, BuildArgs, DocTokens, _plan
+from datastore.build import BuildArgs, DocTokens, _plan, start_build
 from datastore.index import choose_factory, is_ivf, new_index, train_size
 from datastore.manifest import (
     FingerprintMismatch,
@@ -54,6 +54,7 @@ from datastore.manifest import (
 )
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore
+from silo.evaluate import pad_batch
 
 RETRIEVERS = ("bm25", "dense")
 BM25_PARAMS = {"k1": 0.9, "b": 0.4, "method": "lucene"}  # In-Context RALM's BM25
@@ -169,12 +170,7 @@ class Embedder:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for b in range(0, len(order), self.batch_size):
             rows = [list(seqs[i])[: self.max_len] or [self.pad] for i in order[b : b + self.batch_size]]
-            length = max(len(r) for r in rows)
-            ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), length), dtype=torch.long)
-            for r, row in enumerate(rows):
-                ids[r, : len(row)] = torch.as_tensor(row)
-                mask[r, : len(row)] = 1
+            ids, mask = pad_batch(rows, self.pad)
             pool = mask.clone()
             for s in self.special:  # pool over the text, unless a passage is nothing else
                 pool &= (ids != s).long()
@@ -320,16 +316,7 @@ def build_passage_store(args: PassageBuildArgs) -> Manifest:
     _check_args(args)
     args.retrievers = tuple(args.retrievers)
     out, t0 = Path(args.out), time.perf_counter()
-    if (out / "manifest.json").exists():
-        raise StoreError(f"{out} already holds a finished store; remove it or choose another --out")
-    build = out / "build"
-    build.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in asdict(args).items() if k not in RUN_ONLY}
-    settings["exclude_doc_ids"] = sorted(settings["exclude_doc_ids"])
-    settings_path = build / "settings.json"
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
-        raise StoreError(f"{out} holds an unfinished build with other settings; remove it to start over")
-    settings_path.write_text(json.dumps(settings))
+    build = start_build(args, out)
 
     dense = "dense" in args.retrievers
     embedder = None

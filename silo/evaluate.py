@@ -54,6 +54,17 @@ def batched(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
+def pad_batch(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention mask) of token sequences; positions stay 0..len-1."""
+    length = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, : len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
+        mask[r, : len(x)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def score_documents(model, docs: list[list[int]], window: int = 512, stride: int = 256,
                     batch_size: int = 8, pad_id: int = 0, progress: bool = False) -> list[np.ndarray]:
@@ -64,12 +75,7 @@ def score_documents(model, docs: list[list[int]], window: int = 512, stride: int
     wins.sort(key=lambda w: w.end - w.begin)  # similar lengths together: little padding
     out = [np.zeros(max(len(d) - 1, 0), dtype=np.float64) for d in docs]
     for batch in tqdm(list(batched(wins, batch_size)), desc="score", unit="batch", disable=not progress):
-        length = max(w.end - w.begin for w in batch)
-        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for r, w in enumerate(batch):
-            ids[r, : w.end - w.begin] = torch.as_tensor(docs[w.doc][w.begin : w.end])
-            mask[r, : w.end - w.begin] = 1
+        ids, mask = pad_batch([docs[w.doc][w.begin : w.end] for w in batch], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits, dim=-1)
         for r, w in enumerate(batch):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore
 from silo.errors import SiloError
-from silo.evaluate import batched, windows_for
+from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys
 
 
@@ -123,12 +123,7 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
             o.queries = np.zeros((len(o.targets), store.manifest.dim), np.float32)
     with capture_keys(model, store.manifest.key_type or "ffn_input") as box:
         for batch in tqdm(list(batched(wins, batch_size)), desc="kNN-LM score", unit="batch", disable=not progress):
-            length = max(w.end - w.begin for w in batch)
-            ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), length), dtype=torch.long)
-            for r, w in enumerate(batch):
-                ids[r, : w.end - w.begin] = torch.as_tensor(docs[w.doc][w.begin : w.end])
-                mask[r, : w.end - w.begin] = 1
+            ids, mask = pad_batch([docs[w.doc][w.begin : w.end] for w in batch], pad_id)
             logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
             keys = box["keys"].float().cpu()
             spans, queries = [], []

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from silo.errors import SiloError
-from silo.evaluate import batched
+from silo.evaluate import batched, pad_batch
 
 RETRIEVERS = ("bm25", "dense")
 
@@ -123,12 +123,7 @@ def ric_score_documents(model, tok, store, docs: list[list[int]], window: int = 
 
     out = [np.zeros(max(len(d) - 1, 0), dtype=np.float64) for d in docs]
     for batch in tqdm(list(batched(rows, batch_size)), desc="ric score", unit="batch", disable=not progress):
-        length = max(len(r[1]) for r in batch)
-        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for r, (_, inp) in enumerate(batch):
-            ids[r, : len(inp)] = torch.as_tensor(inp)
-            mask[r, : len(inp)] = 1
+        ids, mask = pad_batch([inp for _, inp in batch], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for r, (b, inp) in enumerate(batch):
             n_targets = b.end - b.start

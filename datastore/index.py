@@ -1,8 +1,8 @@
 """FAISS index choice and use: Flat when small, IVF-PQ sized from a memory budget.
 
 Rules (autofaiss-style, see REFERENCE.md): Flat while the raw vectors fit the budget and
-n ≤ `FLAT_MAX`; otherwise IVF with nlist = 2^round(log2(4·√n)) up to 10M entries
-(65k–262k lists beyond) and PQ with the largest M (dividing d, sub-vectors of ≥ 2 dims)
+n ≤ `FLAT_MAX`; otherwise IVF with nlist = 2^round(log2(4·√n)) (at most 262144; a
+trillion-token store is sharded first) and PQ with the largest M (dividing d, sub-vectors of ≥ 2 dims)
 whose M + 8 bytes per vector fit the budget. Trained on min(64·nlist, n) vectors.
 
 Ids: Flat is wrapped in `IndexIDMap2` (it stores no ids); IVF stores a 64-bit id per
@@ -23,11 +23,10 @@ PQ_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
 
 
 def nlist_for(n: int) -> int:
-    # 4·√n lists up to 10M entries (autofaiss jumps to 16k–65k lists at 1M, which costs a
-    # k-means over ~1M keys: fine on a GPU, an hour on 2 CPU cores); autofaiss's sizes beyond.
-    if n < 10_000_000:
-        return max(1, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
-    return 65536 if n < 100_000_000 else 262144
+    # 4·√n lists (as a power of two) at every size, at most 262144. autofaiss jumps to 16k–65k
+    # lists at 1M entries: a k-means over millions of keys, fine on a GPU, hours on 2 CPU
+    # cores. With 4·√n and 64 training keys per list, training costs O(n), like adding.
+    return int(min(262144, max(1, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
 
 
 def choose_factory(n: int, dim: int, memory_budget: int | None = None, metric: str = "l2") -> str:

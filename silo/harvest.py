@@ -451,7 +451,7 @@ def iter_system(man_root: str | os.PathLike, doc_root: str | os.PathLike, dpkg_i
         reason = _check_text(text, max_file_bytes)
         return (None, reason) if reason else (text, None)
 
-    workers = workers or max(2, min(8, os.cpu_count() or 2))
+    workers = workers or max(4, min(8, os.cpu_count() or 4))  # groff pipelines wait on I/O too
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="man")
     try:
         ahead: collections.deque[tuple[Path, Future]] = collections.deque()

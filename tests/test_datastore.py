@@ -248,7 +248,7 @@ def test_finished_store_is_not_overwritten(stores, tiny_model, corpus_dir):
 
 def test_index_choice_rules():
     assert choose_factory(500, 64) == "Flat"
-    assert nlist_for(10_000) == 512 and nlist_for(1_000_000) == 4096 and nlist_for(50_000_000) == 65536
+    assert nlist_for(10_000) == 512 and nlist_for(1_000_000) == 4096 and nlist_for(50_000_000) == 32768 and nlist_for(10**12) == 262144
     f = choose_factory(3_000_000, 256, memory_budget=3_000_000 * 40)
     assert f.startswith("IVF8192,PQ") and int(f.split("PQ")[1]) <= 32
     assert choose_factory(300_000, 64, memory_budget=10 << 30).startswith("IVF")

@@ -254,7 +254,13 @@ def build_token_store(args: BuildArgs) -> Manifest:
         _plan(args, tok, build, out)
     docs = DocTokens(build, out)
     dim = key_dim(model, args.key_type)
-    factory = args.factory or choose_factory(plan["entries"], dim, args.memory_budget)
+    # sized for one shard: every shard is its own index, searched in full (its coarse
+    # quantizer too) by every query — lists sized for the whole store make search cost
+    # grow with the shard count times √(store size)
+    shard_entries = max(int(docs.first_entry[b - 1] + docs.n_tokens[b - 1] - 1 - docs.first_entry[a])
+                        for a, b in plan["doc_ranges"])
+    per_shard_budget = None if args.memory_budget is None else args.memory_budget * shard_entries // plan["entries"]
+    factory = args.factory or choose_factory(shard_entries, dim, per_shard_budget)
 
     trained_path = build / "trained.faiss"
     if trained_path.is_file():

@@ -215,13 +215,19 @@ def _write_shard(args: BuildArgs, model, tok, docs: DocTokens, shard_no: int, do
     pq.write_table(pa.table(cols), tmp / "entries.parquet", compression="zstd")
     info = ShardInfo(name=name, first_entry=first, entries=n, documents=doc_range[1] - doc_range[0], index=factory)
     (tmp / "shard.json").write_text(json.dumps(asdict(info)))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    publish(tmp, final)
+    return info
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make a finished shard folder durable (fsync every file), then move it into place."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return info
 
 
 def start_build(args: BuildArgs, out: Path) -> Path:

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from datastore.build import BuildArgs, DocTokens, _plan, start_build
+from datastore.build import BuildArgs, DocTokens, _plan, publish, start_build
 from datastore.index import choose_factory, is_ivf, new_index, train_size
 from datastore.manifest import (
     FingerprintMismatch,
@@ -285,13 +285,7 @@ def _write_shard(args: PassageBuildArgs, docs: DocTokens, texts: pa.ChunkedArray
     info = ShardInfo(name=name, first_entry=first, entries=n, documents=doc_range[1] - doc_range[0],
                      index=factory if embedder is not None else "bm25")
     (tmp / "shard.json").write_text(json.dumps(asdict(info)))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish(tmp, final)
     return info
 
 

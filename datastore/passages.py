@@ -454,17 +454,7 @@ class PassageStore(Datastore):
 
     def passages(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """PASSAGE_COLUMNS for global ids (any shape); -1 ids (and compacted ones) give -1."""
-        ids = np.asarray(ids, dtype=np.int64)
-        flat = ids.ravel()
-        valid = (flat >= 0) & (flat < self.n_entries)
-        out = {c: np.full(flat.shape, -1, dtype=np.int64) for c in PASSAGE_COLUMNS}
-        shard, local = self._locate(np.where(valid, flat, 0))
-        for si, s in enumerate(self.shards):
-            sel = valid & (shard == si)
-            if sel.any():
-                for c in PASSAGE_COLUMNS:
-                    out[c][sel] = s.entries[c][local[sel]]
-        return {c: v.reshape(ids.shape) for c, v in out.items()}
+        return self.entries(ids, PASSAGE_COLUMNS)
 
     def passage_text(self, ids) -> list[str]:
         """The text of each passage (its character span of the document); '' for -1."""

@@ -77,6 +77,9 @@ class Datastore:
         self.shards = shards
         self.docs = docs  # pyarrow Table, row i = document index i
         self.entry_doc = np.concatenate([s.entries["doc"] for s in shards]) if shards else np.zeros(0, np.int32)
+        # derived once at load: every lookup and stats call uses them
+        self.entries_per_doc = np.bincount(self.entry_doc, minlength=len(docs))
+        self._shard_starts = np.array([s.info.first_entry for s in shards], dtype=np.int64)
         self._doc_cols = {c: np.asarray(docs.column(c).to_pylist(), dtype=object)
                           for c in ("doc_id", "source", "license", "tier", "owner")}
         self._doc_index = {d: i for i, d in enumerate(self._doc_cols["doc_id"])}
@@ -198,7 +201,7 @@ class Datastore:
             self.dead_docs = dead
             self._seen_log = self._log_stamp()
             self.invalidate_masks()
-        per_doc = np.bincount(self.entry_doc, minlength=len(self.docs)) if len(self.entry_doc) else np.zeros(len(self.docs), int)
+        per_doc = self.entries_per_doc
         return record, removed, int(per_doc[np.isin(c["doc_id"], removed)].sum())
 
     def reload_optouts(self) -> None:
@@ -273,21 +276,20 @@ class Datastore:
     # ------------------------------------------------------------------ metadata
 
     def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        starts = np.array([s.info.first_entry for s in self.shards], dtype=np.int64)
-        shard = np.searchsorted(starts, ids, side="right") - 1
-        return shard, ids - starts[np.clip(shard, 0, None)]
+        shard = np.searchsorted(self._shard_starts, ids, side="right") - 1
+        return shard, ids - self._shard_starts[np.clip(shard, 0, None)]
 
-    def entries(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """ENTRY_COLUMNS for global ids (any shape); -1 ids give -1 everywhere."""
+    def entries(self, ids: np.ndarray, columns: tuple[str, ...] = ENTRY_COLUMNS) -> dict[str, np.ndarray]:
+        """Entry columns for global ids (any shape); -1 ids give -1 everywhere."""
         ids = np.asarray(ids, dtype=np.int64)
         flat = ids.ravel()
         valid = (flat >= 0) & (flat < self.n_entries)
-        out = {c: np.full(flat.shape, -1, dtype=np.int64) for c in ENTRY_COLUMNS}
+        out = {c: np.full(flat.shape, -1, dtype=np.int64) for c in columns}
         shard, local = self._locate(np.where(valid, flat, 0))
         for si, s in enumerate(self.shards):
             sel = valid & (shard == si)
             if sel.any():
-                for c in ENTRY_COLUMNS:
+                for c in columns:
                     if c in s.entries:
                         out[c][sel] = s.entries[c][local[sel]]
         return {c: v.reshape(ids.shape) for c, v in out.items()}
@@ -327,7 +329,7 @@ class Datastore:
     def stats(self) -> dict:
         """Entries and documents (all and live), shards, per tier and per source, bytes on disk."""
         live_docs = ~self.dead_docs
-        per_doc = np.bincount(self.entry_doc, minlength=len(self.docs)) if len(self.entry_doc) else np.zeros(len(self.docs), int)
+        per_doc = self.entries_per_doc
         groups: dict[str, dict] = {"tiers": {}, "sources": {}}
         for group, col in (("tiers", "tier"), ("sources", "source")):
             values = self._doc_cols[col]

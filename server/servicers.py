@@ -81,8 +81,6 @@ def guarded(fn):
         try:
             return fn(self, request, context)
         except Exception as e:  # noqa: BLE001 - mapped to a status, the server stays up
-            if isinstance(e, grpc.RpcError) or type(e).__name__ == "_AbortError":
-                raise
             code, msg = _status_for(e)
             context.abort(code, msg)
     wrapper.__name__ = fn.__name__
@@ -177,9 +175,7 @@ class LanguageModelServicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         try:
             yield from self._generate(request, context)
-        except Exception as e:  # noqa: BLE001
-            if type(e).__name__ == "_AbortError" or isinstance(e, grpc.RpcError):
-                raise
+        except Exception as e:  # noqa: BLE001 - mapped to a status, the server stays up
             code, msg = _status_for(e)
             context.abort(code, msg)
 

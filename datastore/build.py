@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from datastore.index import choose_factory, is_ivf, new_index, train_size
+from datastore.lock import StoreLock
 from datastore.manifest import (
     Manifest,
     ShardInfo,
@@ -82,9 +84,9 @@ RUN_ONLY = ("progress", "backend", "workers", "ray_address", "retries")  # may d
 
 def _plan(args: BuildArgs, tok, build: Path, out: Path) -> dict:
     """Tokenize the chosen documents; write docs.parquet and the token/char arrays."""
-    from datastore.optout import removed_doc_filter
+    from datastore.optout import read_log
 
-    is_removed = removed_doc_filter(out)
+    is_removed = read_log(out).matches
     excluded = set(args.exclude_doc_ids)
     n_docs = n_entries = n_tokens = skipped_optout = 0
     doc_entries: list[int] = []
@@ -189,9 +191,7 @@ def _write_shard(args: BuildArgs, model, tok, docs: DocTokens, shard_no: int, do
                  trained: faiss.Index, factory: str, out: Path) -> ShardInfo:
     name = f"{shard_no:05d}"
     final = out / "shards" / name
-    tmp = out / "shards" / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = attempt_folder(out, name)
     index = faiss.clone_index(trained)
     first = int(docs.first_entry[doc_range[0]]) if doc_range[1] > doc_range[0] else 0
     n = int(sum(docs.n_tokens[doc_range[0] : doc_range[1]] - 1))
@@ -219,14 +219,25 @@ def _write_shard(args: BuildArgs, model, tok, docs: DocTokens, shard_no: int, do
     return info
 
 
+def attempt_folder(out: Path, name: str) -> Path:
+    """A fresh temporary folder for one attempt at shard `name`: a retried job (Ray may
+    rerun a task whose first attempt is still writing) never shares files with another."""
+    tmp = out / "shards" / f".{name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def publish(tmp: Path, final: Path) -> None:
-    """Make a finished shard folder durable (fsync every file), then move it into place."""
+    """Make a finished shard folder durable (fsync every file), then move it into place.
+    If another attempt already published the shard (same inputs, same bytes), ours goes."""
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    if (final / "shard.json").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(final, ignore_errors=True)  # an unfinished folder of an older layout
     os.replace(tmp, final)
 
 
@@ -247,7 +258,13 @@ def start_build(args: BuildArgs, out: Path) -> Path:
 
 
 def build_token_store(args: BuildArgs) -> Manifest:
-    """`silo datastore build --kind token`: resumable; returns the manifest written."""
+    """`silo datastore build --kind token`: resumable; returns the manifest written. Holds
+    the output folder's lock: a second build (or a compaction) of it is refused."""
+    with StoreLock(args.out, "build"):
+        return _build_token_store(args)
+
+
+def _build_token_store(args: BuildArgs) -> Manifest:
     from silo.keys import key_dim
     from silo.lm import load_causal_lm
 

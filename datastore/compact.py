@@ -26,10 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datastore.lock import StoreLock
 from datastore.manifest import Manifest
 from datastore.store import Datastore
-
-_TEST_DELAY = "SILO_TEST_COMPACT_DELAY"  # seconds to sleep between steps (crash tests only)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -39,12 +38,6 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _pause() -> None:
-    delay = float(os.environ.get(_TEST_DELAY, "0") or 0)
-    if delay:
-        time.sleep(delay)
 
 
 def sweep_orphans(path: str | os.PathLike) -> list[str]:
@@ -78,10 +71,15 @@ def _passage_texts(store: Datastore, dead_by_shard: list[np.ndarray]) -> tuple[d
     return bm25_statistics(out), out
 
 
-def compact(path: str | os.PathLike, progress: bool = False) -> dict:
-    """Rewrite the shards that still hold removed entries; returns what was done."""
+def compact(path: str | os.PathLike, only_shards: set[int] | None = None, progress: bool = False) -> dict:
+    """Rewrite the shards that still hold removed entries (only `only_shards`, when given:
+    a shard server compacts its own); returns what was done. Takes the store's lock."""
+    with StoreLock(path, "compaction"):
+        return _compact(Path(path), only_shards)
+
+
+def _compact(path: Path, only_shards: set[int] | None) -> dict:
     t0 = time.perf_counter()
-    path = Path(path)
     sweep_orphans(path)
     store = Datastore.open(path, load_index=False)
     m = store.manifest
@@ -90,7 +88,7 @@ def compact(path: str | os.PathLike, progress: bool = False) -> dict:
     # an entry still present in the files has its position; compaction blanks it to -1
     dead_by_shard = [dead_docs[s.entries["doc"]] & (s.entries["position"] >= 0) for s in store.shards]
     bm25 = [(s.path / "bm25").is_dir() for s in store.shards]
-    rewrite = [bool(d.any()) for d in dead_by_shard]
+    rewrite = [bool(d.any()) and (only_shards is None or no in only_shards) for no, d in enumerate(dead_by_shard)]
     bm25_stats = None
     if any(rewrite) and any(bm25):
         # BM25 scores carry store-wide statistics: every shard is re-indexed without the removed text
@@ -123,7 +121,6 @@ def compact(path: str | os.PathLike, progress: bool = False) -> dict:
             if c != "doc":
                 cols[c][dead] = -1
         pq.write_table(pa.table(cols), tmp / "entries.parquet", compression="zstd")
-        _pause()
         _fsync_tree(tmp)
         new_shards.append(replace(s.info, name=name, index_entries=ntotal))
         rewritten.append(name)
@@ -137,7 +134,6 @@ def compact(path: str | os.PathLike, progress: bool = False) -> dict:
     docs_file = f"docs-c{gen}.parquet"
     pq.write_table(pa.Table.from_pylist(docs, schema=store.docs.schema), path / docs_file, compression="zstd")
     _fsync_tree(path / docs_file)
-    _pause()
     old = [s.path for s, info in zip(store.shards, new_shards, strict=True) if s.info.name != info.name]
     old_docs = path / m.docs_file
     m.shards, m.docs_file = new_shards, docs_file
@@ -145,7 +141,6 @@ def compact(path: str | os.PathLike, progress: bool = False) -> dict:
                           "removed_entries": removed_entries, "shards": rewritten,
                           "removed_documents": int(dead_docs.sum())})
     m.save(path)  # the atomic switch
-    _pause()
     for d in old:
         shutil.rmtree(d, ignore_errors=True)
     old_docs.unlink(missing_ok=True)

@@ -13,18 +13,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from silo.errors import SiloError
+from datastore.errors import FingerprintMismatch, StoreError  # noqa: F401 - re-exported
 
 FORMAT_VERSION = 1
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
-
-
-class StoreError(SiloError):
-    """A store folder that is missing, corrupt, or does not fit the request."""
-
-
-class FingerprintMismatch(StoreError):
-    """The store was built with another model or tokenizer."""
 
 
 def _hash_file_ends(h, path: Path, mib: int = 1) -> None:

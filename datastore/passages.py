@@ -42,8 +42,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from datastore.build import BuildArgs, DocTokens, _plan, publish, start_build
+from datastore.build import BuildArgs, DocTokens, _plan, attempt_folder, publish, start_build
 from datastore.index import choose_factory, is_ivf, new_index, train_size
+from datastore.lock import StoreLock
 from datastore.manifest import (
     FingerprintMismatch,
     Manifest,
@@ -192,8 +193,15 @@ class Embedder:
     def encode(self, texts: list[str]) -> list[list[int]]:
         # The LM frames nothing (passages are embedded from their stored token ids, whose
         # specials are not pooled); a sentence embedder gets its own special tokens.
-        return [self.tok(t, add_special_tokens=not self.from_lm, truncation=True,
-                         max_length=self.max_len)["input_ids"] for t in texts]
+        # No `truncation=True`: it reconfigures the shared fast tokenizer (a Rust object that
+        # raises "Already borrowed" when two threads do that at once); slicing is the same.
+        out = []
+        for t in texts:
+            ids = self.tok(t, add_special_tokens=not self.from_lm)["input_ids"]
+            if len(ids) > self.max_len:  # keep a sentence embedder's closing special token
+                ids = ids[: self.max_len] if self.from_lm else ids[: self.max_len - 1] + ids[-1:]
+            out.append(ids)
+        return out
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.embed_ids(self.encode(texts))
@@ -262,9 +270,7 @@ def _write_shard(args: PassageBuildArgs, docs: DocTokens, texts: pa.ChunkedArray
                  trained: faiss.Index | None, factory: str, out: Path) -> ShardInfo:
     name = f"{shard_no:05d}"
     final = out / "shards" / name
-    tmp = out / "shards" / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = attempt_folder(out, name)
     cols, ptexts = _shard_passages(docs, texts, doc_range, args.passage_tokens)
     n = len(ptexts)
     if stats is not None:
@@ -303,7 +309,13 @@ def _check_args(args: PassageBuildArgs) -> None:
 
 
 def build_passage_store(args: PassageBuildArgs) -> Manifest:
-    """`silo datastore build --kind passage`: resumable; returns the manifest written."""
+    """`silo datastore build --kind passage`: resumable; returns the manifest written
+    (holding the output folder's lock, like a token-store build)."""
+    with StoreLock(args.out, "build"):
+        return _build_passage_store(args)
+
+
+def _build_passage_store(args: PassageBuildArgs) -> Manifest:
     from silo.lm import load_causal_lm
     from silo.tokenizer import load_tokenizer
 

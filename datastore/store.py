@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from datastore.manifest import (
     StoreError,
     model_fingerprint,
 )
-from datastore.optout import LOG_NAME, append_removal, read_log
+from datastore.optout import LOG_NAME, OptOutLog
 from datastore.policy import RetrievalPolicy
 
 ENTRY_COLUMNS = ("doc", "position", "value", "sentence")
@@ -47,6 +48,46 @@ class ShardUnavailable(StoreError):
 
 class UnknownDocuments(StoreError):
     """An opt-out named doc ids this store does not hold."""
+
+
+class MaskCache:
+    """A small LRU of packed policy bitmaps, capped in bytes: every distinct policy a client
+    sends costs n_entries/8 bytes, so an unbounded cache is a memory leak anyone can drive."""
+
+    MISSING = object()
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key not in self._items:
+                return self.MISSING
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key, value: np.ndarray | None) -> None:
+        size = 0 if value is None else value.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= 0 if old is None else old.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -71,7 +112,8 @@ class Shard:
 class Datastore:
     """A token or passage store opened read-only for search and attribution."""
 
-    def __init__(self, path: str | os.PathLike, manifest: Manifest, shards: list[Shard], docs):
+    def __init__(self, path: str | os.PathLike, manifest: Manifest, shards: list[Shard], docs,
+                 mask_cache_bytes: int = 64 << 20):
         self.path = Path(path)
         self.manifest = manifest
         self.shards = shards
@@ -83,12 +125,17 @@ class Datastore:
         self._doc_cols = {c: np.asarray(docs.column(c).to_pylist(), dtype=object)
                           for c in ("doc_id", "source", "license", "tier", "owner")}
         self._doc_index = {d: i for i, d in enumerate(self._doc_cols["doc_id"])}
-        self._masks: dict[RetrievalPolicy, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._masks = MaskCache(mask_cache_bytes)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(shards), os.cpu_count() or 1)))
-        self.dead_docs = np.zeros(len(docs), dtype=bool)  # opted-out documents (tombstones)
+        # Tombstones only ever grow while a process runs. `_optout_lock` orders every change
+        # (log reads and opt-outs); `tombstone_version` counts them, so a mask computed from an
+        # older tombstone set can never be served from the cache after a newer one exists.
+        self.dead_docs = np.zeros(len(docs), dtype=bool)
+        self.tombstone_version = 0
+        self.removal_records: list[dict] = []  # every log record applied, in log order
         self._optout_lock = threading.Lock()
-        self._seen_log: tuple[int, int] | None = None
+        self._log = OptOutLog(self.path)
+        self.open_options: dict = {}  # how this store was opened (`reopen` repeats it)
         self.remotes: list = []  # remote shard groups (server.remote), searched beside local shards
         self.reload_optouts()
 
@@ -123,7 +170,17 @@ class Datastore:
             docs = pq.read_table(path / manifest.docs_file)
         except Exception as e:
             raise StoreError(f"{path / manifest.docs_file}: unreadable ({e})") from e
-        return cls(path, manifest, shards, docs)
+        store = cls(path, manifest, shards, docs)
+        store.open_options = {"load_index": load_index, "only_shards": only_shards}
+        return store
+
+    def reopen(self) -> Datastore:
+        """The store as its manifest now says (after a compaction or an ingest), opened the
+        way this one was (a main server with remote shards loads no index), with the same
+        remote shard groups and at least this one's tombstones."""
+        fresh = type(self).open(self.path, **self.open_options)
+        fresh.remotes = self.remotes
+        return fresh
 
     def check_model(self, model_dir: str | os.PathLike) -> None:
         """Refuse a model other than the one this store was built with."""
@@ -150,82 +207,117 @@ class Datastore:
     def allowed_bitmap(self, policy: RetrievalPolicy | None) -> np.ndarray | None:
         """Packed bitmap over global entry ids of what `policy` (and opt-out) lets through;
         None when everything is allowed (a clean search is a little faster)."""
-        key = policy or RetrievalPolicy()
-        with self._lock:
-            if key not in self._masks:
-                docs = self.doc_mask(policy)
-                self._masks[key] = None if docs.all() else bitmap(docs[self.entry_doc])
-            return self._masks[key]
-
-    def _log_stamp(self) -> tuple[int, int] | None:
-        try:
-            st = (self.path / LOG_NAME).stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_size, st.st_mtime_ns)
+        key = (policy or RetrievalPolicy(), self.tombstone_version)
+        hit = self._masks.get(key)
+        if hit is not MaskCache.MISSING:
+            return hit
+        docs = self.doc_mask(policy)
+        mask = None if docs.all() else bitmap(docs[self.entry_doc])
+        self._masks.put(key, mask)
+        return mask
 
     def maybe_reload_optouts(self) -> None:
-        """Re-read the log if another process appended to it (a stat call per search)."""
-        if self._log_stamp() != self._seen_log:
-            self.reload_optouts()
+        """Apply what other processes appended to the log (a stat, and a read of the new
+        bytes only, per search)."""
+        if self._log_size() != self._log.offset:
+            with self._optout_lock:
+                self._apply(self._log.read_new())
 
-    def opt_out(self, by: str, values: list[str]) -> tuple[dict, list[str], int]:
+    def _log_size(self) -> int:
+        try:
+            return (self.path / LOG_NAME).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _apply(self, records: list[dict]) -> None:
+        """Tombstone what `records` remove (caller holds `_optout_lock`). Merges, never replaces."""
+        if not records:
+            return
+        c = self._doc_cols
+        dead = self.dead_docs.copy()
+        for rec in records:
+            dead |= self.match_docs(rec["by"], rec["values"], rec.get("scope_owner"))
+            dead |= np.isin(c["doc_id"], rec["doc_ids"])
+        self.removal_records.extend(records)
+        if (dead != self.dead_docs).any():
+            self.dead_docs = dead
+            self.tombstone_version += 1
+
+    def match_docs(self, by: str, values: list[str], scope_owner: str | None = None) -> np.ndarray:
+        """Boolean mask over documents that a removal (kind `by`, `values`) names; a scoped
+        removal (made with an owner's credential) only ever reaches that owner's documents."""
+        c = self._doc_cols
+        if by == "doc_ids":
+            hit = np.isin(c["doc_id"], values)
+        elif by == "owner":
+            hit = np.isin(c["owner"], values)
+        elif by == "source":
+            hit = np.isin(c["source"], values)
+        elif by == "span":
+            texts = self.docs.column("text").to_pylist()
+            hit = np.array([any(v in t for v in values) for t in texts], dtype=bool)
+        else:
+            raise ValueError(f"unknown opt-out kind {by!r}")
+        if scope_owner is not None:
+            hit &= c["owner"] == scope_owner
+        return hit
+
+    def opt_out(self, by: str, values: list[str], scope_owner: str | None = None, made_by: str = "admin",
+                reason: str = "", require_known: bool = True) -> tuple[dict, list[str], int]:
         """Remove documents durably: resolve, append to the log (fsync'd), tombstone.
 
-        Returns (log record, removed doc ids, removed entries). Unknown doc ids raise
-        `UnknownDocuments` and nothing is logged; an owner, source or span that matches
-        nothing here is still logged, so a later rebuild never ingests it."""
+        Returns (log record, newly removed doc ids, their entries). Unknown doc ids raise
+        `UnknownDocuments` and nothing is logged (unless `require_known` is False: a server
+        logs a removal in every store, so no rebuild of any of them ingests the text); an
+        owner, source or span that matches nothing here is still logged, for the same reason."""
         values = [v for v in values if v]
         if not values:
             raise ValueError("an opt-out needs at least one non-empty value")
-        c = self._doc_cols
         with self._optout_lock:
-            self.maybe_reload_optouts()
-            if by == "doc_ids":
+            self._apply(self._log.read_new())
+            if by == "doc_ids" and require_known:
                 unknown = [v for v in values if v not in self._doc_index]
                 if unknown:
                     raise UnknownDocuments(f"unknown doc id(s) in {self.path.name}: {', '.join(unknown[:20])}")
-                hit = np.isin(c["doc_id"], values)
-            elif by == "owner":
-                hit = np.isin(c["owner"], values)
-            elif by == "source":
-                hit = np.isin(c["source"], values)
-            elif by == "span":
-                texts = self.docs.column("text").to_pylist()
-                hit = np.array([any(v in t for v in values) for t in texts], dtype=bool)
-            else:
-                raise ValueError(f"unknown opt-out kind {by!r}")
-            removed = c["doc_id"][hit & ~self.dead_docs].tolist()
-            record = append_removal(self.path, by, values, c["doc_id"][hit].tolist())
-            dead = self.dead_docs | hit
-            self.dead_docs = dead
-            self._seen_log = self._log_stamp()
-            self.invalidate_masks()
-        per_doc = self.entries_per_doc
-        return record, removed, int(per_doc[np.isin(c["doc_id"], removed)].sum())
+            hit = self.match_docs(by, values, scope_owner)
+            removed = self.doc_ids_of(hit & ~self.dead_docs)
+            record = self._log.append(by, values, self.doc_ids_of(hit), scope_owner=scope_owner,
+                                      made_by=made_by, reason=reason)
+            self._apply(self._log.read_new())  # our own record (and any that raced in), in log order
+        return record, removed, self.entries_of(removed)
+
+    # ------------------------------------------------------------------ documents
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.docs)
+
+    def doc_ids_of(self, mask: np.ndarray) -> list[str]:
+        return self._doc_cols["doc_id"][mask].tolist()
+
+    def doc_id(self, doc: int) -> str:
+        return self._doc_cols["doc_id"][doc]
+
+    def doc_owner(self, doc: int) -> str | None:
+        return self._doc_cols["owner"][doc]
+
+    def doc_source(self, doc: int) -> str | None:
+        return self._doc_cols["source"][doc]
+
+    def doc_text(self, doc: int) -> str:
+        return self.docs.column("text")[int(doc)].as_py()
+
+    def is_compacted(self, doc: int) -> bool:
+        """Physically gone: compaction blanked the document's text and entries."""
+        return self.dead_docs[doc] and self.doc_text(doc) == "" and bool(self.manifest.compactions)
+
+    def entries_of(self, doc_ids: list[str]) -> int:
+        return int(self.entries_per_doc[np.isin(self._doc_cols["doc_id"], doc_ids)].sum())
 
     def reload_optouts(self) -> None:
         """Tombstone every document the opt-out log removes (doc id, owner, source, span)."""
-        stamp = self._log_stamp()
-        rem = read_log(self.path)
-        dead = np.zeros(len(self.docs), dtype=bool)
-        if rem.records:
-            c = self._doc_cols
-            dead |= np.isin(c["doc_id"], list(rem.doc_ids))
-            if rem.owners:
-                dead |= np.isin(c["owner"], list(rem.owners))
-            if rem.sources:
-                dead |= np.isin(c["source"], list(rem.sources))
-            if rem.spans:
-                texts = self.docs.column("text").to_pylist()
-                dead |= np.array([any(sp in t for sp in rem.spans) for t in texts], dtype=bool)
-        self.dead_docs = dead
-        self._seen_log = stamp
-        self.invalidate_masks()
-
-    def invalidate_masks(self) -> None:
-        with self._lock:
-            self._masks.clear()
+        with self._optout_lock:
+            self._apply(self._log.read_new())
 
     # ------------------------------------------------------------------ search
 
@@ -246,6 +338,7 @@ class Datastore:
         if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
             raise ValueError(f"queries must be (n, {self.manifest.dim}), got {queries.shape}")
         self.maybe_reload_optouts()
+        version = self.tombstone_version
         allowed = self.allowed_bitmap(policy)
         local = [s for s in self.shards if s.index is not None]
         jobs = [self._pool.submit(search, s.index, queries, k, nprobe, allowed) for s in local]
@@ -264,9 +357,11 @@ class Datastore:
         dist = np.concatenate([r[0] for r in results], axis=1)
         ids = np.concatenate([r[1] for r in results], axis=1)
         bad = ids < 0
+        safe = np.where(bad, 0, ids)
         if allowed is not None:  # post-filter: never trust a selector alone
-            safe = np.where(bad, 0, ids)
             bad |= ((allowed[safe >> 3] >> (safe & 7)) & 1) == 0
+        if self.tombstone_version != version:  # an opt-out was acknowledged while we searched
+            bad |= self.dead_docs[self.entry_doc[safe]]
         worst = np.inf if self.manifest.metric == "l2" else -np.inf
         dist = np.where(bad, worst, dist)
         ids = np.where(bad, -1, ids)

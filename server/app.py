@@ -1,10 +1,12 @@
 """Building and running SILO's gRPC servers (`silo serve`, `silo serve-shards`).
 
-One process loads the model and stores once and serves concurrently from a thread pool.
-Limits: `maximum_concurrent_rpcs` (excess calls get RESOURCE_EXHAUSTED from gRPC itself),
-message sizes, text length, max_new_tokens. Health checking (grpc.health.v1) and server
-reflection are on. `OptOut` and `Compact` need the admin token ("authorization: Bearer
-…"); without a configured token they are refused. TLS with `--tls-cert/--tls-key`.
+One process loads the model and stores once and serves concurrently from a thread pool
+of `workers` threads (default: one per core), with torch's and FAISS's own thread counts
+set so that together they never oversubscribe the cores (`configure_threads`). Up to
+`max_concurrent` calls wait; more get RESOURCE_EXHAUSTED from gRPC itself. Every request
+field has a hard limit (`server.limits`); credentials and the access class of every RPC
+are in `server.auth`. Health checking (grpc.health.v1) and server reflection are on;
+TLS with `--tls-cert/--tls-key`, and then also to the shard servers.
 
 Requests are parsed by a wrapper that turns an unparsable message (e.g. invalid UTF-8 in
 a string field, which protobuf rejects) into INVALID_ARGUMENT instead of gRPC's INTERNAL.
@@ -12,7 +14,6 @@ a string field, which protobuf rejects) into INVALID_ARGUMENT instead of gRPC's 
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import signal
@@ -20,39 +21,38 @@ import threading
 from concurrent import futures
 from pathlib import Path
 
+import faiss
 import grpc
+import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from datastore.errors import FingerprintMismatch, StoreError
+from datastore.manifest import Manifest
+from datastore.optout import CorruptLog
+from datastore.passages import PassageStore
+from datastore.store import Datastore
+from server.auth import Auth, AuthInterceptor, CredentialError, OwnerCredentials, read_secret
 from server.gen import silo_pb2 as pb
+from server.limits import Limits
+from server.remote import RemoteShardGroup, ShardSearchServicer, parse_shard_range
 from server.servicers import DatastoreServicer, InvalidMessage, LanguageModelServicer, ServerState
+from silo.lm import load_causal_lm
 
 log = logging.getLogger("silo.server")
-ADMIN_METHODS = ("/silo.v1.Datastore/OptOut", "/silo.v1.Datastore/Compact")
 SERVICE_NAMES = ("silo.v1.LanguageModel", "silo.v1.Datastore", "silo.v1.ShardSearch")
 
 
-class AdminTokenInterceptor(grpc.ServerInterceptor):
-    """UNAUTHENTICATED for admin methods without the right bearer token."""
-
-    def __init__(self, token: str | None):
-        self.token = token
-
-    def intercept_service(self, continuation, details):
-        if details.method not in ADMIN_METHODS:
-            return continuation(details)
-        given = dict(details.invocation_metadata).get("authorization", "")
-        ok = self.token is not None and hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
-        if ok:
-            return continuation(details)
-        why = "this server has no admin token configured (--token-file)" if self.token is None else \
-            "missing or wrong admin token"
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-
-        return grpc.unary_unary_rpc_method_handler(deny)
+def configure_threads(workers: int, cores: int | None = None) -> int:
+    """Set torch's and FAISS's thread counts so `workers` concurrent requests use the
+    machine's cores without oversubscribing them: each request gets cores // workers
+    threads (at least one). Returns that number."""
+    cores = cores or os.cpu_count() or 1
+    per_request = max(1, cores // max(workers, 1))
+    torch.set_num_threads(per_request)
+    faiss.omp_set_num_threads(per_request)
+    return per_request
 
 
 def _safe_parser(message_cls):
@@ -76,22 +76,17 @@ def _add_service(server: grpc.Server, name: str, servicer) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(f"silo.v1.{name}", handlers),))
 
 
-def _read_token(token_file: str | None) -> str | None:
-    if not token_file:
-        return None
-    token = Path(token_file).read_text().strip()
-    if len(token) < 16:
-        raise SystemExit(f"{token_file}: the admin token must be at least 16 characters")
-    return token
-
-
-def build_server(services: dict, port: int, host: str = "127.0.0.1", token: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None, max_workers: int = 8, max_concurrent: int = 32,
+def build_server(services: dict, port: int, host: str = "127.0.0.1", auth: Auth | None = None,
+                 tls: tuple[bytes, bytes] | None = None, max_workers: int | None = None, max_concurrent: int = 32,
                  max_message_bytes: int = 16 << 20) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started gRPC server with `services` ({name: servicer}), health and reflection.
-    Returns (server, bound port, health servicer)."""
+    `max_workers` requests run at once (default: one per core; thread counts set to match),
+    up to `max_concurrent` wait, more get RESOURCE_EXHAUSTED. Returns (server, bound port,
+    health servicer)."""
+    max_workers = max_workers or os.cpu_count() or 1
+    configure_threads(max_workers)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[AdminTokenInterceptor(token)],
+        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[AuthInterceptor(auth or Auth())],
         maximum_concurrent_rpcs=max_concurrent,
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0)])
@@ -113,37 +108,31 @@ def build_server(services: dict, port: int, host: str = "127.0.0.1", token: str 
 
 
 def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | None = None,
-               shard_deadline_s: float = 5.0, max_new_tokens: int = 512) -> ServerState:
-    """Load the model and stores once. A store built for another model is kept out of use
-    (retrieving calls get FAILED_PRECONDITION naming the mismatch) rather than served."""
-    from datastore.manifest import FingerprintMismatch, Manifest
-    from datastore.store import Datastore
-    from silo.lm import load_causal_lm
-
+               shard_deadline_s: float = 5.0, limits: Limits | None = None, auth: Auth | None = None,
+               shard_token: str | None = None, shard_root_cert: bytes | None = None) -> ServerState:
+    """Load the model and stores once. A store built for another model, or one whose
+    opt-out log is corrupt, is kept out of use (retrieving calls get FAILED_PRECONDITION
+    naming the problem) rather than served; the LM and the other stores still serve."""
     model, tok = load_causal_lm(model_dir)
-    state = ServerState(model_dir=model_dir, model=model, tok=tok, max_new_tokens=max_new_tokens)
+    state = ServerState(model_dir=model_dir, model=model, tok=tok, limits=limits or Limits(), auth=auth or Auth(),
+                        shard_token=shard_token)
     for path in stores:
         kind = Manifest.load(path).kind
-        if kind == "passage":
-            from datastore.passages import PassageStore
-
-            store = PassageStore.open(path)
-        else:
-            store = Datastore.open(path, load_index=not remote_shards)
-            if remote_shards:
-                from server.remote import RemoteShardGroup
-
-                store.remotes = [RemoteShardGroup(t, store.manifest.model_fingerprint, shard_deadline_s)
-                                 for t in remote_shards]
+        if kind in state.stores or kind in state.store_errors:
+            raise StoreError(f"two {kind} stores given ({path}); a server serves one store of each kind")
         try:
+            if kind == "passage":
+                store = PassageStore.open(path)
+            else:
+                store = Datastore.open(path, load_index=not remote_shards)
+                store.remotes = [RemoteShardGroup(t, store.manifest.model_fingerprint, shard_deadline_s,
+                                                  shard_token, shard_root_cert) for t in remote_shards or ()]
             store.check_model(model_dir)
-        except FingerprintMismatch as e:
-            log.error("store %s does not fit the model: %s", path, e)
+        except (FingerprintMismatch, CorruptLog) as e:
+            log.error("store %s is out of use: %s", path, e)
             state.store_errors[kind] = str(e)
-        if kind == "passage":
-            state.passage_store = store
-        else:
-            state.token_store = store
+            continue
+        state.stores[kind] = store
     return state
 
 
@@ -159,14 +148,23 @@ def wait_for_termination(server: grpc.Server, health_servicer=None) -> None:
 
 
 def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", token_file: str | None = None,
-          tls_cert: str | None = None, tls_key: str | None = None, remote_shards: list[str] | None = None,
-          shard_deadline_s: float = 5.0, max_concurrent: int = 32, max_new_tokens: int = 512,
-          ready_file: str | None = None) -> None:
-    state = load_state(model, stores, remote_shards, shard_deadline_s, max_new_tokens)
+          credentials_file: str | None = None, shard_token_file: str | None = None, tls_cert: str | None = None,
+          tls_key: str | None = None, shard_ca: str | None = None, remote_shards: list[str] | None = None,
+          shard_deadline_s: float = 5.0, max_concurrent: int = 32, workers: int | None = None,
+          limits: Limits | None = None, ready_file: str | None = None) -> None:
+    """`silo serve`: the LM and its stores over gRPC until SIGINT/SIGTERM."""
     tls = (Path(tls_cert).read_bytes(), Path(tls_key).read_bytes()) if tls_cert and tls_key else None
+    shard_token = read_secret(shard_token_file, "shard")
+    if remote_shards and not shard_token:
+        raise CredentialError("--remote-shards needs --shard-token-file (shard servers refuse calls without it)")
+    # TLS to the shard servers whenever this server serves TLS: verified with --shard-ca, or
+    # with our own certificate (one internal CA for the cluster)
+    shard_root = Path(shard_ca).read_bytes() if shard_ca else (tls[0] if tls else None)
+    auth = Auth(read_secret(token_file, "admin"), OwnerCredentials(credentials_file) if credentials_file else None)
+    state = load_state(model, stores, remote_shards, shard_deadline_s, limits, auth, shard_token, shard_root)
     server, bound, hs = build_server({"LanguageModel": LanguageModelServicer(state),
-                                      "Datastore": DatastoreServicer(state)}, port, host, _read_token(token_file),
-                                     tls, max_concurrent=max_concurrent)
+                                      "Datastore": DatastoreServicer(state)}, port, host, auth, tls,
+                                     max_workers=workers, max_concurrent=max_concurrent)
     print(f"silo: serving {model} with {len(stores)} store(s) on {host}:{bound}"
           f"{' (TLS)' if tls else ''}", flush=True)
     if ready_file:
@@ -174,14 +172,19 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
     wait_for_termination(server, hs)
 
 
-def serve_shards(store: str, shards: str, port: int, host: str = "127.0.0.1", ready_file: str | None = None) -> None:
-    from datastore.manifest import Manifest
-    from server.remote import ShardSearchServicer, parse_shard_range
-
+def serve_shards(store: str, shards: str, port: int, shard_token_file: str, host: str = "127.0.0.1",
+                 tls_cert: str | None = None, tls_key: str | None = None, limits: Limits | None = None,
+                 ready_file: str | None = None) -> None:
+    """`silo serve-shards`: some shards of a store for a main server (shard token required)."""
+    token = read_secret(shard_token_file, "shard")
+    if not token:
+        raise CredentialError("serve-shards needs --shard-token-file: the main server presents that token")
+    tls = (Path(tls_cert).read_bytes(), Path(tls_key).read_bytes()) if tls_cert and tls_key else None
     numbers = parse_shard_range(shards, len(Manifest.load(store).shards))
-    servicer = ShardSearchServicer(store, numbers)
-    server, bound, hs = build_server({"ShardSearch": servicer}, port, host)
-    print(f"silo: serving shards {', '.join(servicer.names)} of {store} on {host}:{bound}", flush=True)
+    servicer = ShardSearchServicer(store, numbers, limits)
+    server, bound, hs = build_server({"ShardSearch": servicer}, port, host, Auth(shard_token=token), tls)
+    print(f"silo: serving shards {', '.join(servicer.names)} of {store} on {host}:{bound}"
+          f"{' (TLS)' if tls else ''}", flush=True)
     if ready_file:
         Path(ready_file).write_text(str(bound))
     wait_for_termination(server, hs)

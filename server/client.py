@@ -96,23 +96,28 @@ class SiloClient:
         return self.ds.Search(req, timeout=self.timeout)
 
     def optout(self, doc_ids: list[str] | None = None, owner: str | None = None, source: str | None = None,
-               text_span: str | None = None, reason: str = "") -> pb.OptOutResponse:
+               text_span: str | None = None, reason: str = "", confirm_large: bool = False,
+               dry_run: bool = False) -> pb.OptOutResponse:
+        """Remove documents (admin token: any; owner token: that owner's). A removal above
+        the server's size limits needs `confirm_large`; `dry_run` only says what would go."""
         given = [x is not None for x in (doc_ids, owner, source, text_span)]
         if sum(given) != 1:
             raise ValueError("give exactly one of doc_ids, owner, source, text_span")
+        req = pb.OptOutRequest(reason=reason, confirm_large=confirm_large, dry_run=dry_run)
         if doc_ids is not None:
-            req = pb.OptOutRequest(doc_ids=pb.DocIds(ids=doc_ids), reason=reason)
+            req.doc_ids.ids.extend(doc_ids)
         elif owner is not None:
-            req = pb.OptOutRequest(owner=owner, reason=reason)
+            req.owner = owner
         elif source is not None:
-            req = pb.OptOutRequest(source=source, reason=reason)
+            req.source = source
         else:
-            req = pb.OptOutRequest(text_span=text_span, reason=reason)
+            req.text_span = text_span
         return self.ds.OptOut(req, timeout=self.timeout, metadata=self._auth)
 
     def optout_status(self, receipt_id: str | None = None, doc_id: str | None = None) -> pb.OptOutStatusResponse:
+        """Proof of a removal (log record, tombstoned, compacted per store); needs a token."""
         req = pb.OptOutStatusRequest(receipt_id=receipt_id) if receipt_id else pb.OptOutStatusRequest(doc_id=doc_id or "")
-        return self.ds.OptOutStatus(req, timeout=self.timeout)
+        return self.ds.OptOutStatus(req, timeout=self.timeout, metadata=self._auth)
 
     def stats(self) -> pb.StatsResponse:
         return self.ds.Stats(pb.StatsRequest(), timeout=self.timeout)

@@ -23,10 +23,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from datastore.compact import compact
+from datastore.errors import FingerprintMismatch
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore, ShardUnavailable
 from server.gen import silo_pb2 as pb
 from server.gen import silo_pb2_grpc as pb_grpc
+from server.limits import BadRequest, Limits, check_int, policy_from_pb
+from server.servicers import guarded
 
 
 def parse_shard_range(spec: str, n_shards: int) -> set[int]:
@@ -55,10 +59,11 @@ def _policy_pb(policy: RetrievalPolicy | None) -> pb.RetrievalPolicy:
 
 
 class ShardSearchServicer(pb_grpc.ShardSearchServicer):
-    """Serves some shards of a store; reopens it when a compaction switches the manifest."""
+    """Serves some shards of a store; reopens it when a compaction switches the manifest.
+    Callers need the shard token (checked by `server.auth` before a method runs)."""
 
-    def __init__(self, path: str | os.PathLike, shards: set[int]):
-        self.path, self.shard_numbers = Path(path), shards
+    def __init__(self, path: str | os.PathLike, shards: set[int], limits: Limits | None = None):
+        self.path, self.shard_numbers, self.limits = Path(path), shards, limits or Limits()
         self._lock = threading.Lock()
         self._open()
 
@@ -76,21 +81,35 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
                 self._open()
             return self.store
 
-    def SearchShards(self, request, context):
-        from server.servicers import policy_from_pb
+    def _check_fingerprint(self, store: Datastore, fingerprint: str) -> None:
+        if fingerprint and fingerprint != store.manifest.model_fingerprint:
+            raise FingerprintMismatch(f"shard server holds a store of another model "
+                                      f"({store.manifest.model_fingerprint})")
 
+    @guarded
+    def CompactShards(self, request, context):
+        """Compact this server's shards (under the store's lock), then reopen them."""
+        self._check_fingerprint(self.current(), request.store_fingerprint)
+        res = compact(self.path, only_shards=self.shard_numbers)
+        self.current()  # the manifest switched: reopen now, not on the next search
+        return pb.CompactResponse(**res)
+
+    @guarded
+    def SearchShards(self, request, context):
         store = self.current()
-        if request.store_fingerprint and request.store_fingerprint != store.manifest.model_fingerprint:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"shard server holds a store of another model ({store.manifest.model_fingerprint})")
+        self._check_fingerprint(store, request.store_fingerprint)
         if request.num_queries == 0:  # handshake: which shards are here
             return pb.ShardSearchResponse(shards=self.names)
+        check_int("num_queries", request.num_queries, 0, 1 << 20)
         if request.dim != store.manifest.dim or len(request.queries) != 4 * request.num_queries * request.dim:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "queries do not match num_queries x dim")
-        if request.k <= 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "k must be positive")
+            raise BadRequest("queries do not match num_queries x dim")
+        check_int("k", request.k, 1, self.limits.max_k)
+        check_int("nprobe", request.nprobe, 0, self.limits.max_nprobe)
         q = np.frombuffer(request.queries, dtype="<f4").reshape(request.num_queries, request.dim)
-        res = store.search_ex(q, request.k, request.nprobe or None, policy_from_pb(request.policy))
+        if not np.isfinite(q).all():
+            raise BadRequest("queries must be finite")
+        policy = policy_from_pb(request.policy, self.limits)
+        res = store.search_ex(q, request.k, request.nprobe or None, policy)
         return pb.ShardSearchResponse(distances=res.distances.astype("<f4").tobytes(),
                                       ids=res.ids.astype("<i8").tobytes(), shards=self.names)
 
@@ -98,16 +117,20 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
 class RemoteShardGroup:
     """The main server's handle on one shard server."""
 
-    def __init__(self, target: str, fingerprint: str, deadline_s: float = 5.0, credentials=None):
+    def __init__(self, target: str, fingerprint: str, deadline_s: float = 5.0, token: str | None = None,
+                 root_cert: bytes | None = None):
+        """`token`: the shard token; `root_cert`: verify the shard server's TLS certificate
+        with it (the main server speaks TLS to its shards whenever it serves TLS itself)."""
         self.target, self.fingerprint, self.deadline_s = target, fingerprint, deadline_s
         opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
-        self.channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
-                        else grpc.insecure_channel(target, options=opts))
+        self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options=opts)
+                        if root_cert else grpc.insecure_channel(target, options=opts))
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.stub = pb_grpc.ShardSearchStub(self.channel)
         self.names = [target]
         try:  # learn the shard names for error messages; a server down now is named by address
             resp = self.stub.SearchShards(pb.ShardSearchRequest(num_queries=0, store_fingerprint=fingerprint),
-                                          timeout=deadline_s)
+                                          timeout=deadline_s, metadata=self.metadata)
             self.names = [f"{n}@{target}" for n in resp.shards]
         except grpc.RpcError:
             pass
@@ -117,7 +140,7 @@ class RemoteShardGroup:
                                     num_queries=len(queries), dim=queries.shape[1], k=k, nprobe=nprobe or 0,
                                     policy=_policy_pb(policy), store_fingerprint=self.fingerprint)
         try:
-            resp = self.stub.SearchShards(req, timeout=self.deadline_s)
+            resp = self.stub.SearchShards(req, timeout=self.deadline_s, metadata=self.metadata)
         except grpc.RpcError as e:
             what = "late" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "down"
             raise ShardUnavailable(f"shard server {self.target} ({', '.join(self.names)}) is {what}: "
@@ -125,6 +148,16 @@ class RemoteShardGroup:
         n = len(queries)
         return (np.frombuffer(resp.distances, dtype="<f4").reshape(n, k),
                 np.frombuffer(resp.ids, dtype="<i8").reshape(n, k))
+
+    def compact(self) -> dict:
+        """Ask the shard server to compact its shards; raises `ShardUnavailable` if it can't."""
+        try:
+            r = self.stub.CompactShards(pb.CompactShardsRequest(store_fingerprint=self.fingerprint),
+                                        metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise ShardUnavailable(f"shard server {self.target} could not compact: {e.code().name}: {e.details()}",
+                                   self.names) from e
+        return {"rewritten_shards": r.rewritten_shards, "removed_entries": r.removed_entries, "seconds": r.seconds}
 
     def close(self) -> None:
         self.channel.close()

@@ -1,14 +1,18 @@
 """gRPC servicers: `LanguageModel` and `Datastore`, thin over the library.
 
-Each method validates its request (INVALID_ARGUMENT with a message naming the field),
-turns it into a library call, and turns the result into protobuf. Library errors map to
-status codes in one place (`_status_for`), so a bad request never takes the server down.
-Stores can be swapped (after compaction) under a lock; a request uses the store object
-it started with.
+Each method checks its request against the server's `Limits` (INVALID_ARGUMENT naming the
+field), turns it into one library call, and turns the result into protobuf. Library errors
+map to status codes in one place (`status_for`), so a bad request never takes the server
+down and never surfaces as UNKNOWN. Who may call what is decided before a method runs
+(`server.auth`); methods only narrow it (an owner's token reaches that owner's documents).
+
+Stores are swapped (after a compaction) under `ServerState.lock`; a request keeps the
+store object it started with, and the new object has read the whole opt-out log.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -19,57 +23,102 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from datastore.manifest import FingerprintMismatch, StoreError
-from datastore.policy import RetrievalPolicy
+from datastore.compact import compact
+from datastore.errors import FingerprintMismatch, StoreError, StoreLocked
+from datastore.manifest import model_fingerprint
+from datastore.optout import CorruptLog
+from datastore.removal import LargeRemoval, PermissionDenied, find_record, remove, status
 from datastore.store import Datastore, ShardUnavailable, UnknownDocuments
+from server.auth import ANONYMOUS, Auth, Principal
 from server.gen import silo_pb2 as pb
+from server.limits import (
+    BadRequest,
+    Limits,
+    check_float,
+    check_int,
+    check_retrieval,
+    check_text,
+)
+from server.limits import policy_from_pb as checked_policy
 from silo.errors import SiloError
-from silo.knnlm import KNNParams
-from silo.licenses import TIERS, license_obligation
+from silo.evaluate import score_documents
+from silo.keys import text_keys
+from silo.knnlm import KNNParams, generate, retrieve_neighbours
+from silo.licenses import license_obligation
+from silo.lm import model_info
+from silo.ricl import RICParams, ric_generate, ric_score_documents
+from silo.tokenizer import encode_document
 
+log = logging.getLogger("silo.server")
 DEFAULT_MAX_NEW_TOKENS = 32
-
-
-class BadRequest(Exception):
-    """INVALID_ARGUMENT with this message."""
+STORE_KINDS = ("token", "passage")
 
 
 @dataclass
 class ServerState:
-    """What a server holds: the model, its stores, limits. Shared by all servicers."""
+    """What a server holds: the model, its stores, limits, credentials. Shared by all servicers."""
 
     model_dir: str
     model: object
     tok: object
-    token_store: Datastore | None = None
-    passage_store: Datastore | None = None
+    stores: dict[str, Datastore] = field(default_factory=dict)  # kind -> open store
     store_errors: dict[str, str] = field(default_factory=dict)  # kind -> why it cannot be used
-    max_new_tokens: int = 512
-    max_text_chars: int = 200_000
+    limits: Limits = field(default_factory=Limits)
+    auth: Auth = field(default_factory=Auth)
     window: int = 512
+    shard_token: str | None = None  # presented to remote shard servers
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def store(self, kind: str) -> Datastore:
         if kind in self.store_errors:
             raise FingerprintMismatch(self.store_errors[kind])
-        store = self.token_store if kind == "token" else self.passage_store
+        store = self.stores.get(kind)
         if store is None:
             raise BadRequest(f"this server has no {kind} store (start it with --store)")
         return store
 
+    def open_stores(self) -> list[Datastore]:
+        return [st for kind, st in self.stores.items() if kind not in self.store_errors]
 
-def _status_for(e: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(e, BadRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, UnknownDocuments):
-        return grpc.StatusCode.NOT_FOUND, str(e)
-    if isinstance(e, FingerprintMismatch):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
-    if isinstance(e, ShardUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(e)
-    if isinstance(e, (ValueError, SiloError, StoreError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+    # kept for callers that name the store kind as an attribute
+    @property
+    def token_store(self) -> Datastore | None:
+        return self.stores.get("token")
+
+    @property
+    def passage_store(self) -> Datastore | None:
+        return self.stores.get("passage")
+
+
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownDocuments, grpc.StatusCode.NOT_FOUND),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (LargeRemoval, grpc.StatusCode.FAILED_PRECONDITION),
+    (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (CorruptLog, grpc.StatusCode.FAILED_PRECONDITION),
+    (StoreLocked, grpc.StatusCode.FAILED_PRECONDITION),
+    (ShardUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (SiloError, grpc.StatusCode.INVALID_ARGUMENT),
+    (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls, code in STATUS_OF:
+        if isinstance(e, cls):
+            return code, str(e) or type(e).__name__
+    log.exception("unexpected error", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server logged it"
+
+
+class InvalidMessage:
+    """Stands in for a request that could not be parsed (e.g. invalid UTF-8 in a string)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 def guarded(fn):
@@ -81,45 +130,25 @@ def guarded(fn):
         try:
             return fn(self, request, context)
         except Exception as e:  # noqa: BLE001 - mapped to a status, the server stays up
-            code, msg = _status_for(e)
+            code, msg = status_for(e)
             context.abort(code, msg)
     wrapper.__name__ = fn.__name__
     return wrapper
 
 
-class InvalidMessage:
-    """Stands in for a request that could not be parsed (e.g. invalid UTF-8 in a string)."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
+def principal(state: ServerState, context) -> Principal:
+    return state.auth.principal(context.invocation_metadata()) if context is not None else ANONYMOUS
 
 
 # ---------------------------------------------------------------------------- conversions
 
 
-def policy_from_pb(p: pb.RetrievalPolicy) -> RetrievalPolicy:
-    bad = [t for t in p.tiers if t not in TIERS]
-    if bad:
-        raise BadRequest(f"policy.tiers: unknown tier(s) {', '.join(bad)}; expected {', '.join(TIERS)}")
-    return RetrievalPolicy(tiers=tuple(p.tiers) or None, allow_licenses=tuple(p.allow_licenses),
-                           deny_licenses=tuple(p.deny_licenses), allow_sources=tuple(p.allow_sources),
-                           deny_sources=tuple(p.deny_sources), deny_owners=tuple(p.deny_owners))
-
-
 def knn_params_from_pb(r: pb.RetrievalOptions, store: Datastore) -> KNNParams:
-    from silo.eval_modes import store_knn_params
-
-    base = store_knn_params(store)
-    if r.HasField("k") and r.k <= 0:
-        raise BadRequest(f"retrieval.k must be positive, got {r.k}")
-    if r.HasField("lambda_") and not 0.0 <= r.lambda_ <= 1.0:
-        raise BadRequest(f"retrieval.lambda_ must be in [0, 1], got {r.lambda_}")
-    if r.HasField("temperature") and not r.temperature > 0:
-        raise BadRequest(f"retrieval.temperature must be positive, got {r.temperature}")
-    return KNNParams(k=r.k if r.HasField("k") else base.k,
-                     lam=r.lambda_ if r.HasField("lambda_") else base.lam,
-                     temperature=r.temperature if r.HasField("temperature") else base.temperature,
-                     nprobe=r.nprobe or base.nprobe)
+    """The request's values over the store's tuned defaults (`KNNParams.merged`)."""
+    return KNNParams.merged(store.manifest.defaults, k=r.k if r.HasField("k") else None,
+                            lam=r.lambda_ if r.HasField("lambda_") else None,
+                            temperature=r.temperature if r.HasField("temperature") else None,
+                            nprobe=r.nprobe or None)
 
 
 def neighbour_pb(h: dict) -> pb.Neighbour:
@@ -156,13 +185,6 @@ def citations(tokens_attr: list[list[dict]]) -> list[pb.Citation]:
     return out
 
 
-def _check_text(text: str, field_name: str, limit: int) -> None:
-    if not text or not text.strip():
-        raise BadRequest(f"{field_name} is empty")
-    if len(text) > limit:
-        raise BadRequest(f"{field_name} has {len(text)} characters; the limit is {limit}")
-
-
 # ---------------------------------------------------------------------------- LanguageModel
 
 
@@ -176,25 +198,31 @@ class LanguageModelServicer:
         try:
             yield from self._generate(request, context)
         except Exception as e:  # noqa: BLE001 - mapped to a status, the server stays up
-            code, msg = _status_for(e)
+            code, msg = status_for(e)
             context.abort(code, msg)
 
-    def _generate(self, r, context):
-        from silo.knnlm import generate
-
-        s = self.s
-        _check_text(r.prompt, "prompt", s.max_text_chars)
+    def _check_generate(self, r) -> int:
+        lim = self.s.limits
+        check_text("prompt", r.prompt, lim.max_text_chars)
         max_new = r.max_new_tokens if r.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
-        if not 1 <= max_new <= s.max_new_tokens:
-            raise BadRequest(f"max_new_tokens must be in [1, {s.max_new_tokens}], got {max_new}")
-        if r.temperature < 0 or not math.isfinite(r.temperature):
-            raise BadRequest(f"temperature must be ≥ 0, got {r.temperature}")
-        if not 0 <= r.top_p <= 1:
-            raise BadRequest(f"top_p must be in (0, 1], got {r.top_p}")
+        check_int("max_new_tokens", max_new, 1, lim.max_new_tokens)
+        check_float("temperature", r.temperature, 0.0, 100.0)
+        check_float("top_p", r.top_p, 0.0, 1.0)
+        check_float("time_limit_s", r.time_limit_s, 0.0, lim.max_time_limit_s)
+        check_int("attribution_top", r.attribution_top, 0, lim.max_attribution_top)
+        check_int("stop_sequences (count)", len(r.stop_sequences), 0, lim.max_stop_sequences)
+        for x in r.stop_sequences:
+            check_text("a stop sequence", x, lim.max_stop_chars, allow_empty=True)
+        check_retrieval(r.retrieval, lim)
+        return max_new
+
+    def _generate(self, r, context):
+        s = self.s
+        max_new = self._check_generate(r)
         mode = r.retrieval.mode
         store = params = policy = None
         if mode != pb.RETRIEVAL_NONE:
-            policy = policy_from_pb(r.retrieval.policy)
+            policy = checked_policy(r.retrieval.policy, s.limits)
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token")
             params = knn_params_from_pb(r.retrieval, store)
@@ -203,10 +231,6 @@ class LanguageModelServicer:
         deadline = time.monotonic() + r.time_limit_s if r.time_limit_s > 0 else None
         pieces, attrs, n = [], [], 0
         if mode == pb.RETRIEVAL_RIC:
-            from silo.ricl import RICParams, ric_generate
-
-            if r.retrieval.HasField("k") and r.retrieval.k <= 0:
-                raise BadRequest(f"retrieval.k must be positive, got {r.retrieval.k}")
             rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
             gen = ric_generate(s.model, s.tok, s.store("passage"), r.prompt, max_new, rp, r.temperature,
                                r.top_p or 1.0, r.seed, policy, tuple(r.stop_sequences), s.window)
@@ -238,41 +262,28 @@ class LanguageModelServicer:
 
     @guarded
     def Score(self, r, context):
-        from silo.evaluate import score_documents
-        from silo.tokenizer import encode_document
-
-        s = self.s
-        _check_text(r.text, "text", s.max_text_chars)
-        window = r.window or s.window
-        max_pos = getattr(s.model.config, "max_position_embeddings", window)
-        if not 2 <= window <= max_pos:
-            raise BadRequest(f"window must be in [2, {max_pos}], got {window}")
-        stride = r.stride or max(window // 2, 1)
-        if not 1 <= stride <= window:
-            raise BadRequest(f"stride must be in [1, window], got {stride}")
+        s, lim = self.s, self.s.limits
+        check_text("text", r.text, lim.max_text_chars)
+        check_retrieval(r.retrieval, lim)
+        max_pos = getattr(s.model.config, "max_position_embeddings", s.window)
+        window = check_int("window", r.window or s.window, 2, min(max_pos, lim.max_window))
+        stride = check_int("stride", r.stride or max(window // 2, 1), 1, window)
         ids = encode_document(s.tok, r.text)
         pad = s.tok.pad_token_id if s.tok.pad_token_id is not None else 0
         mode = r.retrieval.mode
         if mode == pb.RETRIEVAL_KNN:
-            from silo.knnlm import retrieve_neighbours
-
             store = s.store("token")
             params = knn_params_from_pb(r.retrieval, store)
             res = retrieve_neighbours(s.model, store, [ids], params.k, window, stride, 8, pad, params.nprobe,
-                                      policy_from_pb(r.retrieval.policy))[0]
+                                      checked_policy(r.retrieval.policy, lim))[0]
             lm, lp = res.lm_logprob, res.knn_logprob(params)
         else:
             lm = score_documents(s.model, [ids], window, stride, 8, pad)[0]
             lp = lm
             if mode == pb.RETRIEVAL_RIC:
-                from silo.ricl import RICParams, ric_score_documents
-
-                store = s.store("passage")
-                if r.retrieval.HasField("k") and r.retrieval.k <= 0:
-                    raise BadRequest(f"retrieval.k must be positive, got {r.retrieval.k}")
                 rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1)
-                lp = ric_score_documents(s.model, s.tok, store, [ids], window, rp, 8, pad,
-                                         policy_from_pb(r.retrieval.policy))[0]
+                lp = ric_score_documents(s.model, s.tok, s.store("passage"), [ids], window, rp, 8, pad,
+                                         checked_policy(r.retrieval.policy, lim))[0]
         texts = s.tok.batch_decode([[t] for t in ids[1:]])  # one call into the Rust tokenizer
         tokens = [pb.TokenScore(token_id=t, text=x, logprob=float(a), lm_logprob=float(b))
                   for t, x, a, b in zip(ids[1:], texts, lp, lm, strict=True)]
@@ -282,7 +293,7 @@ class LanguageModelServicer:
 
     @guarded
     def Tokenize(self, r, context):
-        _check_text(r.text, "text", self.s.max_text_chars)
+        check_text("text", r.text, self.s.limits.max_text_chars)
         ids = self.s.tok(r.text, add_special_tokens=r.add_special_tokens)["input_ids"]
         if r.add_special_tokens and self.s.tok.bos_token_id is not None and (not ids or ids[0] != self.s.tok.bos_token_id):
             ids = [self.s.tok.bos_token_id, *ids]
@@ -290,24 +301,17 @@ class LanguageModelServicer:
 
     @guarded
     def ModelInfo(self, r, context):
-        from datastore.manifest import model_fingerprint
-        from silo.lm import model_info
-
         s = self.s
         info = model_info(s.model_dir)
-        stores = []
-        for kind in ("token", "passage"):
-            st = s.token_store if kind == "token" else s.passage_store
-            if st is not None:
-                stores.append(pb.StoreInfo(name=st.path.name, kind=st.manifest.kind, entries=st.n_entries,
-                                           shards=len(st.manifest.shards), tiers=st.manifest.tiers))
+        stores = [pb.StoreInfo(name=st.path.name, kind=st.manifest.kind, entries=st.n_entries,
+                               shards=len(st.manifest.shards), tiers=st.manifest.tiers) for st in s.stores.values()]
         return pb.ModelInfoResponse(
             model=str(Path(s.model_dir).resolve()), model_type=s.model.config.model_type,
             parameters=sum(p.numel() for p in s.model.parameters()), vocab_size=len(s.tok),
             max_position_embeddings=getattr(s.model.config, "max_position_embeddings", 0),
             fingerprint=model_fingerprint(s.model_dir), trained_tiers=info.get("tiers", []),
             trained_on_restricted=bool(info.get("trained_on_restricted", False)), stores=stores,
-            max_new_tokens_limit=s.max_new_tokens)
+            max_new_tokens_limit=s.limits.max_new_tokens)
 
 
 # ---------------------------------------------------------------------------- Datastore
@@ -318,7 +322,7 @@ class DatastoreServicer:
         self.s = state
 
     def _stores(self, name: str = "") -> list[Datastore]:
-        out = [x for x in (self.s.token_store, self.s.passage_store) if x is not None]
+        out = self.s.open_stores()
         if name:
             out = [x for x in out if x.manifest.kind == name or x.path.name == name]
             if not out:
@@ -327,17 +331,14 @@ class DatastoreServicer:
 
     @guarded
     def Search(self, r, context):
-        from silo.keys import text_keys
-
-        s = self.s
-        _check_text(r.query, "query", s.max_text_chars)
-        k = r.k if r.HasField("k") else 10
-        if k <= 0:
-            raise BadRequest(f"k must be positive, got {k}")
-        policy = policy_from_pb(r.policy)
+        s, lim = self.s, self.s.limits
+        check_text("query", r.query, lim.max_text_chars)
+        k = check_int("k", r.k if r.HasField("k") else 10, 1, lim.max_k)
+        check_int("nprobe", r.nprobe, 0, lim.max_nprobe)
+        policy = checked_policy(r.policy, lim)
         kind = r.store or "token"
-        if kind not in ("token", "passage"):
-            raise BadRequest(f"store must be 'token' or 'passage', got {kind!r}")
+        if kind not in STORE_KINDS:
+            raise BadRequest(f"store must be one of {', '.join(STORE_KINDS)}, got {kind[:64]!r}")
         store = s.store(kind)
         if kind == "passage":
             scores, ids = store.search_text([r.query], k, policy=policy)
@@ -356,53 +357,58 @@ class DatastoreServicer:
 
     @guarded
     def OptOut(self, r, context):
+        lim = self.s.limits
         which = r.WhichOneof("target")
         if which is None:
             raise BadRequest("say what to remove: doc_ids, owner, source or text_span")
         by, values = {"doc_ids": ("doc_ids", list(r.doc_ids.ids)), "owner": ("owner", [r.owner]),
                       "source": ("source", [r.source]), "text_span": ("span", [r.text_span])}[which]
-        values = [v for v in values if v and v.strip()]
-        if not values:
-            raise BadRequest(f"{which} is empty")
-        if by == "span" and len(values[0]) < 8:
-            raise BadRequest("text_span must be at least 8 characters (a shorter span would remove too much)")
-        stores = self._stores()
-        if by == "doc_ids":  # every id must be known to some store, else NOT_FOUND and nothing logged
-            unknown = [v for v in values if all(st.doc_index(v) is None for st in stores)]
-            if unknown:
-                raise UnknownDocuments(f"unknown doc id(s): {', '.join(unknown[:20])}")
-        removed, entries, record = set(), 0, None
-        with self.s.lock:
-            for st in stores:
-                vals = [v for v in values if st.doc_index(v) is not None] if by == "doc_ids" else values
-                if not vals:
-                    continue
-                record, docs, n = st.opt_out(by, vals)
-                removed.update(docs)
-                entries += n
-        return pb.OptOutResponse(receipt_id=record["receipt"], removed_doc_ids=sorted(removed),
-                                 removed_entries=entries, logged_at=record["time"])
+        check_int(f"{which} (count)", len(values), 1, lim.max_optout_values)
+        for v in values:
+            check_text(which, v, lim.max_value_chars)
+        check_text("reason", r.reason, lim.max_value_chars, allow_empty=True)
+        if by == "span" and len(values[0]) < lim.min_span_chars:
+            raise BadRequest(f"text_span must be at least {lim.min_span_chars} characters "
+                             "(a shorter span would remove too much)")
+        who = principal(self.s, context)
+        owner = who.owner if who.kind == "owner" else None
+        with self.s.lock:  # one removal at a time: the size check and the log see the same state
+            res = remove(self._stores(), by, values, owner=owner, made_by=who.label, reason=r.reason,
+                         confirm_large=r.confirm_large, dry_run=r.dry_run, max_docs=lim.max_optout_docs,
+                         max_fraction=lim.max_optout_fraction)
+        return pb.OptOutResponse(receipt_id=res.receipt, removed_doc_ids=sorted(res.doc_ids),
+                                 removed_entries=res.entries, logged_at=res.logged_at, dry_run=res.dry_run)
 
     @guarded
     def OptOutStatus(self, r, context):
-        from datastore.optout import read_log
-
         which = r.WhichOneof("key")
         if which is None:
             raise BadRequest("give a receipt_id or a doc_id")
-        key = getattr(r, which)
-        for st in self._stores():
-            rem = read_log(st.path)
-            for rec in rem.records:
-                if (which == "receipt_id" and rec["receipt"] == key) or (which == "doc_id" and key in rec["doc_ids"]):
-                    compacted = bool(st.manifest.compactions) and any(
-                        c["time"] >= rec["time"] for c in st.manifest.compactions)
-                    return pb.OptOutStatusResponse(removed=True, receipt_id=rec["receipt"], logged_at=rec["time"],
-                                                   by=rec["by"], values=rec["values"],
-                                                   removed_doc_ids=rec["doc_ids"], compacted=compacted)
-        if which == "receipt_id":
-            raise UnknownDocuments(f"no opt-out with receipt {key!r}")
-        return pb.OptOutStatusResponse(removed=False)
+        key = check_text(which, getattr(r, which), self.s.limits.max_value_chars)
+        stores = self._stores()
+        who = principal(self.s, context)
+        if which == "doc_id" and who.kind == "owner":
+            owners = {st.doc_owner(st.doc_index(key)) for st in stores if st.doc_index(key) is not None}
+            if owners and owners != {who.owner}:
+                raise PermissionDenied(f"document {key!r} does not belong to owner {who.owner!r}")
+        record = find_record(stores, receipt=key) if which == "receipt_id" else find_record(stores, doc_id=key)
+        if record is None:
+            if which == "receipt_id":
+                raise UnknownDocuments(f"no opt-out with receipt {key!r}")
+            return pb.OptOutStatusResponse(removed=False)
+        proof = status(stores, record)
+        if who.kind == "owner" and record.get("made_by") != who.label:
+            covered = [(st, st.doc_index(d)) for st in stores for d in record["doc_ids"]]
+            if not covered or any(d is not None and st.doc_owner(d) != who.owner for st, d in covered):
+                raise PermissionDenied(f"receipt {record['receipt']} covers documents of other owners")
+        show = who.may_see(record)
+        return pb.OptOutStatusResponse(
+            removed=True, receipt_id=record["receipt"], logged_at=record["time"], by=record["by"],
+            values=record["values"] if show else [], values_redacted=not show, removed_doc_ids=record["doc_ids"],
+            compacted=proof.compacted, logged=True, tombstoned=proof.tombstoned,
+            made_by=record.get("made_by", "admin"),
+            stores=[pb.StoreProof(store=p.store, doc_ids=p.doc_ids, tombstoned=p.tombstoned, compacted=p.compacted,
+                                  live_entries=p.live_entries) for p in proof.stores])
 
     @guarded
     def Stats(self, r, context):
@@ -418,19 +424,16 @@ class DatastoreServicer:
 
     @guarded
     def Compact(self, r, context):
-        from datastore.compact import compact
-
+        check_text("store", r.store, self.s.limits.max_value_chars, allow_empty=True)
         total = {"rewritten_shards": 0, "removed_entries": 0, "seconds": 0.0}
         for st in self._stores(r.store):
-            with self.s.lock:  # no opt-out lands between the compaction's read of the log and the swap
-                res = compact(st.path)
-                if res["rewritten_shards"]:
-                    fresh = type(st).open(st.path)
-                    fresh.remotes = st.remotes
-                    if st is self.s.token_store:
-                        self.s.token_store = fresh
-                    else:
-                        self.s.passage_store = fresh
-            for k in total:
-                total[k] += res[k]
+            # with remote shards, the shard servers hold the indexes: each compacts its own
+            results = [g.compact() for g in st.remotes] if st.remotes else [compact(st.path)]
+            if any(res["rewritten_shards"] for res in results):
+                fresh = st.reopen()  # opened as `st` was: no index loaded for remote shards
+                with self.s.lock:
+                    self.s.stores[st.manifest.kind] = fresh
+            for res in results:
+                for k in total:
+                    total[k] += res[k]
         return pb.CompactResponse(**total)

@@ -284,18 +284,59 @@ def print_eval_table(rep: dict) -> None:
 # ---------------------------------------------------------------------------- serving
 
 
+def _limits(a: argparse.Namespace):
+    from dataclasses import fields
+
+    from server.limits import Limits
+
+    return Limits(**{f.name: getattr(a, f.name) for f in fields(Limits)})
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     from server.app import serve
 
     remote = [t for t in (a.remote_shards or "").split(",") if t]
-    serve(a.model, a.store or [], a.port, a.host, a.token_file, a.tls_cert, a.tls_key, remote, a.shard_deadline,
-          a.max_concurrent, a.max_new_tokens, a.ready_file)
+    serve(a.model, a.store or [], a.port, a.host, token_file=a.token_file, credentials_file=a.credentials,
+          shard_token_file=a.shard_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key, shard_ca=a.shard_ca,
+          remote_shards=remote, shard_deadline_s=a.shard_deadline, max_concurrent=a.max_concurrent,
+          workers=a.workers, limits=_limits(a), ready_file=a.ready_file)
 
 
 def cmd_serve_shards(a: argparse.Namespace) -> None:
     from server.app import serve_shards
 
-    serve_shards(a.store, a.shards, a.port, a.host, a.ready_file)
+    serve_shards(a.store, a.shards, a.port, a.shard_token_file, a.host, a.tls_cert, a.tls_key, _limits(a),
+                 a.ready_file)
+
+
+def cmd_token(a: argparse.Namespace) -> None:
+    from server.auth import OwnerCredentials
+
+    creds = OwnerCredentials(a.credentials)
+    if a.token_command == "issue":
+        token, entry = creds.issue(a.owner)
+        print(token)
+        print(f"owner token {entry['id']} for {entry['owner']!r}: shown once, only its SHA-256 is kept in "
+              f"{a.credentials}", file=sys.stderr)
+    elif a.token_command == "revoke":
+        if not creds.revoke(a.id):
+            raise SystemExit(f"silo: error: no token {a.id!r} in {a.credentials}")
+        print(f"revoked {a.id}")
+    else:
+        _print_table([[t["id"], t["owner"], t.get("created", "")] for t in creds.list()], ["id", "owner", "created"])
+
+
+def cmd_datastore_check(a: argparse.Namespace) -> None:
+    from datastore.check import check_store
+
+    report = check_store(a.store, repair=a.repair)
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for line in report["lines"]:
+            print(line)
+    if not report["ok"] and not a.repair:
+        raise SystemExit(1)
 
 
 def _client(a: argparse.Namespace):
@@ -398,12 +439,16 @@ def cmd_optout(a: argparse.Namespace) -> None:
     from server.client import to_dict
 
     with _client(a) as c:
-        if a.status:
-            r = c.optout_status(receipt_id=a.status)
+        if a.status or a.status_doc:
+            r = c.optout_status(receipt_id=a.status, doc_id=a.status_doc)
         else:
-            r = c.optout(doc_ids=a.doc_id, owner=a.owner, source=a.source, text_span=a.text_span, reason=a.reason)
-    if a.json or a.status:
+            r = c.optout(doc_ids=a.doc_id, owner=a.owner, source=a.source, text_span=a.text_span, reason=a.reason,
+                         confirm_large=a.confirm_large, dry_run=a.dry_run)
+    if a.json or a.status or a.status_doc:
         print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
+    elif r.dry_run:
+        print(f"dry run: would remove {len(r.removed_doc_ids)} document(s), {r.removed_entries} entries: "
+              f"{', '.join(r.removed_doc_ids[:20])}{' …' if len(r.removed_doc_ids) > 20 else ''}")
     else:
         print(f"removed {len(r.removed_doc_ids)} document(s), {r.removed_entries} entries; receipt {r.receipt_id} "
               f"(logged {r.logged_at})")
@@ -434,8 +479,19 @@ def _add_client_args(sp: argparse.ArgumentParser, token: bool = False) -> None:
     sp.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     sp.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS server")
     if token:
-        sp.add_argument("--token-file", help="file holding the admin token")
+        sp.add_argument("--token-file", help="file holding the admin token or an owner's token")
     sp.add_argument("--json", action="store_true")
+
+
+def _add_limit_args(sp: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from server.limits import Limits
+
+    g = sp.add_argument_group("hard limits on requests (larger values are INVALID_ARGUMENT)")
+    for f in fields(Limits):
+        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
+                       metavar="N", help=f"default {f.default}")
 
 
 def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
@@ -610,6 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--retriever", choices=["bm25", "dense"], default="bm25", help="passage stores")
     sp.add_argument("--json", action="store_true")
     _add_policy_args(sp)
+    sp = add(ds, "check", cmd_datastore_check, "verify a store's files and opt-out log; --repair fixes what it can")
+    sp.add_argument("store")
+    sp.add_argument("--repair", action="store_true",
+                    help="cut a torn log tail, quarantine corrupt log lines, sweep unfinished folders")
+    sp.add_argument("--json", action="store_true")
     sp = add(ds, "stats", cmd_datastore_stats, "entries, live entries, shards, tiers, sources")
     sp.add_argument("store")
     sp.add_argument("--json", action="store_true")
@@ -643,20 +704,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--store", action="append", help="a token or passage store (repeatable)")
     sp.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--token-file", help="admin token for OptOut/Compact (without it they are refused)")
+    sp.add_argument("--token-file", help="admin token (every call; without it Compact is refused)")
+    sp.add_argument("--credentials", help="owner tokens (silo token issue): owners opt out their own documents")
+    sp.add_argument("--shard-token-file", help="token presented to --remote-shards servers")
     sp.add_argument("--tls-cert")
     sp.add_argument("--tls-key")
+    sp.add_argument("--shard-ca", help="CA to verify shard servers' TLS (default: --tls-cert)")
     sp.add_argument("--remote-shards", help="host:port,… of `silo serve-shards` servers holding the indexes")
     sp.add_argument("--shard-deadline", type=float, default=5.0, help="seconds per remote shard call")
     sp.add_argument("--max-concurrent", type=int, default=32, help="calls beyond this get RESOURCE_EXHAUSTED")
-    sp.add_argument("--max-new-tokens", type=int, default=512)
+    sp.add_argument("--workers", type=int, help="requests computed at once (default: one per core)")
     sp.add_argument("--ready-file", help="write the bound port here once serving")
+    _add_limit_args(sp)
     sp = add(sub, "serve-shards", cmd_serve_shards, "serve some shards of a token store to a main server")
     sp.add_argument("store")
     sp.add_argument("--shards", required=True, help="e.g. 0-3 or 0,2")
     sp.add_argument("--port", type=int, default=50061)
     sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--shard-token-file", required=True, help="the token the main server presents")
+    sp.add_argument("--tls-cert")
+    sp.add_argument("--tls-key")
     sp.add_argument("--ready-file")
+    _add_limit_args(sp)
+    tk = sub.add_parser("token", help="owner credentials: issue, list, revoke").add_subparsers(
+        dest="token_command", required=True, metavar="COMMAND")
+    sp = add(tk, "issue", cmd_token, "a token with which OWNER may opt out (and check) only their documents")
+    sp.add_argument("--owner", required=True)
+    sp.add_argument("--credentials", required=True, help="credentials file (created; keeps only hashes)")
+    sp = add(tk, "list", cmd_token, "issued owner tokens (ids and owners; never the tokens)")
+    sp.add_argument("--credentials", required=True)
+    sp = add(tk, "revoke", cmd_token, "revoke an owner token by id")
+    sp.add_argument("id")
+    sp.add_argument("--credentials", required=True)
 
     sp = add(sub, "generate", cmd_generate, "generate over gRPC, showing the sources that contributed")
     sp.add_argument("prompt")
@@ -686,8 +765,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--owner")
     g.add_argument("--source")
     g.add_argument("--text-span", help="every document containing this text")
-    g.add_argument("--status", metavar="RECEIPT", help="look up an earlier opt-out")
+    g.add_argument("--status", metavar="RECEIPT", help="proof of an earlier opt-out, by receipt")
+    g.add_argument("--status-doc", metavar="DOC_ID", help="proof of an earlier opt-out, by document")
     sp.add_argument("--reason", default="")
+    sp.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    sp.add_argument("--confirm-large", action="store_true", help="allow a removal above the server's size limits")
     _add_client_args(sp, token=True)
     sp = add(sub, "stats", cmd_stats, "a server's stores: entries, live entries, shards")
     _add_client_args(sp)

@@ -195,6 +195,7 @@ def _passage_store(model_dir: Path, corpus: Path, out: Path) -> bool:
 def serve_and_opt_out(model_dir: Path, token_store: Path, work: Path) -> dict:
     """Start a real gRPC server on loopback, use it as a client would, stop it."""
     from server.app import build_server, load_state, new_token
+    from server.auth import Auth
     from server.client import SiloClient
     from server.servicers import DatastoreServicer, LanguageModelServicer
 
@@ -202,9 +203,10 @@ def serve_and_opt_out(model_dir: Path, token_store: Path, work: Path) -> dict:
     shutil.rmtree(served, ignore_errors=True)
     shutil.copytree(token_store, served)
     token = new_token()
-    state = load_state(str(model_dir), [str(served)])
+    auth = Auth(admin_token=token)
+    state = load_state(str(model_dir), [str(served)], auth=auth)
     server, port, _ = build_server({"LanguageModel": LanguageModelServicer(state),
-                                    "Datastore": DatastoreServicer(state)}, 0, token=token)
+                                    "Datastore": DatastoreServicer(state)}, 0, auth=auth)
     out: dict = {"port": port}
     try:
         client = SiloClient(f"127.0.0.1:{port}", token=token)

@@ -1,8 +1,11 @@
-"""The one base class for errors a user can fix; the CLI prints them as one line."""
+"""The one base class for errors a user can fix; the CLI prints them (and the storage
+engine's `StoreError`s) as one line."""
+
+from datastore.errors import StoreError
 
 
 class SiloError(Exception):
     """Bad input or state the user can fix; the message says what and where."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (SiloError, FileNotFoundError, FileExistsError)
+USER_ERRORS: tuple[type[BaseException], ...] = (SiloError, StoreError, FileNotFoundError, FileExistsError)

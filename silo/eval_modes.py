@@ -55,10 +55,7 @@ class EvalArgs:
 
 
 def store_knn_params(store: Datastore) -> KNNParams:
-    d = store.manifest.defaults or {}
-    base = KNNParams()
-    return KNNParams(k=d.get("k", base.k), lam=d.get("lambda", base.lam),
-                     temperature=d.get("temperature", base.temperature), nprobe=d.get("nprobe", base.nprobe))
+    return KNNParams.merged(store.manifest.defaults)
 
 
 def _exclusions(store: Datastore, metas: list[dict], texts: list[str], decontaminate: bool) -> tuple[set, dict]:

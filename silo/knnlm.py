@@ -36,6 +36,20 @@ class KNNParams:
     temperature: float = 10.0
     nprobe: int | None = 32
 
+    @classmethod
+    def merged(cls, defaults: dict | None = None, k: int | None = None, lam: float | None = None,
+               temperature: float | None = None, nprobe: int | None = None) -> KNNParams:
+        """The one parameter merge (CLI, servicers, demo): values given (None = not given)
+        over a store's tuned defaults (`manifest.defaults`) over the built-in ones."""
+        d, base = defaults or {}, cls()
+
+        def pick(given, key: str, fallback):
+            return given if given is not None else d.get(key, fallback)
+
+        return cls(k=pick(k, "k", base.k), lam=pick(lam, "lambda", base.lam),
+                   temperature=pick(temperature, "temperature", base.temperature),
+                   nprobe=pick(nprobe, "nprobe", base.nprobe))
+
     def validate(self) -> KNNParams:
         if self.k <= 0:
             raise SiloError(f"k must be positive, got {self.k}")

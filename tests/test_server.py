@@ -16,6 +16,7 @@ import pytest
 
 from datastore.build import BuildArgs, build_token_store
 from server.app import build_server, load_state
+from server.auth import Auth
 from server.client import SiloClient, retrieval_options
 from server.gen import silo_pb2 as pb
 from server.servicers import DatastoreServicer, LanguageModelServicer
@@ -32,12 +33,17 @@ def store_dir(tmp_path_factory, tiny_model, corpus_dir):
     return out
 
 
+SHARD_TOKEN = "test-shard-token-0123456789"
+
+
 def start(model, stores, **kw):
-    state = load_state(str(model), [str(s) for s in stores], **{k: v for k, v in kw.items()
-                                                                if k in ("remote_shards", "shard_deadline_s")})
+    auth = Auth(admin_token=kw.get("token", TOKEN), owners=kw.get("owners"))
+    state = load_state(str(model), [str(s) for s in stores], auth=auth, limits=kw.get("limits"),
+                       shard_token=SHARD_TOKEN, **{k: v for k, v in kw.items()
+                                                   if k in ("remote_shards", "shard_deadline_s", "shard_root_cert")})
     server, port, _ = build_server({"LanguageModel": LanguageModelServicer(state), "Datastore": DatastoreServicer(state)},
-                                   0, token=kw.get("token", TOKEN), max_concurrent=kw.get("max_concurrent", 32),
-                                   tls=kw.get("tls"))
+                                   0, auth=auth, max_concurrent=kw.get("max_concurrent", 32), tls=kw.get("tls"),
+                                   max_workers=kw.get("max_workers"))
     return server, port, state
 
 
@@ -208,7 +214,7 @@ def test_optout_is_honoured_at_once_with_status_and_stats(live):
     before = _docs_seen(client, QUERIES)
     victims = sorted(before)[:5]
     live_before = client.stats().stores[0].live_entries
-    r = client.optout(doc_ids=victims, reason="owner request")
+    r = client.optout(doc_ids=victims, reason="owner request", confirm_large=True)
     assert sorted(r.removed_doc_ids) == victims and r.removed_entries > 0 and r.receipt_id
     assert not _docs_seen(client, QUERIES) & set(victims)
     st = client.optout_status(receipt_id=r.receipt_id)
@@ -228,7 +234,7 @@ def test_optout_by_text_span_removes_every_document_containing_it(live):
     texts = store.docs.column("text").to_pylist()
     holders = {d for d, t in zip(store.docs.column("doc_id").to_pylist(), texts, strict=True) if span in t}
     assert len(holders) > 1
-    r = client.optout(text_span=span)
+    r = client.optout(text_span=span, confirm_large=True)
     assert set(r.removed_doc_ids) == holders
     assert not _docs_seen(client, QUERIES + ["In 1734, Claude Shannon finished the observatory of Kyoto"]) & holders
 
@@ -264,7 +270,7 @@ def test_kill9_after_acknowledged_optout_loses_nothing(tmp_path, store_dir, tiny
     shutil.copytree(store_dir, path)
     proc, client = _serve(tmp_path, tiny_model, path)
     victims = sorted(_docs_seen(client, QUERIES[:3]))[:4]
-    client.optout(doc_ids=victims)
+    client.optout(doc_ids=victims, confirm_large=True)
     os.kill(proc.pid, signal.SIGKILL)  # right after the acknowledgement
     proc.wait()
     proc, client = _serve(tmp_path, tiny_model, path)
@@ -292,7 +298,7 @@ def test_kill9_during_compaction_leaves_store_intact(tmp_path, store_dir, tiny_m
     for delay_kill in (0.3, 1.2, 2.2):  # kill in different phases of a slowed-down compaction
         proc, client = _serve(tmp_path, tiny_model, path, env={"SILO_TEST_COMPACT_DELAY": "0.5"})
         victims = sorted(_docs_seen(client, QUERIES) - removed())[:2]
-        client.optout(doc_ids=victims)
+        client.optout(doc_ids=victims, confirm_large=True)
         client.ds.Compact.future(pb.CompactRequest(), metadata=client._auth)
         time.sleep(delay_kill)
         os.kill(proc.pid, signal.SIGKILL)
@@ -325,7 +331,7 @@ def test_remote_shards_answer_like_a_local_store(tmp_path, store_dir, tiny_model
 
     shard_servers = []
     for shards in ({0}, {1}):
-        srv, port, _ = bs({"ShardSearch": ShardSearchServicer(store_dir, shards)}, 0)
+        srv, port, _ = bs({"ShardSearch": ShardSearchServicer(store_dir, shards)}, 0, auth=Auth(shard_token=SHARD_TOKEN))
         shard_servers.append((srv, port))
     remote = [f"127.0.0.1:{p}" for _, p in shard_servers]
     main, mport, _ = start(tiny_model, [store_dir], remote_shards=remote, shard_deadline_s=3.0)

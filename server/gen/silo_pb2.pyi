@@ -304,30 +304,36 @@ class DocIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OptOutRequest(_message.Message):
-    __slots__ = ("doc_ids", "owner", "source", "text_span", "reason")
+    __slots__ = ("doc_ids", "owner", "source", "text_span", "reason", "confirm_large", "dry_run")
     DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TEXT_SPAN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_LARGE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     doc_ids: DocIds
     owner: str
     source: str
     text_span: str
     reason: str
-    def __init__(self, doc_ids: _Optional[_Union[DocIds, _Mapping]] = ..., owner: _Optional[str] = ..., source: _Optional[str] = ..., text_span: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    confirm_large: bool
+    dry_run: bool
+    def __init__(self, doc_ids: _Optional[_Union[DocIds, _Mapping]] = ..., owner: _Optional[str] = ..., source: _Optional[str] = ..., text_span: _Optional[str] = ..., reason: _Optional[str] = ..., confirm_large: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class OptOutResponse(_message.Message):
-    __slots__ = ("receipt_id", "removed_doc_ids", "removed_entries", "logged_at")
+    __slots__ = ("receipt_id", "removed_doc_ids", "removed_entries", "logged_at", "dry_run")
     RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
     REMOVED_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     REMOVED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     LOGGED_AT_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     receipt_id: str
     removed_doc_ids: _containers.RepeatedScalarFieldContainer[str]
     removed_entries: int
     logged_at: str
-    def __init__(self, receipt_id: _Optional[str] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., removed_entries: _Optional[int] = ..., logged_at: _Optional[str] = ...) -> None: ...
+    dry_run: bool
+    def __init__(self, receipt_id: _Optional[str] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., removed_entries: _Optional[int] = ..., logged_at: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class OptOutStatusRequest(_message.Message):
     __slots__ = ("receipt_id", "doc_id")
@@ -337,8 +343,22 @@ class OptOutStatusRequest(_message.Message):
     doc_id: str
     def __init__(self, receipt_id: _Optional[str] = ..., doc_id: _Optional[str] = ...) -> None: ...
 
+class StoreProof(_message.Message):
+    __slots__ = ("store", "doc_ids", "tombstoned", "compacted", "live_entries")
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONED_FIELD_NUMBER: _ClassVar[int]
+    COMPACTED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    store: str
+    doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    tombstoned: bool
+    compacted: bool
+    live_entries: int
+    def __init__(self, store: _Optional[str] = ..., doc_ids: _Optional[_Iterable[str]] = ..., tombstoned: _Optional[bool] = ..., compacted: _Optional[bool] = ..., live_entries: _Optional[int] = ...) -> None: ...
+
 class OptOutStatusResponse(_message.Message):
-    __slots__ = ("removed", "receipt_id", "logged_at", "by", "values", "removed_doc_ids", "compacted")
+    __slots__ = ("removed", "receipt_id", "logged_at", "by", "values", "removed_doc_ids", "compacted", "logged", "tombstoned", "made_by", "values_redacted", "stores")
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
     LOGGED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +366,11 @@ class OptOutStatusResponse(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     REMOVED_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     COMPACTED_FIELD_NUMBER: _ClassVar[int]
+    LOGGED_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONED_FIELD_NUMBER: _ClassVar[int]
+    MADE_BY_FIELD_NUMBER: _ClassVar[int]
+    VALUES_REDACTED_FIELD_NUMBER: _ClassVar[int]
+    STORES_FIELD_NUMBER: _ClassVar[int]
     removed: bool
     receipt_id: str
     logged_at: str
@@ -353,7 +378,12 @@ class OptOutStatusResponse(_message.Message):
     values: _containers.RepeatedScalarFieldContainer[str]
     removed_doc_ids: _containers.RepeatedScalarFieldContainer[str]
     compacted: bool
-    def __init__(self, removed: _Optional[bool] = ..., receipt_id: _Optional[str] = ..., logged_at: _Optional[str] = ..., by: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., compacted: _Optional[bool] = ...) -> None: ...
+    logged: bool
+    tombstoned: bool
+    made_by: str
+    values_redacted: bool
+    stores: _containers.RepeatedCompositeFieldContainer[StoreProof]
+    def __init__(self, removed: _Optional[bool] = ..., receipt_id: _Optional[str] = ..., logged_at: _Optional[str] = ..., by: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., compacted: _Optional[bool] = ..., logged: _Optional[bool] = ..., tombstoned: _Optional[bool] = ..., made_by: _Optional[str] = ..., values_redacted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreProof, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -428,6 +458,12 @@ class CompactResponse(_message.Message):
     removed_entries: int
     seconds: float
     def __init__(self, rewritten_shards: _Optional[int] = ..., removed_entries: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class CompactShardsRequest(_message.Message):
+    __slots__ = ("store_fingerprint",)
+    STORE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    store_fingerprint: str
+    def __init__(self, store_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
     __slots__ = ("queries", "num_queries", "dim", "k", "nprobe", "policy", "store_fingerprint")

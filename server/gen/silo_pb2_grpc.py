@@ -491,6 +491,7 @@ class Datastore:
 class ShardSearchStub:
     """---------------------------------------------------------------- ShardSearch (internal)
 
+    Needs the shard token (--shard-token-file on both sides).
     """
 
     def __init__(self, channel):
@@ -504,15 +505,29 @@ class ShardSearchStub:
                 request_serializer=silo_dot_v1_dot_silo__pb2.ShardSearchRequest.SerializeToString,
                 response_deserializer=silo_dot_v1_dot_silo__pb2.ShardSearchResponse.FromString,
                 _registered_method=True)
+        self.CompactShards = channel.unary_unary(
+                '/silo.v1.ShardSearch/CompactShards',
+                request_serializer=silo_dot_v1_dot_silo__pb2.CompactShardsRequest.SerializeToString,
+                response_deserializer=silo_dot_v1_dot_silo__pb2.CompactResponse.FromString,
+                _registered_method=True)
 
 
 class ShardSearchServicer:
     """---------------------------------------------------------------- ShardSearch (internal)
 
+    Needs the shard token (--shard-token-file on both sides).
     """
 
     def SearchShards(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactShards(self, request, context):
+        """Compacts this server's shards of the store (the main server asks each shard server,
+        rather than loading their indexes itself).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -525,6 +540,11 @@ def add_ShardSearchServicer_to_server(servicer, server):
                     request_deserializer=silo_dot_v1_dot_silo__pb2.ShardSearchRequest.FromString,
                     response_serializer=silo_dot_v1_dot_silo__pb2.ShardSearchResponse.SerializeToString,
             ),
+            'CompactShards': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactShards,
+                    request_deserializer=silo_dot_v1_dot_silo__pb2.CompactShardsRequest.FromString,
+                    response_serializer=silo_dot_v1_dot_silo__pb2.CompactResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'silo.v1.ShardSearch', rpc_method_handlers)
@@ -536,6 +556,7 @@ def add_ShardSearchServicer_to_server(servicer, server):
 class ShardSearch:
     """---------------------------------------------------------------- ShardSearch (internal)
 
+    Needs the shard token (--shard-token-file on both sides).
     """
 
     @staticmethod
@@ -555,6 +576,33 @@ class ShardSearch:
             '/silo.v1.ShardSearch/SearchShards',
             silo_dot_v1_dot_silo__pb2.ShardSearchRequest.SerializeToString,
             silo_dot_v1_dot_silo__pb2.ShardSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactShards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/silo.v1.ShardSearch/CompactShards',
+            silo_dot_v1_dot_silo__pb2.CompactShardsRequest.SerializeToString,
+            silo_dot_v1_dot_silo__pb2.CompactResponse.FromString,
             options,
             channel_credentials,
             insecure,

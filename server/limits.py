@@ -1,0 +1,106 @@
+"""Hard limits on every request field, and the checks that enforce them.
+
+Nothing a client sends may make the server allocate without bound or crash: every count
+has a server-side maximum (`Limits`, set by `silo serve` flags), every float must be
+finite and in range, enums must be known values (proto3 keeps unknown numbers), tiers
+must be real tiers. A violation is `BadRequest` (INVALID_ARGUMENT) with a message that
+names the field, its value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from datastore.policy import RetrievalPolicy
+from server.gen import silo_pb2 as pb
+from silo.licenses import TIERS
+
+
+class BadRequest(Exception):
+    """INVALID_ARGUMENT with this message."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_k: int = 4096  # neighbours, passages or hits per query
+    max_nprobe: int = 4096
+    max_refine_factor: int = 32
+    max_new_tokens: int = 512
+    max_attribution_top: int = 64
+    max_text_chars: int = 200_000  # prompt, text to score or trace, search query
+    max_stop_sequences: int = 16
+    max_stop_chars: int = 256
+    max_patterns: int = 64  # per policy field
+    max_pattern_chars: int = 256
+    max_optout_values: int = 10_000  # doc ids in one opt-out
+    max_value_chars: int = 4096  # one doc id, owner, source, span, reason, store name
+    min_span_chars: int = 8
+    max_optout_docs: int = 1000  # larger removals need confirm_large
+    max_optout_fraction: float = 0.01  # … and so do removals of more than this share of a store
+    max_time_limit_s: float = 3600.0
+    max_window: int = 8192
+    max_trace_min_tokens: int = 1024
+    max_add_documents: int = 100_000  # per AddDocuments stream
+    max_document_chars: int = 5_000_000
+
+
+def check_int(name: str, value: int, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_float(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    if not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number, got {value}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        raise BadRequest(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
+    return value
+
+
+def check_text(name: str, text: str, limit: int, allow_empty: bool = False) -> str:
+    if not allow_empty and not text.strip():
+        raise BadRequest(f"{name} is empty")
+    if len(text) > limit:
+        raise BadRequest(f"{name} has {len(text):,} characters; the limit is {limit:,}")
+    return text
+
+
+def check_enum(name: str, value: int, enum) -> int:
+    if value not in enum.values():
+        raise BadRequest(f"{name} {value} is not one of {', '.join(enum.keys())}")
+    return value
+
+
+def _patterns(name: str, values, limits: Limits) -> tuple[str, ...]:
+    if len(values) > limits.max_patterns:
+        raise BadRequest(f"{name} has {len(values)} patterns; the limit is {limits.max_patterns}")
+    for v in values:
+        if not v or len(v) > limits.max_pattern_chars:
+            raise BadRequest(f"{name}: a pattern must be 1-{limits.max_pattern_chars} characters")
+    return tuple(values)
+
+
+def policy_from_pb(p: pb.RetrievalPolicy, limits: Limits | None = None) -> RetrievalPolicy:
+    """A checked `RetrievalPolicy` from its message: known tiers, bounded patterns."""
+    limits = limits or Limits()
+    bad = [t for t in p.tiers if t not in TIERS]
+    if bad:
+        raise BadRequest(f"policy.tiers: unknown tier(s) {', '.join(bad)}; expected {', '.join(TIERS)}")
+    fields = {f: _patterns(f"policy.{f}", getattr(p, f), limits)
+              for f in ("allow_licenses", "deny_licenses", "allow_sources", "deny_sources", "deny_owners")}
+    return RetrievalPolicy(tiers=tuple(dict.fromkeys(p.tiers)) or None, **fields)
+
+
+def check_retrieval(r: pb.RetrievalOptions, limits: Limits) -> None:
+    """Every field of RetrievalOptions against the limits (mode, k, λ, T, nprobe, refine, stride)."""
+    check_enum("retrieval.mode", r.mode, pb.RetrievalMode)
+    if r.HasField("k"):
+        check_int("retrieval.k", r.k, 1, limits.max_k)
+    if r.HasField("lambda_"):
+        check_float("retrieval.lambda_", r.lambda_, 0.0, 1.0)
+    if r.HasField("temperature"):
+        check_float("retrieval.temperature", r.temperature, 0.0, 1e6, lo_open=True)
+    check_int("retrieval.nprobe", r.nprobe, 0, limits.max_nprobe)
+    check_int("retrieval.ric_stride", r.ric_stride, 0, limits.max_window)

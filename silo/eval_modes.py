@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from datastore.decontam import leaked_docs, store_contamination
-from datastore.manifest import FingerprintMismatch, tokenizer_fingerprint
+from datastore.lock import StoreLock
+from datastore.manifest import FingerprintMismatch, Manifest, tokenizer_fingerprint
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore
 from silo.errors import SiloError
@@ -172,11 +173,13 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
     result = {"lm": lm_ppl, "knn": best[0], "k": best[1], "lambda": best[2], "temperature": best[3],
               "nprobe": nprobe, "split": split, "tokens": int(sum(len(d) - 1 for d in docs)), "checks": checks,
               "grid_size": len(grid)}
-    if save:
-        store.manifest.defaults = {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")} | {
-            "tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
-            "validation_ppl_knn": round(best[0], 4)}
-        store.manifest.save(store_dir)
-    if not math.isfinite(best[0]):
+    if not math.isfinite(best[0]):  # checked before anything is saved: never store broken defaults
         raise SiloError("sweep found no finite perplexity")
+    if save:  # under the store's lock, on the manifest as it is now (a compaction may have switched it)
+        with StoreLock(store_dir, "tuning"):
+            manifest = Manifest.load(store_dir)
+            manifest.defaults = {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")} | {
+                "tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
+                "validation_ppl_knn": round(best[0], 4)}
+            manifest.save(store_dir)
     return result

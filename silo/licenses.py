@@ -23,23 +23,29 @@ Tiers (Open License Corpus, SILO paper, Min et al. 2023), least to most restrict
 
 How a license string is read (:func:`classify_license`):
 
-1. **SPDX expressions and free-text names**, parsed by a small recursive-descent parser.
-   ``A OR B`` -> the least restrictive (the user may choose); ``A AND B`` -> the most
-   restrictive; ``X WITH exc`` -> the tier of ``X`` when ``exc`` names an exception
-   (``...-exception...``, ``Linux-syscall-note``), otherwise restricted (free text
-   "MIT with restrictions" is not an SPDX exception). Precedence WITH > AND > OR.
-   Free-text separators: ``/``, ``|`` and the word "or" are OR; ``,``, ``;``, ``&`` and
-   "and" are AND (a comma list might mean a dual license, but we read it the safe way);
-   "and/or" is OR. ``Name (ABBR)`` reads the parenthesis as an annotation: the two
-   together are looked up first, otherwise both must hold (AND). ``-or-later``, ``+``,
-   "or any later version", ``-only``, "v3", ".0", "Licence", "License", "Version", "the"
-   are normalized away; ids are case-insensitive; deprecated SPDX ids work; known
-   license URLs (opensource.org, spdx.org, apache.org, creativecommons.org) are read.
-   Names are looked up in the tables below. ``LicenseRef-*`` and unknown ids are
-   restricted; a multi-word phrase we do not recognize poisons the whole expression
-   (restricted), because then we cannot trust where the operators are. Malformed
-   expressions ("MIT AND (") are restricted. A name mentioning NC / NonCommercial / ND /
-   NoDerivatives is restricted whatever the tables say.
+1. **SPDX expressions and free-text names.** The SPDX grammar is license-expression's
+   (ScanCode's SPDX expression library, with the SPDX license index it ships, so no
+   network): AND / OR / WITH, precedence WITH > AND > OR, parentheses, syntax errors, ids
+   in any case, deprecated ids (``GPL-2.0`` is ``GPL-2.0-only``, ``BSD-2-Clause-FreeBSD``
+   is ``BSD-2-Clause-Views``), ``+`` (or later), and which ids are SPDX exceptions. What it
+   parses is ours to judge: ``A OR B`` -> the least restrictive (the user may choose);
+   ``A AND B`` -> the most restrictive; ``X WITH exc`` -> the tier of ``X`` when ``exc``
+   is an SPDX exception (they only add permissions) or free text naming an exception
+   ("OpenSSL exception"), otherwise restricted ("MIT with restrictions", "MIT with
+   Commons Clause"). Free text is first rewritten into SPDX syntax (ours too): ``/``,
+   ``|`` and the word "or" are OR; ``,``, ``;``, ``&`` and "and" are AND (a comma list
+   might mean a dual license, but we read it the safe way); "and/or" is OR. ``Name
+   (ABBR)`` reads the parenthesis as an annotation: the two together are looked up first,
+   otherwise both must hold (AND). Each name is looked up in the tables below, ignoring
+   case, punctuation, ``-or-later``, ``+``, "or any later version", ``-only``, "v3",
+   ".0", "Licence", "License", "Version" and "the"; known license URLs (opensource.org,
+   spdx.org, apache.org, creativecommons.org) are read.
+   ``LicenseRef-*`` (whatever the library's index aliases it to: a LicenseRef means what
+   its document defines) and unknown ids are restricted; a multi-word phrase we do not
+   recognize poisons the whole expression (restricted), because then we cannot trust
+   where the operators are. Malformed expressions ("MIT AND (", "MIT AND BSD AND") are
+   restricted. A name mentioning NC / NonCommercial / ND / NoDerivatives is restricted
+   whatever the tables say.
 2. **Full license text** pasted into the field (it has several lines, contains a grant
    phrase, or is a long phrase we could not read as a name): any copyleft /
    non-commercial / proprietary marker anywhere makes it restricted; otherwise the
@@ -74,6 +80,8 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import license_expression
 
 TIERS: tuple[str, ...] = ("pd", "sw", "by", "restricted")
 """All tiers, from least to most restrictive."""
@@ -241,9 +249,6 @@ _CLASSIFIERS: dict[str, str] = {
     "Freely Distributable": "",
     "Freeware": "",
 }
-
-# SPDX license exceptions that do not contain the word "exception".
-_EXCEPTIONS_WITHOUT_THE_WORD = frozenset({"linux-syscall-note", "llgpl", "shl-2.0", "shl-2.1"})
 
 # Whole license texts pasted into a License field: distinctive grant phrases.
 _TEXT_GRANTS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -416,112 +421,135 @@ def _atom(text: str) -> _Eval:
 
 
 # ---------------------------------------------------------------------------------------
-# Expression parser: expr := and (OR and)* ; and := with (AND with)* ;
-# with := juxt [WITH words] ; juxt := primary primary* ; primary := '(' expr ')' | words
+# Expressions. license-expression (ScanCode) parses them: the SPDX grammar (AND, OR, WITH,
+# precedence WITH > AND > OR, parentheses, syntax errors) and the SPDX index it ships
+# (ids in any case, deprecated ids such as GPL-2.0 -> GPL-2.0-only, "+" -> -or-later, which
+# ids are exceptions). Free text it does not read ("MIT/Apache 2.0", "The MIT License
+# (MIT)", URLs), so _to_spdx first rewrites a field into SPDX syntax; the tree it returns
+# is then read against our tables by _evaluate.
 # ---------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(
+_SPDX = license_expression.get_spdx_licensing()  # offline: the index is inside the wheel
+_SPDX.parse("MIT")  # builds its tokenizer once, at import, rather than on a first call
+
+
+# Free-text lexemes: a URL (kept whole: it has "/" in it), a bracket, a separator, a word.
+_LEXEME = re.compile(
     r"(?P<url>https?://[^\s()\[\]<>,;]+|www\.[^\s()\[\]<>,;/]+\.[a-z]{2,}[^\s()\[\]<>,;]*)"
     r"|(?P<lp>[(\[])|(?P<rp>[)\]])|(?P<or>\|\||\||/)|(?P<and>&&|&|,|;)|(?P<ws>\s+)"
     r"|(?P<word>[^\s()\[\]|/&,;]+)",
     re.I,
 )
-_OPERATOR_WORDS = {"or": "or", "and": "and", "with": "with"}
+_SPDX_TOKEN = {"lp": "(", "rp": ")", "or": "OR", "and": "AND"}
+_OPERATOR_WORDS = {"or": "OR", "and": "AND", "with": "WITH"}
+
+# A name handed to the library as it is: one SPDX-shaped id, "+" allowed. Anything else
+# travels as a placeholder that our tables read: the library would split "The MIT License"
+# around the id it knows inside, it rejects "/" and quotes, and its index maps some
+# LicenseRef- ids onto SPDX licenses (LicenseRef-Apache -> Apache-2.0), whereas a
+# LicenseRef means what the document using it defines, so here it never promotes anything.
+_SPDX_ID = re.compile(r"(?!(?:licenseref|documentref)-)[a-z0-9][a-z0-9.-]*\+?", re.I)
+_PLACEHOLDER = "LicenseRef-silo-{}"
 
 
-class _ParseError(ValueError):
-    pass
+def _to_spdx(text: str) -> tuple[str, dict[str, str]] | None:
+    """Free text -> (SPDX expression, {placeholder: the name it stands for}); None when
+    it is malformed in a way that boolean.py would let through.
 
-
-def _tokenize(s: str) -> list[tuple[str, str]]:
-    tokens = []
-    for m in _TOKEN.finditer(s):
+    "/" and "|" are OR; "," ";" "&" are AND; "[ ]" are parentheses; the words "or", "and",
+    "with" are operators; adjacent words make one name. Operands side by side: "Name
+    (ABBR)" is one name when the two together are a name we know; otherwise a name with
+    notes after it ("GPL-3.0 (see LICENSE)") and a group with more after it ("(MIT)
+    Apache") are an AND of all (the safe reading). A name after a note ("X (Y) Z"),
+    anything after an exception ("X WITH e (Y)") and an operator at the end are malformed;
+    other syntax errors are the parser's to find.
+    """
+    items: list[tuple[str, str]] = []  # (kind, text); kind: "name", "(", ")", AND, OR, WITH
+    for m in _LEXEME.finditer(text):
         kind, value = m.lastgroup or "", m.group()
         if kind == "ws":
             continue
         if kind == "word" and value.lower() in _OPERATOR_WORDS:
-            kind = _OPERATOR_WORDS[value.lower()]
-        tokens.append((kind, value))
-    return tokens
+            items.append((_OPERATOR_WORDS[value.lower()], value))
+        elif kind in ("word", "url"):
+            if items and items[-1][0] == "name":
+                items[-1] = ("name", f"{items[-1][1]} {value}")
+            else:
+                items.append(("name", value))
+        else:
+            items.append((_SPDX_TOKEN[kind], value))
+    i = 0
+    while i + 3 < len(items):
+        (k0, name), (k1, _), (k2, note), (k3, _) = items[i:i + 4]
+        merged = f"{name} {note}"
+        if (k0, k1, k2, k3) == ("name", "(", "name", ")") and _canon(merged) in _LOOKUP \
+                and not _NC_ND.search(merged):
+            items[i:i + 4] = [("name", merged)]  # "The MIT License (MIT)", "Apache (2.0)"
+        else:
+            i += 1
+    out: list[str] = []
+    phrases: dict[str, str] = {}
+    runs = [""]  # per open group: the kind of operand that began the current run side by side
+    previous = ""
+    for kind, value in items:
+        if kind in ("name", "(") and previous in ("name", ")"):
+            if runs[-1] == "WITH" or (kind == "name" and runs[-1] == "name"):
+                return None  # "X (Y) Z", "X WITH e (Y)": boolean.py would take them as ANDs
+            out.append("AND")
+        elif kind in ("name", "("):
+            runs[-1] = "WITH" if previous == "WITH" else kind
+        if kind == "(":
+            runs.append("")
+        elif kind == ")" and len(runs) > 1:
+            runs.pop()
+        if kind != "name":
+            out.append(kind)
+        elif _SPDX_ID.fullmatch(value):
+            out.append(value)
+        else:
+            phrases[key := _PLACEHOLDER.format(len(phrases))] = value
+            out.append(key)
+        previous = kind
+    if previous in _OPERATOR_WORDS.values():
+        return None  # boolean.py reads "MIT AND BSD AND" as "MIT AND BSD": a cut-off field
+    return " ".join(out), phrases
 
 
-class _Parser:
-    def __init__(self, tokens: list[tuple[str, str]]):
-        self.tokens, self.i = tokens, 0
+def _parse(text: str) -> _Eval | None:
+    """A license expression or a free-text list of names, read; None when malformed."""
+    converted = _to_spdx(text)
+    if converted is None:
+        return None
+    expression, phrases = converted
+    try:
+        tree = _SPDX.parse(expression)
+    except Exception:
+        # license-expression raises ExpressionError for most syntax errors, but some
+        # garbage fails deeper down ("()": IndexError; "MIT AND ( AND X": an assertion in
+        # boolean.py): whatever it raises, the field could not be read.
+        return None
+    return None if tree is None else _evaluate(tree, phrases)
 
-    def peek(self) -> str | None:
-        return self.tokens[self.i][0] if self.i < len(self.tokens) else None
 
-    def take(self, kind: str) -> str:
-        if self.peek() != kind:
-            raise _ParseError(f"expected {kind} at token {self.i}")
-        self.i += 1
-        return self.tokens[self.i - 1][1]
-
-    def parse(self) -> _Eval:
-        result = self.expr()
-        if self.peek() is not None:
-            raise _ParseError(f"unexpected {self.peek()} at token {self.i}")
-        return result
-
-    def expr(self) -> _Eval:
-        options = [self.conj()]
-        while self.peek() == "or":
-            self.take("or")
-            options.append(self.conj())
-        return _any_of(options)
-
-    def conj(self) -> _Eval:
-        parts = [self.with_()]
-        while self.peek() == "and":
-            self.take("and")
-            parts.append(self.with_())
-        return _all_of(parts)
-
-    def with_(self) -> _Eval:
-        base = self.juxt()
-        if self.peek() != "with":
-            return base
-        self.take("with")
-        exception = self.words()
-        if "exception" in exception.lower() or exception.lower() in _EXCEPTIONS_WITHOUT_THE_WORD:
-            return _Eval(base.tier, f"{base.label} WITH {exception}", base.share_alike,
-                         base.known, base.poison)
-        return _Eval(RESTRICTED, f"{base.label} WITH {exception}", known=True, poison=base.poison)
-
-    def juxt(self) -> _Eval:
-        if self.peek() in ("word", "url"):
-            text = self.words()
-            parts = [_atom(text)]
-            while self.peek() == "lp":  # "Name (ABBR)": an annotation on the name
-                start = self.i
-                inner = self.group()
-                inner_text = " ".join(v for _, v in self.tokens[start + 1:self.i - 1])
-                merged = _LOOKUP.get(_canon(f"{text} {inner_text}"))
-                if merged and not _NC_ND.search(f"{text} {inner_text}"):
-                    parts = [_known(merged)]
-                else:
-                    parts = [*parts, inner]
-            return _all_of(parts)
-        parts = [self.group()]
-        while self.peek() in ("lp", "word", "url"):  # "(MIT) Apache": read as AND
-            parts.append(self.juxt())
-        return _all_of(parts)
-
-    def group(self) -> _Eval:
-        self.take("lp")
-        inner = self.expr()
-        self.take("rp")
-        return inner
-
-    def words(self) -> str:
-        out = []
-        while self.peek() in ("word", "url"):
-            out.append(self.tokens[self.i][1])
-            self.i += 1
-        if not out:
-            raise _ParseError(f"expected a license name at token {self.i}")
-        return " ".join(out)
+def _evaluate(node: object, phrases: dict[str, str]) -> _Eval:
+    """Our reading of a tree parsed by license-expression (placeholders: see _to_spdx)."""
+    if isinstance(node, license_expression.LicenseWithExceptionSymbol):
+        base = _evaluate(node.license_symbol, phrases)
+        exception = phrases.get(node.exception_symbol.key, node.exception_symbol.key)
+        label = f"{base.label} WITH {exception}"
+        # An SPDX exception only adds permissions, so the license's tier holds; free text
+        # must say it is an exception ("OpenSSL exception"): "MIT with Commons Clause" or
+        # "MIT with restrictions" are restrictions.
+        if node.exception_symbol.is_exception or "exception" in exception.lower():
+            return _Eval(base.tier, label, base.share_alike, base.known, base.poison)
+        return _Eval(RESTRICTED, label, known=True, poison=base.poison)
+    if isinstance(node, license_expression.LicenseSymbol):
+        return _atom(phrases.get(node.key, node.key))
+    if isinstance(node, license_expression.OR):
+        return _any_of([_evaluate(arg, phrases) for arg in node.args])
+    if isinstance(node, license_expression.AND):
+        return _all_of([_evaluate(arg, phrases) for arg in node.args])
+    return _Eval(RESTRICTED, known=True)  # nothing else comes out of a parse: never trust it
 
 
 def _any_of(options: list[_Eval]) -> _Eval:
@@ -594,10 +622,10 @@ def _read_name(s: str) -> _Verdict:
     label = _LOOKUP.get(_canon(s)) if _balanced(s) else None
     if label is not None and not _NC_ND.search(s):
         return _from_eval(_known(label))
-    try:
-        return _from_eval(_Parser(_tokenize(s)).parse())
-    except _ParseError:
+    parsed = _parse(s)
+    if parsed is None:
         return _Verdict(RESTRICTED, "", False, True)  # malformed: an explicit, broken claim
+    return _from_eval(parsed)
 
 
 @functools.lru_cache(maxsize=8192)

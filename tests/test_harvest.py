@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata as md
+import logging
 import os
 import shutil
 
@@ -178,6 +179,43 @@ def test_parse_copyright():
     assert parse_copyright(no_star) == ("BSD-3-Clause", None)  # no `Files: *`: the header's License
     assert parse_copyright("Some free text\n\nLicense: MIT\n") == ("", None)
     assert parse_copyright("") == ("", None)
+
+
+FORMAT = "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+STAR = "Files: *\nCopyright: 2020 Jane Roe\nLicense: MIT\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\ufeff" + FORMAT + "\n" + STAR, ("MIT", "Jane Roe")),  # byte-order mark
+        ((FORMAT + "\n" + STAR).replace("\n", "\r\n"), ("MIT", "Jane Roe")),
+        ("Upstream-Name: frob\n" + FORMAT + "\n" + STAR, ("MIT", "Jane Roe")),  # Format not first
+        (FORMAT.replace("https", "http").replace("1.0/", "1.0") + "\n" + STAR, ("MIT", "Jane Roe")),
+        ("Format-Specification: http://svn.debian.org/wsvn/dep/web/deps/dep5.mdwn?op=file&rev=135\n"
+         "\n" + STAR, ("MIT", "Jane Roe")),  # a DEP-5 draft
+        ("# comment\n" + FORMAT + "\n# comment\n" + STAR, ("MIT", "Jane Roe")),
+        (FORMAT + "\nFiles: *\nCopyright:\n 2019 Jane Roe\n 2020 Bob\nLicense:\n GPL-2+\n",
+         ("GPL-2+", "Jane Roe")),  # values starting on the next line
+        (FORMAT + "\nFiles: *\nCopyright: 2020 Jane Roe\nLicense: MIT\n\tPermission is hereby"
+         " granted\n", ("MIT", "Jane Roe")),  # text continued with a tab: legal deb822
+        (FORMAT + "\nFiles: *\nLicense: MIT\n", ("MIT", None)),  # no Copyright: still read
+        (FORMAT + "\nFiles: debian/*\nCopyright: 2021 D\nLicense: GPL-2+\n\n"
+         "Files: src/* *\nCopyright: 2019 Q\nLicense: BSD-3-clause\n", ("BSD-3-clause", "Q")),
+        ("Files: *\nCopyright: 2020 Jane Roe\nLicense: MIT\n", ("", None)),  # no Format header
+        (FORMAT + "\nFiles: *\nthis line is not a field\nLicense: MIT\n", ("", None)),  # not deb822
+    ],
+)
+def test_parse_copyright_real_world_layouts(text, expected):
+    assert parse_copyright(text) == expected
+
+
+def test_parse_copyright_keeps_python_debian_quiet(caplog):
+    """Tolerated deviations (an http:// Format URL, an old DEP-5 draft) are not news."""
+    with caplog.at_level(logging.DEBUG):
+        assert parse_copyright(FORMAT.replace("https", "http") + "\n" + STAR)[0] == "MIT"
+        assert parse_copyright("Format: https://dep.debian.net/deps/dep5/\n\n" + STAR)[0] == "MIT"
+    assert not [r for r in caplog.records if r.name.startswith("debian") and r.levelno >= logging.WARNING]
 
 
 def test_render_man_fallback_and_links():

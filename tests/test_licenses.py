@@ -614,6 +614,84 @@ def test_with_binds_tighter_than_and_and_or():
     assert classify_license("MIT AND GPL-2.0 WITH Classpath-exception-2.0") == R
 
 
+# --- what license-expression (SPDX index, grammar) now reads for us --------------------------
+
+
+@pytest.mark.parametrize(
+    ("license", "tier"),
+    [
+        # "+": or later
+        ("Apache-2.0+", SW),
+        ("GPL-2.0+", R),
+        ("LGPL-2.1+ OR MIT", SW),
+        ("MIT AND GPL-3.0+", R),
+        # deprecated SPDX ids, resolved by the index
+        ("GPL-2.0 OR GPL-3.0", R),
+        ("BSD-2-Clause-NetBSD", SW),
+        ("Nunit", SW),  # deprecated for zlib-acknowledgement
+        # WITH: an SPDX exception keeps the license's tier, in any case
+        ("GPL-2.0-only WITH Classpath-exception-2.0", R),
+        ("apache-2.0 with llvm-exception", SW),
+        ("MIT WITH GPL-CC-1.0", SW),  # an SPDX exception without the word "exception"
+        ("MIT WITH Commons-Clause", R),  # not an SPDX exception: a restriction
+        ("MIT WITH LicenseRef-scancode-commons-clause", R),
+        # LicenseRef-: restricted, even where the library's index aliases it to a license
+        ("LicenseRef-Apache", R),
+        ("LicenseRef-MIT-Bootstrap", R),
+        ("LicenseRef-Apache OR MIT", SW),
+        ("DocumentRef-x:LicenseRef-Apache", R),
+        # malformed, although boolean.py would let it through: still restricted
+        ("MIT AND Apache-2.0 AND", R),
+        ("MIT OR Apache-2.0 OR", R),
+        ("MIT (X11) Apache-2.0", R),
+        ("Apache-2.0 WITH LLVM-exception (MIT)", R),
+        ("(MIT OR Apache-2.0) WITH LLVM-exception", R),  # WITH takes one license
+        ("MIT AND ()", R),
+        ("MIT AND ( AND Apache-2.0", R),
+    ],
+)
+def test_spdx_expressions_read_by_the_library(license, tier):
+    assert classify_license(license) == tier
+
+
+def test_licenseref_and_malformed_are_signals_not_unknown():
+    mit = "License :: OSI Approved :: MIT License"
+    assert classify_license("LicenseRef-Apache", [mit]) == R
+    assert classify_license("MIT AND Apache-2.0 AND", [mit]) == R
+    assert classify_license("NOASSERTION", [mit]) == SW  # no claim: the classifier decides
+
+
+@pytest.mark.parametrize(
+    ("license", "obligation"),
+    [
+        ("GPL-2.0+ OR MIT", "keep copyright and license notice (MIT)"),
+        ("GPL-2.0 OR BSD-2-Clause-FreeBSD",
+         "keep copyright and license notice (BSD-2-Clause-Views)"),
+        ("Nunit", "keep copyright and license notice (zlib-acknowledgement)"),
+        ("apache-2.0 WITH llvm-exception",
+         "keep copyright and license notice (Apache-2.0 WITH LLVM-exception)"),
+    ],
+)
+def test_obligation_names_the_current_spdx_id(license, obligation):
+    assert license_obligation(license) == obligation
+
+
+def test_spdx_index_is_offline(monkeypatch):
+    """get_spdx_licensing() reads the index inside the wheel: no network needed."""
+    import socket
+
+    import license_expression
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    licensing = license_expression.get_spdx_licensing()
+    assert licensing.parse("GPL-2.0+").render() == "GPL-2.0-or-later"
+    assert licensing.parse("MIT WITH Linux-syscall-note").exception_symbol.is_exception
+
+
 # --- properties of expressions ---------------------------------------------------------------
 
 REPRESENTATIVE = {

@@ -95,7 +95,7 @@ def remove(stores: list[Datastore], by: str, values: list[str], owner: str | Non
     for st in stores:
         hit = st.match_docs(by, values, owner) & ~st.dead_docs
         n = int(hit.sum())
-        if not confirm_large and (n > max_docs or (n > 1 and n > max_fraction * max(st.n_documents, 1))):
+        if not (confirm_large or dry_run) and (n > max_docs or (n > 1 and n > max_fraction * max(st.n_documents, 1))):
             raise LargeRemoval(f"this removal would take {n:,} of the {st.n_documents:,} documents of store "
                                f"{st.path.name} (limits: {max_docs:,} documents, {max_fraction:.0%} of a store); "
                                "check it with dry_run, then confirm with confirm_large")

@@ -34,10 +34,12 @@ from server.gen import silo_pb2 as pb
 from server.limits import (
     BadRequest,
     Limits,
+    bounded_message,
     check_float,
     check_int,
     check_retrieval,
     check_text,
+    shown,
 )
 from server.limits import policy_from_pb as checked_policy
 from silo.errors import SiloError
@@ -109,7 +111,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls, code in STATUS_OF:
         if isinstance(e, cls):
-            return code, str(e) or type(e).__name__
+            return code, bounded_message(str(e) or type(e).__name__)
     log.exception("unexpected error", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server logged it"
 
@@ -204,7 +206,8 @@ class LanguageModelServicer:
     def _check_generate(self, r) -> int:
         lim = self.s.limits
         check_text("prompt", r.prompt, lim.max_text_chars)
-        max_new = r.max_new_tokens if r.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+        # unset = the default, within the server's limit (never refused for the server's own setting)
+        max_new = r.max_new_tokens if r.HasField("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS, lim.max_new_tokens)
         check_int("max_new_tokens", max_new, 1, lim.max_new_tokens)
         check_float("temperature", r.temperature, 0.0, 100.0)
         check_float("top_p", r.top_p, 0.0, 1.0)
@@ -266,7 +269,10 @@ class LanguageModelServicer:
         check_text("text", r.text, lim.max_text_chars)
         check_retrieval(r.retrieval, lim)
         max_pos = getattr(s.model.config, "max_position_embeddings", s.window)
-        window = check_int("window", r.window or s.window, 2, min(max_pos, lim.max_window))
+        longest = min(max_pos, lim.max_window)
+        # 0 = the server's window, capped by the model's context and the limit (a default
+        # request is never refused for the server's own setting)
+        window = check_int("window", r.window or min(s.window, longest), 2, longest)
         stride = check_int("stride", r.stride or max(window // 2, 1), 1, window)
         ids = encode_document(s.tok, r.text)
         pad = s.tok.pad_token_id if s.tok.pad_token_id is not None else 0
@@ -326,7 +332,7 @@ class DatastoreServicer:
         if name:
             out = [x for x in out if x.manifest.kind == name or x.path.name == name]
             if not out:
-                raise BadRequest(f"no store named {name!r} on this server")
+                raise BadRequest(f"no store named {shown(name)} on this server")
         return out
 
     @guarded
@@ -338,7 +344,7 @@ class DatastoreServicer:
         policy = checked_policy(r.policy, lim)
         kind = r.store or "token"
         if kind not in STORE_KINDS:
-            raise BadRequest(f"store must be one of {', '.join(STORE_KINDS)}, got {kind[:64]!r}")
+            raise BadRequest(f"store must be one of {', '.join(STORE_KINDS)}, got {shown(kind)}")
         store = s.store(kind)
         if kind == "passage":
             scores, ids = store.search_text([r.query], k, policy=policy)
@@ -390,18 +396,21 @@ class DatastoreServicer:
         if which == "doc_id" and who.kind == "owner":
             owners = {st.doc_owner(st.doc_index(key)) for st in stores if st.doc_index(key) is not None}
             if owners and owners != {who.owner}:
-                raise PermissionDenied(f"document {key!r} does not belong to owner {who.owner!r}")
+                raise PermissionDenied(f"document {shown(key)} does not belong to owner {who.owner!r}")
         record = find_record(stores, receipt=key) if which == "receipt_id" else find_record(stores, doc_id=key)
         if record is None:
             if which == "receipt_id":
-                raise UnknownDocuments(f"no opt-out with receipt {key!r}")
+                raise UnknownDocuments(f"no opt-out with receipt {shown(key)}")
             return pb.OptOutStatusResponse(removed=False)
-        proof = status(stores, record)
-        if who.kind == "owner" and record.get("made_by") != who.label:
-            covered = [(st, st.doc_index(d)) for st in stores for d in record["doc_ids"]]
-            if not covered or any(d is not None and st.doc_owner(d) != who.owner for st, d in covered):
-                raise PermissionDenied(f"receipt {record['receipt']} covers documents of other owners")
         show = who.may_see(record)
+        if who.kind == "owner" and not show:
+            # someone else's removal: an owner sees only the part of it about their own documents
+            own = [d for d in record["doc_ids"]
+                   if any(st.doc_index(d) is not None and st.doc_owner(st.doc_index(d)) == who.owner for st in stores)]
+            if not own:
+                raise PermissionDenied(f"receipt {record['receipt']} covers no document of owner {who.owner!r}")
+            record = {**record, "doc_ids": own}
+        proof = status(stores, record)
         return pb.OptOutStatusResponse(
             removed=True, receipt_id=record["receipt"], logged_at=record["time"], by=record["by"],
             values=record["values"] if show else [], values_redacted=not show, removed_doc_ids=record["doc_ids"],

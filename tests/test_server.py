@@ -283,48 +283,6 @@ def test_kill9_after_acknowledged_optout_loses_nothing(tmp_path, store_dir, tiny
         proc.wait()
 
 
-@pytest.mark.slow
-def test_kill9_during_compaction_leaves_store_intact(tmp_path, store_dir, tiny_model):
-    import numpy as np
-
-    from datastore.optout import read_log
-    from datastore.store import Datastore
-
-    def removed() -> set[str]:
-        return {d for rec in read_log(path).records for d in rec["doc_ids"]}
-
-    path = tmp_path / "store"
-    shutil.copytree(store_dir, path)
-    for delay_kill in (0.3, 1.2, 2.2):  # kill in different phases of a slowed-down compaction
-        proc, client = _serve(tmp_path, tiny_model, path, env={"SILO_TEST_COMPACT_DELAY": "0.5"})
-        victims = sorted(_docs_seen(client, QUERIES) - removed())[:2]
-        client.optout(doc_ids=victims, confirm_large=True)
-        client.ds.Compact.future(pb.CompactRequest(), metadata=client._auth)
-        time.sleep(delay_kill)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        store = Datastore.open(path)  # every file the manifest names is whole
-        assert store.search(np.zeros((1, store.manifest.dim), np.float32), 5)[1].shape == (1, 5)
-        assert set(victims) <= removed()
-        proc, client = _serve(tmp_path, tiny_model, path)
-        try:
-            assert not _docs_seen(client, QUERIES) & removed()
-        finally:
-            proc.kill()
-            proc.wait()
-    proc, client = _serve(tmp_path, tiny_model, path)
-    try:
-        client.compact()  # finishes whatever the killed compactions left
-        assert not _docs_seen(client, QUERIES) & removed()
-    finally:
-        proc.kill()
-        proc.wait()
-    store = Datastore.open(path)
-    dead = np.isin(store.entry_doc, [store.doc_index(d) for d in removed()])
-    assert dead.any() and (store.values(np.flatnonzero(dead)) == -1).all()  # physically gone
-    assert sorted(p.name for p in (path / "shards").iterdir()) == sorted(s.name for s in store.manifest.shards)
-
-
 def test_remote_shards_answer_like_a_local_store(tmp_path, store_dir, tiny_model):
     from server.app import build_server as bs
     from server.remote import ShardSearchServicer

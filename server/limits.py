@@ -21,6 +21,27 @@ class BadRequest(Exception):
     """INVALID_ARGUMENT with this message."""
 
 
+# gRPC sends a status message percent-encoded in a trailer, and a client drops trailers
+# over 16 KiB (it then sees RESOURCE_EXHAUSTED, not the real status): messages stay short
+MAX_MESSAGE_BYTES = 1024
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A client's value quoted in a message: repr'd, cut to about `limit` characters."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}… ({len(value):,} characters)"
+
+
+def bounded_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message` cut to `limit` UTF-8 bytes, keeping its start and its end."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return message
+    head = raw[:limit * 3 // 4].decode("utf-8", "ignore")
+    tail = raw[len(raw) - limit // 4 + 8:].decode("utf-8", "ignore")
+    return f"{head} … {tail}"
+
+
 @dataclass(frozen=True)
 class Limits:
     max_k: int = 4096  # neighbours, passages or hits per query
@@ -87,7 +108,8 @@ def policy_from_pb(p: pb.RetrievalPolicy, limits: Limits | None = None) -> Retri
     limits = limits or Limits()
     bad = [t for t in p.tiers if t not in TIERS]
     if bad:
-        raise BadRequest(f"policy.tiers: unknown tier(s) {', '.join(bad)}; expected {', '.join(TIERS)}")
+        raise BadRequest(f"policy.tiers: unknown tier(s) {', '.join(shown(t) for t in bad[:5])}"
+                         f"{' …' if len(bad) > 5 else ''}; expected {', '.join(TIERS)}")
     fields = {f: _patterns(f"policy.{f}", getattr(p, f), limits)
               for f in ("allow_licenses", "deny_licenses", "allow_sources", "deny_sources", "deny_owners")}
     return RetrievalPolicy(tiers=tuple(dict.fromkeys(p.tiers)) or None, **fields)

@@ -12,21 +12,22 @@ whoever made those removals must issue them again — and unnamed folders are de
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-from datastore.compact import sweep_orphans
 from datastore.errors import StoreError
 from datastore.lock import StoreLock, lock_holder
 from datastore.manifest import Manifest
 from datastore.optout import QUARANTINE_NAME, OptOutLog
 from datastore.store import Datastore
+from datastore.writer import sweep_orphans
 
 
 def _unnamed(path: Path, m: Manifest) -> list[str]:
     keep = {s.name for s in m.shards}
     shards = path / "shards"
     out = [d.name for d in shards.iterdir() if d.is_dir() and d.name not in keep] if shards.is_dir() else []
-    return out + [f.name for f in path.glob("docs*.parquet*") if f.name != m.docs_file]
+    return out + [d.name for d in (path / "build", path / ".ingest") if d.is_dir()]  # a build or ingest's work
 
 
 def check_store(path: str | os.PathLike, repair: bool = False) -> dict:
@@ -63,6 +64,8 @@ def check_store(path: str | os.PathLike, repair: bool = False) -> dict:
                              f"{path / QUARANTINE_NAME} — issue those removals again")
             if unnamed:
                 sweep_orphans(path)
+                for work in ("build", ".ingest"):
+                    shutil.rmtree(path / work, ignore_errors=True)
                 lines.append(f"deleted {len(unnamed)} unnamed folder(s)/file(s)")
         repaired = True
         errors = [e for e in errors if not e.startswith("opt-out log")]

@@ -1,24 +1,32 @@
 """Compaction: rewrite shards without opted-out entries; swap atomically; lose nothing.
 
-Opt-out tombstones hide removed entries at once; compaction makes them physically gone.
-For every shard holding removed entries still present in its files, a new shard folder is
-written beside the old one: the index without those vectors (`remove_ids` on an in-memory
-copy — never on a memory-mapped or in-place file) and `entries.parquet` with their
-values blanked. The documents file is rewritten with the removed documents' text and
-sentences blanked. Then the manifest — the one file that says which folders are the
-store — is replaced atomically (write, fsync, rename). Only after that are the old files
-deleted. A crash at any point leaves either the old store or the new one, both whole;
-folders no manifest names are swept by the next compaction (`sweep_orphans`).
+Opt-out tombstones hide removed documents at once; compaction makes them physically gone.
+Every shard holding a tombstoned document not yet removed from its files is rewritten
+into a new folder beside the old one (`NNNNN-cG`, G the compaction's generation):
 
-Entry ids stay stable (removed ids simply vanish), so the dense-id bitmaps keep working.
+- the index without those vectors (`remove_ids` on an in-memory copy — never on a
+  memory-mapped or in-place file);
+- the entry columns with those rows set to the "no entry" sentinel, fp16 keys zeroed;
+- the documents' text and sentence offsets dropped, and `removed` set in `docs.parquet`
+  (the document keeps its id, source and license, so a status request can still answer);
+- passage stores: BM25 re-indexed without the removed text in *every* shard, because
+  BM25 statistics are store-wide; ∞-gram stores: the shard's suffix array rebuilt.
+
+Then the manifest — the one file that says which folders are the store — is replaced
+atomically (write, fsync, rename), and only after that are the old folders deleted. A
+crash at any point leaves either the old store or the new one, both whole; folders no
+manifest names are swept by the next compaction. Entry ids stay stable (removed ids
+simply vanish), so the dense-id bitmaps keep working. One compaction at a time per store
+(`StoreLock`); opt-outs keep landing meanwhile (the log is never rewritten).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import faiss
@@ -27,48 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datastore.lock import StoreLock
-from datastore.manifest import Manifest
-from datastore.store import Datastore
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in [path, *path.rglob("*")]:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def sweep_orphans(path: str | os.PathLike) -> list[str]:
-    """Delete shard folders and documents files that the manifest does not name."""
-    path = Path(path)
-    m = Manifest.load(path)
-    keep = {s.name for s in m.shards}
-    removed = []
-    for d in (path / "shards").iterdir():
-        if d.is_dir() and d.name not in keep:
-            shutil.rmtree(d)
-            removed.append(d.name)
-    for f in path.glob("docs*.parquet*"):
-        if f.name != m.docs_file:
-            f.unlink()
-            removed.append(f.name)
-    return removed
-
-
-def _passage_texts(store: Datastore, dead_by_shard: list[np.ndarray]) -> tuple[dict, list[list[str]]]:
-    """Every shard's passage texts with removed ones as '', and the store-wide BM25 stats."""
-    from datastore.passages import bm25_statistics
-
-    texts = store.docs.column("text")
-    out = []
-    for s, dead in zip(store.shards, dead_by_shard, strict=True):
-        e = s.entries
-        live = (e["position"] >= 0) & ~dead
-        out.append([texts[int(d)].as_py()[a:b] if ok else "" for d, a, b, ok in
-                    zip(e["doc"], e["char_start"], e["char_end"], live, strict=True)])
-    return bm25_statistics(out), out
+from datastore.manifest import ShardInfo
+from datastore.passages import bm25_statistics, passage_texts, write_bm25
+from datastore.store import Datastore, Shard
+from datastore.writer import fsync_path, fsync_tree, sentinel, sweep_orphans
 
 
 def compact(path: str | os.PathLike, only_shards: set[int] | None = None, progress: bool = False) -> dict:
@@ -78,71 +48,99 @@ def compact(path: str | os.PathLike, only_shards: set[int] | None = None, progre
         return _compact(Path(path), only_shards)
 
 
+def _text_without(s: Shard, store: Datastore, dead_local: np.ndarray, out: Path) -> None:
+    """The shard's text and sentence files with the dead documents' content dropped."""
+    first = s.info.first_doc
+    text_offsets, sent_offsets, sentences = [0], [0], []
+    with open(out / "text.bin", "wb") as f:
+        for local in range(s.info.documents):
+            if not dead_local[local]:
+                raw = store.doc_text(first + local).encode("utf-8")
+                f.write(raw)
+                sentences.extend(store.docs.sentence_starts(first + local).tolist())
+            else:
+                raw = b""
+            text_offsets.append(text_offsets[-1] + len(raw))
+            sent_offsets.append(len(sentences))
+    np.save(out / "text_offsets.npy", np.asarray(text_offsets, dtype=np.int64))
+    np.save(out / "sentences.npy", np.asarray(sentences, dtype=np.int32))
+    np.save(out / "sentence_offsets.npy", np.asarray(sent_offsets, dtype=np.int64))
+
+
+def _rewrite(store: Datastore, s: Shard, dead_local: np.ndarray, out: Path, bm25: tuple | None) -> ShardInfo:
+    docs = store.docs
+    lo, hi = s.info.first_doc, s.info.first_doc + s.info.documents
+    dead_entries = np.repeat(dead_local, docs.n_entries[lo:hi])
+    ntotal = -1
+    if (s.path / "index.faiss").is_file():
+        index = faiss.read_index(str(s.path / "index.faiss"))  # in memory, never memory-mapped
+        index.remove_ids(faiss.IDSelectorBatch(s.info.first_entry + np.flatnonzero(dead_entries).astype(np.int64)))
+        faiss.write_index(index, str(out / "index.faiss"))
+        ntotal = int(index.ntotal)
+    for name, col in s.columns.items():
+        arr = np.array(col)
+        arr[dead_entries] = sentinel(arr.dtype)
+        np.save(out / f"{name}.npy", arr)
+    if s.keys is not None:
+        keys = np.array(s.keys)
+        keys[dead_entries] = 0
+        np.save(out / "keys.npy", keys)
+    table = pq.read_table(s.path / "docs.parquet")
+    removed = table.column("removed").to_numpy(zero_copy_only=False) | dead_local
+    table = table.set_column(table.schema.get_field_index("removed"), "removed", pa.array(removed))
+    pq.write_table(table, out / "docs.parquet")
+    _text_without(s, store, dead_local, out)
+    if bm25 is not None:
+        write_bm25, texts, stats = bm25
+        write_bm25(texts, stats, out / "bm25")
+    info = replace(s.info, name=out.name, index_entries=ntotal)
+    (out / "shard.json").write_text(json.dumps(asdict(info)))
+    fsync_tree(out)
+    return info
+
+
 def _compact(path: Path, only_shards: set[int] | None) -> dict:
     t0 = time.perf_counter()
     sweep_orphans(path)
     store = Datastore.open(path, load_index=False)
     m = store.manifest
     gen = len(m.compactions) + 1
-    dead_docs = store.dead_docs
-    # an entry still present in the files has its position; compaction blanks it to -1
-    dead_by_shard = [dead_docs[s.entries["doc"]] & (s.entries["position"] >= 0) for s in store.shards]
-    bm25 = [(s.path / "bm25").is_dir() for s in store.shards]
+    docs = store.docs
+    todo = store.dead_docs & ~docs.removed  # tombstoned, still in the files
+    dead_by_shard = [todo[s.info.first_doc : s.info.first_doc + s.info.documents] for s in store.shards]
     rewrite = [bool(d.any()) and (only_shards is None or no in only_shards) for no, d in enumerate(dead_by_shard)]
-    bm25_stats = None
-    if any(rewrite) and any(bm25):
+    bm25 = None
+    if any(rewrite) and "bm25" in m.retrievers:
         # BM25 scores carry store-wide statistics: every shard is re-indexed without the removed text
-        rewrite = [r or b for r, b in zip(rewrite, bm25, strict=True)]
-        bm25_stats, passage_texts = _passage_texts(store, dead_by_shard)
+        rewrite = [True] * len(store.shards)
+        texts = passage_texts(store, store.dead_docs)
+        bm25 = (write_bm25, texts, bm25_statistics(texts))
     new_shards, rewritten, removed_entries = [], [], 0
     for no, s in enumerate(store.shards):
-        dead = dead_by_shard[no]
         if not rewrite[no]:
             new_shards.append(s.info)
             continue
-        dead_ids = s.info.first_entry + np.flatnonzero(dead).astype(np.int64)
-        name = f"{no:05d}-c{gen}"
-        tmp = path / "shards" / name
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        ntotal = -1
-        if (s.path / "index.faiss").is_file():
-            index = faiss.read_index(str(s.path / "index.faiss"))  # in memory, never mmapped
-            index.remove_ids(faiss.IDSelectorBatch(dead_ids))
-            faiss.write_index(index, str(tmp / "index.faiss"))
-            ntotal = int(index.ntotal)
-        if bm25[no]:
-            from datastore.passages import write_bm25
-
-            write_bm25(passage_texts[no], bm25_stats, tmp / "bm25")
-        table = pq.read_table(s.path / "entries.parquet")
-        cols = {c: table.column(c).to_numpy().copy() for c in table.column_names}
-        for c in cols:
-            if c != "doc":
-                cols[c][dead] = -1
-        pq.write_table(pa.table(cols), tmp / "entries.parquet", compression="zstd")
-        _fsync_tree(tmp)
-        new_shards.append(replace(s.info, name=name, index_entries=ntotal))
-        rewritten.append(name)
-        removed_entries += int(dead.sum())
+        base = s.info.name.split("-c")[0]
+        out = path / "shards" / f"{base}-c{gen}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        shard_bm25 = None if bm25 is None else (bm25[0], bm25[1][no], bm25[2])
+        new_shards.append(_rewrite(store, s, dead_by_shard[no], out, shard_bm25))
+        rewritten.append(out.name)
+        lo = s.info.first_doc
+        removed_entries += int(docs.n_entries[lo : lo + s.info.documents][dead_by_shard[no]].sum())
     if not rewritten:
         return {"rewritten_shards": 0, "removed_entries": 0, "seconds": time.perf_counter() - t0}
-
-    docs = store.docs.to_pylist()
-    for i in np.flatnonzero(dead_docs):
-        docs[i]["text"], docs[i]["sentence_starts"] = "", []
-    docs_file = f"docs-c{gen}.parquet"
-    pq.write_table(pa.Table.from_pylist(docs, schema=store.docs.schema), path / docs_file, compression="zstd")
-    _fsync_tree(path / docs_file)
+    fsync_path(path / "shards")
     old = [s.path for s, info in zip(store.shards, new_shards, strict=True) if s.info.name != info.name]
-    old_docs = path / m.docs_file
-    m.shards, m.docs_file = new_shards, docs_file
+    m.shards = new_shards
     m.compactions.append({"generation": gen, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "removed_entries": removed_entries, "shards": rewritten,
-                          "removed_documents": int(dead_docs.sum())})
+                          "removed_documents": int(sum(int(d.sum()) for d, r in zip(dead_by_shard, rewrite,
+                                                                                   strict=True) if r))})
     m.save(path)  # the atomic switch
+    store.close()
     for d in old:
         shutil.rmtree(d, ignore_errors=True)
-    old_docs.unlink(missing_ok=True)
     return {"rewritten_shards": len(rewritten), "removed_entries": removed_entries,
             "seconds": time.perf_counter() - t0}

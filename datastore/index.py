@@ -1,14 +1,26 @@
-"""FAISS index choice and use: Flat when small, IVF-PQ sized from a memory budget.
+"""FAISS index choice and use: one trained index per store, shards as partitions of it.
 
-Rules (autofaiss-style, see REFERENCE.md): Flat while the raw vectors fit the budget and
-n ≤ `FLAT_MAX`; otherwise IVF with nlist = 2^round(log2(4·√n)) (at most 262144; a
-trillion-token store is sharded first) and PQ with the largest M (dividing d, sub-vectors of ≥ 2 dims)
-whose M + 8 bytes per vector fit the budget. Trained on min(64·nlist, n) vectors.
+Choice (autofaiss-style, sized from the store's *total* entries, never from the shard
+count, so 1 or 8 shards answer alike): Flat while the raw vectors fit the budget and
+n ≤ `FLAT_MAX`; otherwise IVF with nlist = 2^round(log2(4·√n)) (at most 262144) and PQ
+with the largest M (dividing d, sub-vectors of ≥ 2 dims) whose M + 8 bytes per vector fit
+the budget. From 65,536 lists on, the coarse quantizer is an HNSW graph over the
+centroids (`IVF16384_HNSW32`), so assigning one query stays cheap (a flat quantizer over
+16k centroids costs ~3 ms per single query on 2 cores). Trained once on
+min(64·nlist, n) vectors, saved as the store's `trained.faiss`; every shard's
+`index.faiss` is a copy of it holding that shard's entries (global ids, `add_with_ids`
+on the IVF itself: no IDMap, whose ids shift after removals).
 
-Ids: Flat is wrapped in `IndexIDMap2` (it stores no ids); IVF stores a 64-bit id per
-entry already, so `add_with_ids` goes to the IVF directly. Searches take an
-`IDSelectorBitmap` of live, policy-allowed entries — cheap (~1.2× a clean search) — and
-the caller post-filters too, because some index types ignore selectors.
+Search over IVF shards: the query batch is assigned to lists once (`assign`); the local
+shards form one group index whose inverted lists are the shards' lists merged
+(`merge_from`, at load), searched with `search_preassigned`, so N shards cost what one
+does; a remote shard server receives the same assignment. Flat shards are exact and
+searched one by one. Every search takes an `IDSelectorBitmap` of live, policy-allowed
+entries (~1.2× a clean search), and callers post-filter too, because some index types
+ignore selectors (`IndexShardsIVF` does).
+
+Exact re-ranking (`refine`): with fp16 keys kept, `refine_factor × k` candidates are
+re-scored with exact distances and the best k kept.
 """
 
 from __future__ import annotations
@@ -20,6 +32,9 @@ import numpy as np
 
 FLAT_MAX = 200_000
 PQ_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
+HNSW_FROM = 16384  # nlist from which the coarse quantizer is an HNSW graph (a flat one costs ms per query)
+PRECOMPUTED_TABLE_MAX = 64 << 20  # IVF-PQ's per-list distance table, if it is at most this big
+DEFAULT_NPROBE = 32
 
 
 def nlist_for(n: int) -> int:
@@ -29,8 +44,8 @@ def nlist_for(n: int) -> int:
     return int(min(262144, max(1, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
 
 
-def choose_factory(n: int, dim: int, memory_budget: int | None = None, metric: str = "l2") -> str:
-    """A FAISS factory string for `n` vectors of `dim` under `memory_budget` bytes."""
+def choose_factory(n: int, dim: int, memory_budget: int | None = None) -> str:
+    """A FAISS factory string for a store of `n` vectors of `dim` under `memory_budget` bytes."""
     assert n >= 0 and dim > 0, (n, dim)
     budget = memory_budget if memory_budget is not None else 4 << 30
     if n <= FLAT_MAX and n * (dim * 4 + 8) <= budget:
@@ -40,7 +55,8 @@ def choose_factory(n: int, dim: int, memory_budget: int | None = None, metric: s
     m = next((m for m in PQ_CHOICES if dim % m == 0 and m <= per_vector and m <= dim // 2), None)
     if m is None:
         m = next(m for m in reversed(PQ_CHOICES) if dim % m == 0)
-    return f"IVF{nlist},PQ{m}"
+    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_FROM else f"IVF{nlist}"
+    return f"{quantizer},PQ{m}"
 
 
 def new_index(factory: str, dim: int, metric: str = "l2") -> faiss.Index:
@@ -54,8 +70,8 @@ def new_index(factory: str, dim: int, metric: str = "l2") -> faiss.Index:
     return index
 
 
-def is_ivf(index: faiss.Index) -> bool:
-    return faiss.try_extract_index_ivf(index) is not None
+def is_ivf(index: faiss.Index | None) -> bool:
+    return index is not None and faiss.try_extract_index_ivf(index) is not None
 
 
 def train_size(factory: str, n: int) -> int:
@@ -66,26 +82,91 @@ def train_size(factory: str, n: int) -> int:
     return min(n, max(64 * nlist, 10_000))  # FAISS wants 39–256 points per centroid
 
 
+def read_shard_index(path: str) -> faiss.Index:
+    """A shard's index as loaded for serving: IVF-PQ's precomputed distance table is not
+    built per shard (`group_index` builds it once, for the group)."""
+    return faiss.read_index(path, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
+
+
+def group_index(indexes: list[faiss.Index]) -> faiss.Index:
+    """One IVF index whose inverted lists hold every given shard's entries (the shards'
+    lists are moved into the first one's: memory stays one copy). Same trained quantizer
+    and codes, so it answers exactly as the shards searched together — and costs what one
+    index costs: each list's distance table is computed once per query, not once per shard."""
+    assert indexes and all(is_ivf(i) for i in indexes)
+    group = indexes[0]
+    ivf = faiss.extract_index_ivf(group)
+    for other in indexes[1:]:
+        ivf.merge_from(faiss.extract_index_ivf(other), 0)
+    pq = faiss.downcast_index(ivf)
+    if isinstance(pq, faiss.IndexIVFPQ) and pq.by_residual and pq.metric_type == faiss.METRIC_L2:
+        table = pq.nlist * pq.pq.M * pq.pq.ksub * 4
+        pq.use_precomputed_table = 1 if table <= PRECOMPUTED_TABLE_MAX else -1  # a big table: RAM over ~10% speed
+        if pq.use_precomputed_table == 1:
+            pq.precompute_table()
+    return group
+
+
+def quantizer_of(index: faiss.Index) -> faiss.Index:
+    return faiss.extract_index_ivf(index).quantizer
+
+
+def assign(quantizer: faiss.Index, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse distances, list numbers), each (n, nprobe): the lists every shard will scan."""
+    return quantizer.search(queries, nprobe)
+
+
+def _params(ivf: bool, nprobe: int | None, allowed: np.ndarray | None):
+    params = faiss.SearchParametersIVF() if ivf else faiss.SearchParameters()
+    if ivf:
+        params.nprobe = int(nprobe or DEFAULT_NPROBE)
+    selector = None
+    if allowed is not None:
+        # n is the bitmap's size in *bytes*: ids past its end are rejected, never read
+        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(allowed))
+        params.sel = selector
+    return params, selector
+
+
+def search_assigned(index: faiss.Index, queries: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray,
+                    allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of an IVF index scanning only the given lists of each query."""
+    assert queries.dtype == np.float32 and queries.ndim == 2 and queries.shape[1] == index.d, queries.shape
+    assert lists.shape == coarse.shape == (len(queries), lists.shape[1]) and k > 0
+    params, selector = _params(True, lists.shape[1], allowed)
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    coarse = np.ascontiguousarray(coarse, dtype=np.float32)
+    n = len(queries)
+    distances, ids = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)
+    # the numpy wrapper of search_preassigned takes no SearchParameters (no selector): the C one does
+    faiss.extract_index_ivf(index).search_preassigned_c(
+        n, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse), faiss.swig_ptr(distances),
+        faiss.swig_ptr(ids), False, params)
+    del selector  # kept alive until here: FAISS holds a raw pointer during search
+    return distances, ids
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None,
            allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of one index; `allowed` is a packed little-endian bitmap over global ids."""
     assert queries.dtype == np.float32 and queries.ndim == 2 and queries.shape[1] == index.d, (
         queries.dtype, queries.shape, index.d)
     assert k > 0
-    params = faiss.SearchParametersIVF() if is_ivf(index) else faiss.SearchParameters()
-    if nprobe is not None and is_ivf(index):
-        params.nprobe = int(nprobe)
-    selector = None
-    if allowed is not None:
-        selector = faiss.IDSelectorBitmap(len(allowed) * 8, faiss.swig_ptr(allowed))
-        params.sel = selector
-    if is_ivf(index):
-        ivf = faiss.extract_index_ivf(index)
-        if nprobe is None:
-            params.nprobe = ivf.nprobe
+    params, selector = _params(is_ivf(index), nprobe, allowed)
     distances, ids = index.search(queries, k, params=params)
-    del selector  # kept alive until here: FAISS holds a raw pointer during search
+    del selector
     return distances, ids
+
+
+def exact_distances(queries: np.ndarray, keys: np.ndarray, metric: str) -> np.ndarray:
+    """Distances of queries (n, d) to their candidates' keys (n, c, d): squared L2 or inner
+    product, in float32 (the fp16 keys are widened first)."""
+    keys = keys.astype(np.float32, copy=False)
+    dots = np.einsum("ncd,nd->nc", keys, queries, optimize=True)
+    if metric == "ip":
+        return dots
+    return (np.einsum("ncd,ncd->nc", keys, keys, optimize=True) - 2 * dots
+            + np.einsum("nd,nd->n", queries, queries)[:, None])
 
 
 def bitmap(mask: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datastore.errors import FingerprintMismatch, StoreError  # noqa: F401 - re-exported
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
@@ -59,22 +59,26 @@ def tokenizer_fingerprint(model_dir: str | os.PathLike) -> str:
 
 @dataclass
 class ShardInfo:
+    """One shard: a contiguous range of documents and of their entries (global ids)."""
+
     name: str  # folder under shards/
     first_entry: int  # global id of its first entry; entries are [first_entry, first_entry + entries)
     entries: int
+    first_doc: int  # global index of its first document; documents are [first_doc, first_doc + documents)
     documents: int
-    index: str  # faiss factory string, or "bm25"
     index_entries: int = -1  # vectors in the index file; -1 = all `entries` (fewer after compaction)
 
 
 @dataclass
 class Manifest:
-    kind: str  # "token" | "passage"
+    """What a store is and which files make it: the one file switched atomically."""
+
+    kind: str  # "token" | "passage" | "infgram"
     model: str  # path the store was built from (informational)
     model_fingerprint: str
     tokenizer_fingerprint: str
-    dim: int  # key dimension (0 for a BM25-only passage store)
-    metric: str  # "l2" | "ip" | "bm25"
+    dim: int  # key dimension (0 without vectors: BM25-only passage stores, ∞-gram stores)
+    metric: str  # "l2" | "ip" | "bm25" | "infgram"
     key_type: str | None
     shards: list[ShardInfo]
     corpus: str
@@ -82,12 +86,15 @@ class Manifest:
     split: str
     documents: int
     entries: int
+    index: str = "Flat"  # FAISS factory of `trained.faiss` (one trained index for every shard), "bm25", "infgram"
+    value_dtype: str | None = None  # entry values (next token): "uint16" or "uint32"
+    keep_keys: bool = False  # fp16 keys beside each shard (exact re-ranking)
     passage_tokens: int | None = None
     retrievers: list[str] = field(default_factory=list)  # passage stores: "bm25", "dense"
-    defaults: dict = field(default_factory=dict)  # tuned k, lambda, temperature (silo eval --sweep)
+    defaults: dict = field(default_factory=dict)  # tuned search/inference defaults (silo eval --sweep)
     build: dict = field(default_factory=dict)  # settings and timings of the build
-    docs_file: str = "docs.parquet"  # compaction writes a new one and switches to it
     compactions: list[dict] = field(default_factory=list)  # what each compaction removed
+    ingests: list[dict] = field(default_factory=list)  # what each live ingest added
     format_version: int = FORMAT_VERSION
 
     def save(self, store: str | os.PathLike) -> None:
@@ -111,7 +118,9 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
             if raw.get("format_version") != FORMAT_VERSION:
-                raise StoreError(f"{store}: unsupported store format {raw.get('format_version')!r}")
+                raise StoreError(f"{store}: store format {raw.get('format_version')!r}; this version of SILO reads "
+                                 f"format {FORMAT_VERSION} (memory-mapped entries, per-shard documents): rebuild "
+                                 "the store with `silo datastore build`")
             raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
             return cls(**raw)
         except (json.JSONDecodeError, TypeError, KeyError) as e:

@@ -4,11 +4,20 @@
     distances, ids = store.search(queries, k=8, policy=RetrievalPolicy(tiers=("restricted",)))
     store.values(ids); store.attribute(ids[0])
 
-Search fans out to every shard in parallel (FAISS releases the GIL) and merges the
-per-shard top-k by distance — for exact indexes, the same answer one big index gives.
-Each shard search carries a bitmap of the entries this call may see (policy ∧ not opted
-out) as an `IDSelectorBitmap`; results are post-filtered against the same bitmap because
-some FAISS paths ignore selectors (REFERENCE.md), so nothing disallowed ever leaves here.
+One index, many shards: for an IVF store the shards' inverted lists are merged at load
+into one group index over the store's trained quantizer (`datastore.index`); a query
+batch is assigned to lists once and the group (and every remote shard server, which gets
+the assignment) scans only those lists — an N-shard store answers exactly like the same
+store in one shard, at the cost of one. Flat shards are searched one by one (exact).
+
+What RAM holds: the FAISS index, small per-document arrays (`datastore.docs`), the
+tombstones (one bool per document) and a bounded cache of packed policy bitmaps. Entry
+columns, fp16 keys and text are memory-mapped files, read on demand.
+
+Each search carries a bitmap of the entries this call may see (policy ∧ not opted out)
+as an `IDSelectorBitmap`; results are post-filtered against the same bitmap, and against
+tombstones added while the search ran, because some FAISS paths ignore selectors
+(`IndexShardsIVF`). Nothing disallowed ever leaves here.
 """
 
 from __future__ import annotations
@@ -22,20 +31,16 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
-from datastore.index import bitmap, search
-from datastore.manifest import (
-    FingerprintMismatch,
-    Manifest,
-    ShardInfo,
-    StoreError,
-    model_fingerprint,
-)
+from datastore import index as ix
+from datastore.docs import Documents, read_shard_docs
+from datastore.errors import FingerprintMismatch, StoreError
+from datastore.manifest import Manifest, ShardInfo, model_fingerprint
 from datastore.optout import LOG_NAME, OptOutLog
 from datastore.policy import RetrievalPolicy
+from datastore.writer import ENTRY_COLUMNS, sentinel
 
-ENTRY_COLUMNS = ("doc", "position", "value", "sentence")
+TRAINED_NAME = "trained.faiss"
 
 
 class ShardUnavailable(StoreError):
@@ -105,82 +110,129 @@ class SearchResult:
 class Shard:
     info: ShardInfo
     path: Path
-    index: faiss.Index | None
-    entries: dict[str, np.ndarray]  # ENTRY_COLUMNS, row i = entry info.first_entry + i
+    index: faiss.Index | None  # loaded index (Flat shards; None once merged into the group, or not loaded)
+    columns: dict[str, np.ndarray]  # entry columns, memory-mapped; row i = entry info.first_entry + i
+    keys: np.ndarray | None  # fp16 keys, memory-mapped (--keep-keys)
+
+
+def _column(path: Path, n: int) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable ({e})") from e
+    if len(arr) != n:
+        raise StoreError(f"{path}: {len(arr)} rows, manifest says {n}")
+    return arr
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_index(path: Path, expected: int) -> faiss.Index:
+    try:
+        index = ix.read_shard_index(str(path))
+    except RuntimeError as e:
+        raise StoreError(f"{path}: unreadable FAISS index ({str(e).splitlines()[0]})") from e
+    if index.ntotal != expected:
+        raise StoreError(f"{path}: index has {index.ntotal} entries, manifest says {expected}")
+    return index
 
 
 class Datastore:
-    """A token or passage store opened read-only for search and attribution."""
+    """A token, passage or ∞-gram store opened read-only for search and attribution."""
 
-    def __init__(self, path: str | os.PathLike, manifest: Manifest, shards: list[Shard], docs,
+    def __init__(self, path: str | os.PathLike, manifest: Manifest, shards: list[Shard], docs: Documents,
+                 trained: faiss.Index | None = None, group: faiss.Index | None = None,
                  mask_cache_bytes: int = 64 << 20):
         self.path = Path(path)
         self.manifest = manifest
         self.shards = shards
-        self.docs = docs  # pyarrow Table, row i = document index i
-        self.entry_doc = np.concatenate([s.entries["doc"] for s in shards]) if shards else np.zeros(0, np.int32)
-        # derived once at load: every lookup and stats call uses them
-        self.entries_per_doc = np.bincount(self.entry_doc, minlength=len(docs))
+        self.docs = docs
+        self.trained = trained  # the store's trained, empty index: its quantizer assigns queries
+        self.group = group  # the local IVF shards' entries in one index
+        self.entries_per_doc = docs.n_entries
         self._shard_starts = np.array([s.info.first_entry for s in shards], dtype=np.int64)
-        self._doc_cols = {c: np.asarray(docs.column(c).to_pylist(), dtype=object)
-                          for c in ("doc_id", "source", "license", "tier", "owner")}
-        self._doc_index = {d: i for i, d in enumerate(self._doc_cols["doc_id"])}
         self._masks = MaskCache(mask_cache_bytes)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(shards), os.cpu_count() or 1)))
+        self._pool = ThreadPoolExecutor(max_workers=8)  # remote shard calls: waiting, not computing
         # Tombstones only ever grow while a process runs. `_optout_lock` orders every change
         # (log reads and opt-outs); `tombstone_version` counts them, so a mask computed from an
         # older tombstone set can never be served from the cache after a newer one exists.
-        self.dead_docs = np.zeros(len(docs), dtype=bool)
+        self.dead_docs = np.zeros(docs.n, dtype=bool)
         self.tombstone_version = 0
         self.removal_records: list[dict] = []  # every log record applied, in log order
         self._optout_lock = threading.Lock()
         self._log = OptOutLog(self.path)
         self.open_options: dict = {}  # how this store was opened (`reopen` repeats it)
+        self.opened_stamp = self._manifest_stamp()
         self.remotes: list = []  # remote shard groups (server.remote), searched beside local shards
         self.reload_optouts()
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike, load_index: bool = True, only_shards: set[int] | None = None) -> Datastore:
-        """Open a store; `only_shards` loads just those shards' indexes (a shard server)."""
+    def open(cls, path: str | os.PathLike, load_index: bool = True, only_shards: set[int] | None = None,
+             with_text: bool = True) -> Datastore:
+        """Open a store; `only_shards` loads just those shards' indexes (a shard server),
+        `load_index=False` none (a main server whose shards are remote; compaction)."""
         path = Path(path)
+        stamp = _stamp(path / "manifest.json")
         manifest = Manifest.load(path)
-        shards = []
+        kinds = ENTRY_COLUMNS.get(manifest.kind)
+        if kinds is None:
+            raise StoreError(f"{path}: unknown store kind {manifest.kind!r}")
+        vectors = manifest.dim > 0 and manifest.index not in ("bm25", "infgram")
+        trained = None
+        if vectors and (path / TRAINED_NAME).is_file():
+            trained = _read_index(path / TRAINED_NAME, 0)
+        shards, tables, texts = [], [], []
         for no, info in enumerate(manifest.shards):
             d = path / "shards" / info.name
             index = None
-            if load_index and info.index != "bm25" and (only_shards is None or no in only_shards):
-                try:
-                    index = faiss.read_index(str(d / "index.faiss"))
-                except RuntimeError as e:
-                    raise StoreError(f"{d / 'index.faiss'}: unreadable FAISS index ({str(e).splitlines()[0]})") from e
-                expected = info.entries if info.index_entries < 0 else info.index_entries
-                if index.ntotal != expected:
-                    raise StoreError(f"{d}: index has {index.ntotal} entries, manifest says {expected}")
-            try:
-                table = pq.read_table(d / "entries.parquet")
-            except (OSError, Exception) as e:
-                raise StoreError(f"{d / 'entries.parquet'}: unreadable ({e})") from e
-            entries = {c: table.column(c).to_numpy() for c in table.column_names}
-            if len(entries["doc"]) != info.entries:
-                raise StoreError(f"{d}: entries.parquet has {len(entries['doc'])} rows, manifest says {info.entries}")
-            shards.append(Shard(info, d, index, entries))
-        try:
-            docs = pq.read_table(path / manifest.docs_file)
-        except Exception as e:
-            raise StoreError(f"{path / manifest.docs_file}: unreadable ({e})") from e
-        store = cls(path, manifest, shards, docs)
-        store.open_options = {"load_index": load_index, "only_shards": only_shards}
+            if vectors and load_index and (only_shards is None or no in only_shards):
+                index = _read_index(d / "index.faiss", info.entries if info.index_entries < 0 else info.index_entries)
+            columns = {c: _column(d / f"{c}.npy", info.entries) for c in kinds}
+            keys = _column(d / "keys.npy", info.entries) if manifest.keep_keys and (d / "keys.npy").is_file() else None
+            table, text = read_shard_docs(d, info.documents, with_text)
+            shards.append(Shard(info, d, index, columns, keys))
+            tables.append(table)
+            texts.append(text)
+        docs = Documents(tables, texts, [s.info.first_doc for s in shards])
+        if int(docs.n_entries.sum()) != manifest.entries or docs.n != manifest.documents:
+            raise StoreError(f"{path}: documents hold {int(docs.n_entries.sum())} entries in {docs.n} documents; "
+                             f"the manifest says {manifest.entries} in {manifest.documents}")
+        group = None
+        local = [s for s in shards if s.index is not None]
+        if local and ix.is_ivf(local[0].index):
+            group = ix.group_index([s.index for s in local])
+            for s in local:
+                s.index = None  # its lists now live in the group
+            if trained is None:
+                trained = group
+        store = cls(path, manifest, shards, docs, trained, group)
+        store.open_options = {"load_index": load_index, "only_shards": only_shards, "with_text": with_text}
+        store.opened_stamp = stamp  # as read before the manifest: a switch during the open is seen later
         return store
 
     def reopen(self) -> Datastore:
         """The store as its manifest now says (after a compaction or an ingest), opened the
         way this one was (a main server with remote shards loads no index), with the same
-        remote shard groups and at least this one's tombstones."""
+        remote shard groups. It reads the whole opt-out log, so it has every tombstone."""
         fresh = type(self).open(self.path, **self.open_options)
         fresh.remotes = self.remotes
         return fresh
+
+    def _manifest_stamp(self) -> tuple[int, int] | None:
+        return _stamp(self.path / "manifest.json")
+
+    def manifest_changed(self) -> bool:
+        """Has another process switched the manifest (an ingest, a compaction, tuned
+        defaults) since this store was opened? One `stat` per call."""
+        return self._manifest_stamp() != self.opened_stamp
 
     def check_model(self, model_dir: str | os.PathLike) -> None:
         """Refuse a model other than the one this store was built with."""
@@ -191,28 +243,40 @@ class Datastore:
                 f"(fingerprint {self.manifest.model_fingerprint}); {model_dir} has fingerprint {fp}. "
                 "Keys from another model are meaningless: use the store's model or rebuild the store.")
 
-    # ------------------------------------------------------------------ masks
-
     @property
     def n_entries(self) -> int:
         return int(self.manifest.entries)
 
+    @property
+    def n_documents(self) -> int:
+        return self.docs.n
+
+    @property
+    def metric(self) -> str:
+        return self.manifest.metric
+
+    @property
+    def can_refine(self) -> bool:
+        return bool(self.shards) and all(s.keys is not None for s in self.shards)
+
+    # ------------------------------------------------------------------ masks and tombstones
+
     def doc_mask(self, policy: RetrievalPolicy | None) -> np.ndarray:
-        c = self._doc_cols
         base = ~self.dead_docs
         if policy is None or policy.is_open:
             return base
-        return base & policy.doc_mask(c["tier"], c["license"], c["source"], c["owner"], c["doc_id"])
+        return base & policy.doc_mask(self.docs)
 
     def allowed_bitmap(self, policy: RetrievalPolicy | None) -> np.ndarray | None:
         """Packed bitmap over global entry ids of what `policy` (and opt-out) lets through;
-        None when everything is allowed (a clean search is a little faster)."""
+        None when everything is allowed (a clean search is a little faster). Documents own
+        contiguous entry ranges, so the per-document mask expands by `np.repeat`."""
         key = (policy or RetrievalPolicy(), self.tombstone_version)
         hit = self._masks.get(key)
         if hit is not MaskCache.MISSING:
             return hit
         docs = self.doc_mask(policy)
-        mask = None if docs.all() else bitmap(docs[self.entry_doc])
+        mask = None if docs.all() else ix.bitmap(np.repeat(docs, self.entries_per_doc))
         self._masks.put(key, mask)
         return mask
 
@@ -233,11 +297,10 @@ class Datastore:
         """Tombstone what `records` remove (caller holds `_optout_lock`). Merges, never replaces."""
         if not records:
             return
-        c = self._doc_cols
         dead = self.dead_docs.copy()
         for rec in records:
             dead |= self.match_docs(rec["by"], rec["values"], rec.get("scope_owner"))
-            dead |= np.isin(c["doc_id"], rec["doc_ids"])
+            dead |= self.docs.indexes_of(rec["doc_ids"])
         self.removal_records.extend(records)
         if (dead != self.dead_docs).any():
             self.dead_docs = dead
@@ -246,20 +309,21 @@ class Datastore:
     def match_docs(self, by: str, values: list[str], scope_owner: str | None = None) -> np.ndarray:
         """Boolean mask over documents that a removal (kind `by`, `values`) names; a scoped
         removal (made with an owner's credential) only ever reaches that owner's documents."""
-        c = self._doc_cols
+        docs = self.docs
         if by == "doc_ids":
-            hit = np.isin(c["doc_id"], values)
+            hit = docs.indexes_of(values)
         elif by == "owner":
-            hit = np.isin(c["owner"], values)
+            hit = docs.where("owner", values, glob=False)
         elif by == "source":
-            hit = np.isin(c["source"], values)
+            hit = docs.where("source", values, glob=False)
         elif by == "span":
-            texts = self.docs.column("text").to_pylist()
-            hit = np.array([any(v in t for v in values) for t in texts], dtype=bool)
+            hit = np.zeros(docs.n, dtype=bool)
+            for v in values:
+                hit |= docs.find_span(v)
         else:
             raise ValueError(f"unknown opt-out kind {by!r}")
         if scope_owner is not None:
-            hit &= c["owner"] == scope_owner
+            hit &= docs.where("owner", [scope_owner], glob=False)
         return hit
 
     def opt_out(self, by: str, values: list[str], scope_owner: str | None = None, made_by: str = "admin",
@@ -276,7 +340,7 @@ class Datastore:
         with self._optout_lock:
             self._apply(self._log.read_new())
             if by == "doc_ids" and require_known:
-                unknown = [v for v in values if v not in self._doc_index]
+                unknown = [v for v in values if self.doc_index(v) is None]
                 if unknown:
                     raise UnknownDocuments(f"unknown doc id(s) in {self.path.name}: {', '.join(unknown[:20])}")
             hit = self.match_docs(by, values, scope_owner)
@@ -286,96 +350,147 @@ class Datastore:
             self._apply(self._log.read_new())  # our own record (and any that raced in), in log order
         return record, removed, self.entries_of(removed)
 
-    # ------------------------------------------------------------------ documents
-
-    @property
-    def n_documents(self) -> int:
-        return len(self.docs)
-
-    def doc_ids_of(self, mask: np.ndarray) -> list[str]:
-        return self._doc_cols["doc_id"][mask].tolist()
-
-    def doc_id(self, doc: int) -> str:
-        return self._doc_cols["doc_id"][doc]
-
-    def doc_owner(self, doc: int) -> str | None:
-        return self._doc_cols["owner"][doc]
-
-    def doc_source(self, doc: int) -> str | None:
-        return self._doc_cols["source"][doc]
-
-    def doc_text(self, doc: int) -> str:
-        return self.docs.column("text")[int(doc)].as_py()
-
-    def is_compacted(self, doc: int) -> bool:
-        """Physically gone: compaction blanked the document's text and entries."""
-        return self.dead_docs[doc] and self.doc_text(doc) == "" and bool(self.manifest.compactions)
-
-    def entries_of(self, doc_ids: list[str]) -> int:
-        return int(self.entries_per_doc[np.isin(self._doc_cols["doc_id"], doc_ids)].sum())
-
     def reload_optouts(self) -> None:
         """Tombstone every document the opt-out log removes (doc id, owner, source, span)."""
         with self._optout_lock:
             self._apply(self._log.read_new())
 
+    # ------------------------------------------------------------------ documents
+
+    def doc_index(self, doc_id: str) -> int | None:
+        return self.docs.index_of(doc_id)
+
+    def doc_ids_of(self, mask: np.ndarray) -> list[str]:
+        return self.docs.ids_of(mask)
+
+    def doc_id(self, doc: int) -> str:
+        return self.docs.doc_id(doc)
+
+    def doc_owner(self, doc: int) -> str | None:
+        return self.docs.value("owner", doc)
+
+    def doc_source(self, doc: int) -> str | None:
+        return self.docs.value("source", doc)
+
+    def doc_text(self, doc: int) -> str:
+        return self.docs.text(doc)
+
+    def doc_row(self, doc: int) -> dict:
+        """Everything about one document (its text read now)."""
+        d = int(doc)
+        return {"doc_id": self.doc_id(d), **{c: self.docs.value(c, d) for c in ("source", "license", "tier", "owner")},
+                "first_entry": int(self.docs.first_entry[d]), "n_entries": int(self.docs.n_entries[d]),
+                "n_tokens": int(self.docs.n_tokens[d]), "sentence_starts": self.docs.sentence_starts(d).tolist(),
+                "text": self.doc_text(d), "removed": bool(self.docs.removed[d])}
+
+    def is_compacted(self, doc: int) -> bool:
+        """Physically gone: a compaction rewrote the files without the document's entries and text."""
+        return bool(self.docs.removed[int(doc)])
+
+    def entries_of(self, doc_ids: list[str]) -> int:
+        return int(self.entries_per_doc[self.docs.indexes_of(doc_ids)].sum())
+
     # ------------------------------------------------------------------ search
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
-               policy: RetrievalPolicy | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, policy: RetrievalPolicy | None = None,
+               refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (distances, global entry ids) per query; id -1 where fewer than k exist.
         Raises `ShardUnavailable` if a remote shard is down or late."""
-        res = self.search_ex(queries, k, nprobe, policy, allow_partial=False)
+        res = self.search_ex(queries, k, nprobe, policy, allow_partial=False, refine=refine)
         return res.distances, res.ids
 
     def search_ex(self, queries: np.ndarray, k: int, nprobe: int | None = None,
-                  policy: RetrievalPolicy | None = None, allow_partial: bool = False) -> SearchResult:
-        """`search`, with partial answers on request: a shard that is down or late is then
-        listed in `missing` instead of failing the call — never silently."""
+                  policy: RetrievalPolicy | None = None, allow_partial: bool = False,
+                  refine: int | None = None, assigned: tuple[np.ndarray, np.ndarray] | None = None) -> SearchResult:
+        """`search`, with partial answers on request (a shard that is down or late is then
+        listed in `missing` instead of failing the call — never silently), exact
+        re-ranking of `refine × k` candidates (stores with kept keys; default: the store's
+        `refine` default), and a given list assignment `assigned` = (coarse distances,
+        lists) — what a shard server receives from the main server."""
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
             raise ValueError(f"queries must be (n, {self.manifest.dim}), got {queries.shape}")
+        if not np.isfinite(queries).all():
+            raise ValueError("queries must be finite (no NaN or infinity)")
+        refine = self.manifest.defaults.get("refine", 1) if refine is None else refine
+        refine = refine if refine and refine > 1 and self.can_refine else 1
         self.maybe_reload_optouts()
         version = self.tombstone_version
         allowed = self.allowed_bitmap(policy)
-        local = [s for s in self.shards if s.index is not None]
-        jobs = [self._pool.submit(search, s.index, queries, k, nprobe, allowed) for s in local]
-        jobs += [self._pool.submit(r.search, queries, k, nprobe, policy) for r in self.remotes]
-        results, missing = [], []
+        kk = k * refine
+        nq = len(queries)
+        parts, missing = [], []
+        if self.trained is not None and ix.is_ivf(self.trained):
+            nprobe = int(nprobe or self.manifest.defaults.get("nprobe") or ix.DEFAULT_NPROBE)
+            coarse, lists = assigned if assigned is not None else ix.assign(ix.quantizer_of(self.trained), queries,
+                                                                            nprobe)
+            jobs = [self._pool.submit(r.search, queries, kk, nprobe, policy, (coarse, lists)) for r in self.remotes]
+            if self.group is not None:
+                parts.append(ix.search_assigned(self.group, queries, kk, lists, coarse, allowed))
+        else:
+            jobs = [self._pool.submit(r.search, queries, kk, nprobe, policy, None) for r in self.remotes]
+            parts += [ix.search(s.index, queries, kk, nprobe, allowed) for s in self.shards if s.index is not None]
         for job in jobs:
             try:
-                results.append(job.result())
+                parts.append(job.result())
             except ShardUnavailable as e:
                 if not allow_partial:
                     raise
                 missing.extend(e.shards)
-        if not results:
-            nq = len(queries)
-            return SearchResult(np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64), missing)
-        dist = np.concatenate([r[0] for r in results], axis=1)
-        ids = np.concatenate([r[1] for r in results], axis=1)
-        bad = ids < 0
+        worst = np.inf if self.metric != "ip" else -np.inf
+        if not parts:
+            return SearchResult(np.full((nq, k), worst, np.float32), np.full((nq, k), -1, np.int64), missing)
+        dist = np.concatenate([p[0] for p in parts], axis=1)
+        ids = np.concatenate([p[1] for p in parts], axis=1)
+        bad = (ids < 0) | (ids >= self.n_entries)
         safe = np.where(bad, 0, ids)
         if allowed is not None:  # post-filter: never trust a selector alone
             bad |= ((allowed[safe >> 3] >> (safe & 7)) & 1) == 0
         if self.tombstone_version != version:  # an opt-out was acknowledged while we searched
-            bad |= self.dead_docs[self.entry_doc[safe]]
-        worst = np.inf if self.manifest.metric == "l2" else -np.inf
+            bad |= self.dead_docs[np.maximum(self.entries(safe, ("doc",))["doc"], 0)]
         dist = np.where(bad, worst, dist)
         ids = np.where(bad, -1, ids)
-        order = np.argsort(dist if self.manifest.metric == "l2" else -dist, axis=1, kind="stable")[:, :k]
-        return SearchResult(np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1), missing)
+        if refine > 1:
+            dist = self._exact(queries, ids, worst)
+        order = np.argsort(dist if self.metric != "ip" else -dist, axis=1, kind="stable")[:, :k]
+        dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+        if ids.shape[1] < k:
+            pad = k - ids.shape[1]
+            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=worst)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return SearchResult(dist.astype(np.float32), ids, missing)
 
-    # ------------------------------------------------------------------ metadata
+    def _exact(self, queries: np.ndarray, ids: np.ndarray, worst: float) -> np.ndarray:
+        """Exact distances of every candidate from its kept fp16 key (`worst` for -1)."""
+        keys = self.keys_of(ids)
+        dist = ix.exact_distances(queries, keys, self.metric)
+        return np.where(ids >= 0, dist, worst).astype(np.float32)
+
+    def keys_of(self, ids: np.ndarray) -> np.ndarray:
+        """fp16 keys of global ids (n, c) -> (n, c, d); zeros for -1."""
+        flat = np.asarray(ids, dtype=np.int64).ravel()
+        out = np.zeros((len(flat), self.manifest.dim), dtype=np.float16)
+        valid = flat >= 0
+        shard, local = self._locate(np.where(valid, flat, 0))
+        for si, s in enumerate(self.shards):
+            sel = np.flatnonzero(valid & (shard == si))
+            if len(sel):
+                order = np.argsort(local[sel])  # sorted reads: fewer page faults on the memory map
+                out[sel[order]] = s.keys[local[sel][order]]
+        return out.reshape(*np.shape(ids), self.manifest.dim)
+
+    # ------------------------------------------------------------------ entries and attribution
 
     def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shard = np.searchsorted(self._shard_starts, ids, side="right") - 1
         return shard, ids - self._shard_starts[np.clip(shard, 0, None)]
 
-    def entries(self, ids: np.ndarray, columns: tuple[str, ...] = ENTRY_COLUMNS) -> dict[str, np.ndarray]:
-        """Entry columns for global ids (any shape); -1 ids give -1 everywhere."""
+    def entries(self, ids: np.ndarray, columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Entry columns (int64) for global ids of any shape; -1 for -1 ids and for entries
+        a compaction removed."""
+        columns = tuple(ENTRY_COLUMNS[self.manifest.kind]) if columns is None else columns
         ids = np.asarray(ids, dtype=np.int64)
         flat = ids.ravel()
         valid = (flat >= 0) & (flat < self.n_entries)
@@ -385,37 +500,37 @@ class Datastore:
             sel = valid & (shard == si)
             if sel.any():
                 for c in columns:
-                    if c in s.entries:
-                        out[c][sel] = s.entries[c][local[sel]]
+                    col = s.columns[c]
+                    v = col[local[sel]].astype(np.int64)
+                    out[c][sel] = np.where(v == sentinel(col.dtype), -1, v)
         return {c: v.reshape(ids.shape) for c, v in out.items()}
 
     def values(self, ids: np.ndarray) -> np.ndarray:
-        return self.entries(ids)["value"]
+        return self.entries(ids, ("value",))["value"]
 
-    def doc_row(self, doc: int) -> dict:
-        return self.docs.slice(int(doc), 1).to_pylist()[0]
-
-    def doc_index(self, doc_id: str) -> int | None:
-        return self._doc_index.get(doc_id)
+    def entry_docs(self, ids: np.ndarray) -> np.ndarray:
+        """Global document of each entry id (-1 for -1): documents own contiguous entry ranges."""
+        ids = np.asarray(ids, dtype=np.int64)
+        d = np.searchsorted(self.docs.first_entry, ids, side="right") - 1
+        return np.where(ids >= 0, d, -1)
 
     def attribute(self, ids: np.ndarray, scores: np.ndarray | None = None) -> list[dict]:
         """Who and what each entry is: doc_id, source, license, tier, owner, sentence text."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
-        ent = self.entries(ids)
+        ent = self.entries(ids, ("doc", "sentence", "position"))
         out = []
         for j, eid in enumerate(ids):
-            if eid < 0:
+            if eid < 0 or ent["doc"][j] < 0:
                 continue
-            doc = self.doc_row(ent["doc"][j])
-            starts = doc["sentence_starts"]
+            d = int(ent["doc"][j])
+            text = self.doc_text(d)
+            starts = self.docs.sentence_starts(d)
             s = int(ent["sentence"][j])
-            end = starts[s + 1] if s + 1 < len(starts) else len(doc["text"])
-            hit = {
-                "entry_id": int(eid), "doc_id": doc["doc_id"], "source": doc["source"],
-                "license": doc["license"], "tier": doc["tier"], "owner": doc["owner"],
-                "sentence_index": s, "sentence": doc["text"][starts[s]:end].strip() if starts else "",
-                "position": int(ent["position"][j]),
-            }
+            end = int(starts[s + 1]) if s + 1 < len(starts) else len(text)
+            hit = {"entry_id": int(eid), "doc_id": self.doc_id(d),
+                   **{c: self.docs.value(c, d) for c in ("source", "license", "tier", "owner")},
+                   "sentence_index": s, "sentence": text[int(starts[s]):end].strip() if len(starts) else "",
+                   "position": int(ent["position"][j])}
             if scores is not None:
                 hit["score"] = float(np.asarray(scores).ravel()[j])
             out.append(hit)
@@ -423,22 +538,22 @@ class Datastore:
 
     def stats(self) -> dict:
         """Entries and documents (all and live), shards, per tier and per source, bytes on disk."""
-        live_docs = ~self.dead_docs
+        live = ~self.dead_docs
         per_doc = self.entries_per_doc
         groups: dict[str, dict] = {"tiers": {}, "sources": {}}
         for group, col in (("tiers", "tier"), ("sources", "source")):
-            values = self._doc_cols[col]
-            for v in sorted(set(values.tolist())):
-                sel = (values == v) & live_docs
-                groups[group][v] = {"documents": int(sel.sum()), "entries": int(per_doc[sel].sum())}
+            codes, values = self.docs.codes[col], self.docs.values[col]
+            docs = np.bincount(codes[live], minlength=len(values))
+            entries = np.bincount(codes[live], weights=per_doc[live], minlength=len(values))
+            for i in np.argsort(values.astype(str)):
+                groups[group][str(values[i])] = {"documents": int(docs[i]), "entries": int(entries[i])}
         return {
-            "kind": self.manifest.kind, "documents": len(self.docs), "live_documents": int(live_docs.sum()),
-            "entries": self.n_entries, "live_entries": int(per_doc[live_docs].sum()),
-            "shards": len(self.shards), "index": self.manifest.shards[0].index if self.shards else None,
+            "kind": self.manifest.kind, "documents": self.n_documents, "live_documents": int(live.sum()),
+            "entries": self.n_entries, "live_entries": int(per_doc[live].sum()),
+            "shards": len(self.shards), "index": self.manifest.index,
             "bytes": sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()), **groups,
         }
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-
 

@@ -29,10 +29,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from datastore.errors import FingerprintMismatch, StoreError
+from datastore.kinds import open_store
 from datastore.manifest import Manifest
 from datastore.optout import CorruptLog
-from datastore.passages import PassageStore
-from datastore.store import Datastore
 from server.auth import Auth, AuthInterceptor, CredentialError, OwnerCredentials, read_secret
 from server.gen import silo_pb2 as pb
 from server.limits import Limits
@@ -71,7 +70,10 @@ def _add_service(server: grpc.Server, name: str, servicer) -> None:
     for m in service.methods:
         req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
         fn = getattr(servicer, m.name)
-        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
         handlers[m.name] = make(fn, request_deserializer=_safe_parser(req), response_serializer=resp.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(f"silo.v1.{name}", handlers),))
 
@@ -84,9 +86,12 @@ def build_server(services: dict, port: int, host: str = "127.0.0.1", auth: Auth 
     up to `max_concurrent` wait, more get RESOURCE_EXHAUSTED. Returns (server, bound port,
     health servicer)."""
     max_workers = max_workers or os.cpu_count() or 1
-    configure_threads(max_workers)
+    per_request = configure_threads(max_workers)
+    # OpenMP's thread count is per calling thread: each request thread sets FAISS's own
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers,
+                                      initializer=lambda: faiss.omp_set_num_threads(per_request))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[AuthInterceptor(auth or Auth())],
+        pool, interceptors=[AuthInterceptor(auth or Auth())],
         maximum_concurrent_rpcs=max_concurrent,
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0)])
@@ -121,12 +126,11 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
         if kind in state.stores or kind in state.store_errors:
             raise StoreError(f"two {kind} stores given ({path}); a server serves one store of each kind")
         try:
-            if kind == "passage":
-                store = PassageStore.open(path)
-            else:
-                store = Datastore.open(path, load_index=not remote_shards)
+            remote = bool(remote_shards) and kind == "token"
+            store = open_store(path, load_index=not remote)
+            if remote:
                 store.remotes = [RemoteShardGroup(t, store.manifest.model_fingerprint, shard_deadline_s,
-                                                  shard_token, shard_root_cert) for t in remote_shards or ()]
+                                                  shard_token, shard_root_cert) for t in remote_shards]
             store.check_model(model_dir)
         except (FingerprintMismatch, CorruptLog) as e:
             log.error("store %s is out of use: %s", path, e)

@@ -64,6 +64,8 @@ class Limits:
     max_trace_min_tokens: int = 1024
     max_add_documents: int = 100_000  # per AddDocuments stream
     max_document_chars: int = 5_000_000
+    max_add_chars: int = 200_000_000  # all the text of one AddDocuments stream (it is held until durable)
+    max_score_windows: int = 4096  # windows one Score may run (text length x window / stride)
 
 
 def check_int(name: str, value: int, lo: int, hi: int) -> int:
@@ -77,6 +79,19 @@ def check_float(name: str, value: float, lo: float, hi: float, lo_open: bool = F
         raise BadRequest(f"{name} must be a finite number, got {value}")
     if value < lo or value > hi or (lo_open and value == lo):
         raise BadRequest(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
+    return value
+
+
+# Sampling divides log-probabilities by the temperature: below this, float32 overflows (a
+# NaN distribution), and sampling is greedy decoding anyway
+MIN_SAMPLING_TEMPERATURE = 1e-3
+
+
+def check_sampling_temperature(name: str, value: float, hi: float) -> float:
+    """0 (greedy) or a temperature in [MIN_SAMPLING_TEMPERATURE, hi]."""
+    check_float(name, value, 0.0, hi)
+    if 0.0 < value < MIN_SAMPLING_TEMPERATURE:
+        raise BadRequest(f"{name} must be 0 (greedy) or at least {MIN_SAMPLING_TEMPERATURE}, got {value}")
     return value
 
 

@@ -64,6 +64,7 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
 
     def __init__(self, path: str | os.PathLike, shards: set[int], limits: Limits | None = None):
         self.path, self.shard_numbers, self.limits = Path(path), shards, limits or Limits()
+        self.max_reply_bytes = 16 << 20  # the server's send limit (build_server's max_message_bytes)
         self._lock = threading.Lock()
         self._open()
 
@@ -104,12 +105,26 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
         if request.dim != store.manifest.dim or len(request.queries) != 4 * request.num_queries * request.dim:
             raise BadRequest("queries do not match num_queries x dim")
         check_int("k", request.k, 1, self.limits.max_k)
+        if request.num_queries * request.k * 12 > self.max_reply_bytes:  # checked before the work, not after
+            raise BadRequest(f"{request.num_queries:,} queries x k {request.k} would not fit one reply; "
+                             "send fewer queries per call")
         check_int("nprobe", request.nprobe, 0, self.limits.max_nprobe)
         q = np.frombuffer(request.queries, dtype="<f4").reshape(request.num_queries, request.dim)
         if not np.isfinite(q).all():
             raise BadRequest("queries must be finite")
         policy = policy_from_pb(request.policy, self.limits)
-        res = store.search_ex(q, request.k, request.nprobe or None, policy)
+        assigned = None
+        if request.lists or request.coarse:
+            if not request.nprobe or len(request.lists) != 8 * request.num_queries * request.nprobe \
+                    or len(request.coarse) != 4 * request.num_queries * request.nprobe:
+                raise BadRequest("lists and coarse must be (num_queries, nprobe) int64 and float32")
+            lists = np.frombuffer(request.lists, dtype="<i8").reshape(request.num_queries, request.nprobe)
+            nlist = store.trained.nlist if store.trained is not None and hasattr(store.trained, "nlist") else None
+            if nlist is None or lists.min() < -1 or lists.max() >= nlist:
+                raise BadRequest("list numbers out of range for this store's index")
+            coarse = np.frombuffer(request.coarse, dtype="<f4").reshape(request.num_queries, request.nprobe)
+            assigned = (coarse, lists)
+        res = store.search_ex(q, request.k, request.nprobe or None, policy, assigned=assigned, refine=1)
         return pb.ShardSearchResponse(distances=res.distances.astype("<f4").tobytes(),
                                       ids=res.ids.astype("<i8").tobytes(), shards=self.names)
 
@@ -135,10 +150,18 @@ class RemoteShardGroup:
         except grpc.RpcError:
             pass
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None, policy: RetrievalPolicy | None):
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None, policy: RetrievalPolicy | None,
+               assigned: tuple[np.ndarray, np.ndarray] | None = None):
+        """The shard server's top-k; `assigned` = (coarse distances, lists) from the main
+        server's quantizer, so every shard scans the same lists (IVF stores)."""
         req = pb.ShardSearchRequest(queries=np.ascontiguousarray(queries, dtype="<f4").tobytes(),
                                     num_queries=len(queries), dim=queries.shape[1], k=k, nprobe=nprobe or 0,
                                     policy=_policy_pb(policy), store_fingerprint=self.fingerprint)
+        if assigned is not None:
+            coarse, lists = assigned
+            req.nprobe = lists.shape[1]
+            req.lists = np.ascontiguousarray(lists, dtype="<i8").tobytes()
+            req.coarse = np.ascontiguousarray(coarse, dtype="<f4").tobytes()
         try:
             resp = self.stub.SearchShards(req, timeout=self.deadline_s, metadata=self.metadata)
         except grpc.RpcError as e:

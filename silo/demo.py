@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from silo.build import BuildArgs, build_store
 from silo.corpus import CorpusWriter, corpus_stats, open_corpus
 from silo.errors import SiloError
 
@@ -67,7 +68,6 @@ def _lm_line(rec: dict) -> str:
 
 def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, steps: int | None = None,
              fresh: bool = False) -> dict:
-    from datastore.build import BuildArgs, build_token_store
     from silo.eval_modes import EvalArgs, run_eval, sweep_knn
     from silo.evaluate import evaluate_lm
     from silo.lm import load_causal_lm
@@ -117,17 +117,17 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
     _stage("4. datastores over the restricted tier (train split): token store + BM25 passage store")
     if not (token_store / "manifest.json").is_file():
         shutil.rmtree(token_store, ignore_errors=True)
-        build_token_store(BuildArgs(model=str(model_dir), corpus=str(corpus), out=str(token_store),
-                                    tiers=("restricted",), shards=2, max_tokens=STORE_TOKENS, window=256, stride=128,
-                                    batch_size=16, keep_keys=False))
+        build_store(BuildArgs(model=str(model_dir), corpus=str(corpus), out=str(token_store),
+                              tiers=("restricted",), shards=2, max_tokens=STORE_TOKENS, window=256, stride=128,
+                              batch_size=16, keep_keys=True))
     have_passages = _passage_store(model_dir, corpus, passage_store)
     from datastore.store import Datastore
 
     st = Datastore.open(token_store, load_index=False)
-    print(f"token store: {st.n_entries:,} entries in {len(st.shards)} shards ({st.manifest.build['factory']}), "
+    print(f"token store: {st.n_entries:,} entries in {len(st.shards)} shards ({st.manifest.index}), "
           f"{st.manifest.documents:,} documents")
     figures["token_store"] = {"entries": st.n_entries, "documents": st.manifest.documents,
-                              "index": st.manifest.build["factory"]}
+                              "index": st.manifest.index}
 
     _stage("5. oracle LM on all tiers (evaluation only: it shows what the restricted text is worth)")
     orec = _train(corpus, oracle_dir, steps, tiers=("pd", "sw", "by", "restricted"), allow_restricted=True,
@@ -180,15 +180,10 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
 
 
 def _passage_store(model_dir: Path, corpus: Path, out: Path) -> bool:
-    try:
-        from datastore.passages import PassageBuildArgs, build_passage_store
-    except ImportError:
-        print("passage store: not available in this build (RIC-LM skipped)")
-        return False
     if not (out / "manifest.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        build_passage_store(PassageBuildArgs(model=str(model_dir), corpus=str(corpus), out=str(out),
-                                             tiers=("restricted",), max_tokens=STORE_TOKENS, passage_tokens=128))
+        build_store(BuildArgs(model=str(model_dir), corpus=str(corpus), out=str(out), kind="passage",
+                              tiers=("restricted",), max_tokens=STORE_TOKENS, passage_tokens=128))
     return True
 
 
@@ -244,7 +239,8 @@ def serve_and_opt_out(model_dir: Path, token_store: Path, work: Path) -> dict:
 
 def _demo_prompt(store) -> str:
     """The opening words of an English sentence of a restricted document in the store."""
-    for row in store.docs.slice(0, 400).to_pylist():
+    for d in range(min(400, store.n_documents)):
+        row = store.doc_row(d)
         starts = row["sentence_starts"] + [len(row["text"])]
         for a, b in zip(starts, starts[1:], strict=False):
             words = row["text"][a:b].split()

@@ -6,7 +6,7 @@ perplexities compare directly; the share of the gap closed is SILO's:
 
 Before scoring, the store is checked against the evaluation text: evaluation documents
 found in the store (a split mistake) and store documents that copy evaluation text
-(`datastore.decontam`) are excluded through the retrieval policy, and both are reported.
+(`silo.decontam`) are excluded through the retrieval policy, and both are reported.
 `sweep_knn` picks k, λ and T on the validation split from a single retrieval.
 """
 
@@ -18,15 +18,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from datastore.decontam import leaked_docs, store_contamination
 from datastore.lock import StoreLock
 from datastore.manifest import FingerprintMismatch, Manifest, tokenizer_fingerprint
+from datastore.passages import PassageStore
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore
+from silo.decontam import leaked_docs, store_contamination
 from silo.errors import SiloError
 from silo.evaluate import load_eval_docs, perplexity, perplexity_report, score_documents
 from silo.knnlm import KNNParams, retrieve_neighbours
 from silo.lm import load_causal_lm
+from silo.ricl import RICParams, ric_score_documents
 
 MODES = ("lm", "knn", "ric")
 
@@ -59,13 +61,16 @@ def store_knn_params(store: Datastore) -> KNNParams:
     return KNNParams.merged(store.manifest.defaults)
 
 
-def _exclusions(store: Datastore, metas: list[dict], texts: list[str], decontaminate: bool) -> tuple[set, dict]:
+def store_exclusions(store: Datastore, metas: list[dict], texts: list[str], decontaminate: bool) -> tuple[set, dict]:
+    """Store documents to keep out of an evaluation: evaluation documents found in the store,
+    and store documents that copy evaluation text; with the counts, for the report."""
     leaked = leaked_docs(store, [m["doc_id"] for m in metas])
     dropped = store_contamination(store, texts) if decontaminate else {}
     return set(leaked) | set(dropped), {"leaked_eval_docs": len(leaked), "decontaminated_store_docs": len(dropped)}
 
 
-def _with_denied(policy: RetrievalPolicy | None, deny: set) -> RetrievalPolicy | None:
+def with_denied(policy: RetrievalPolicy | None, deny: set) -> RetrievalPolicy | None:
+    """`policy` that also denies the documents `deny` (decontamination drops)."""
     if not deny:
         return policy
     policy = policy or RetrievalPolicy()
@@ -88,8 +93,6 @@ def run_eval(a: EvalArgs) -> dict:
         store.check_model(a.model)
     pstore = None
     if a.passage_store:
-        from datastore.passages import PassageStore
-
         pstore = PassageStore.open(a.passage_store)
         pstore.check_model(a.model)
     ref = store or pstore
@@ -103,25 +106,23 @@ def run_eval(a: EvalArgs) -> dict:
     per_mode: dict[str, list[np.ndarray]] = {}
 
     if "knn" in a.modes:
-        deny, checks = _exclusions(store, metas, texts, a.decontaminate)
+        deny, checks = store_exclusions(store, metas, texts, a.decontaminate)
         report["checks"]["token_store"] = checks
         params = (a.knn or store_knn_params(store)).validate()
         neigh = retrieve_neighbours(model, store, docs, params.k, a.window, a.stride, a.batch_size, pad,
-                                    params.nprobe, _with_denied(a.policy, deny), a.progress)
+                                    params.nprobe, with_denied(a.policy, deny), a.progress, refine=params.refine)
         per_mode["lm"] = [n.lm_logprob for n in neigh]
         per_mode["knn"] = [n.knn_logprob(params) for n in neigh]
         report["knn_params"] = {"k": params.k, "lambda": params.lam, "temperature": params.temperature,
-                                "nprobe": params.nprobe}
+                                "nprobe": params.nprobe, "refine": params.refine}
     if "lm" in a.modes and "lm" not in per_mode:
         per_mode["lm"] = score_documents(model, docs, a.window, a.stride, a.batch_size, pad, a.progress)
     if "ric" in a.modes:
-        from silo.ricl import RICParams, ric_score_documents
-
-        deny, checks = _exclusions(pstore, metas, texts, a.decontaminate)
+        deny, checks = store_exclusions(pstore, metas, texts, a.decontaminate)
         report["checks"]["passage_store"] = checks
         rp = RICParams(stride=a.ric_stride, retriever=a.ric_retriever)
         per_mode["ric"] = ric_score_documents(model, tok, pstore, docs, a.window, rp, a.batch_size, pad,
-                                              _with_denied(a.policy, deny), a.progress)
+                                              with_denied(a.policy, deny), a.progress)
         report["ric_params"] = {"stride": rp.stride, "query_tokens": rp.query_tokens, "passages": rp.passages,
                                 "retriever": rp.retriever}
     if a.oracle:
@@ -159,11 +160,11 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
     if not docs:
         raise SiloError(f"no {split} documents of tiers {','.join(store.manifest.tiers)} to tune on")
     texts = [tok.decode(d, skip_special_tokens=True) for d in docs]
-    deny, checks = _exclusions(store, metas, texts, True)
+    deny, checks = store_exclusions(store, metas, texts, True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     k_max = min(max(ks), max(store.n_entries, 1))
     neigh = retrieve_neighbours(model, store, docs, k_max, window, stride, batch_size, pad, nprobe,
-                                _with_denied(None, deny), progress)
+                                with_denied(None, deny), progress)
     lm_ppl = perplexity([n.lm_logprob for n in neigh])
     grid = []
     for k, lam, t in itertools.product([k for k in ks if k <= k_max] or [k_max], lams, temps):

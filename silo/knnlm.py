@@ -27,6 +27,7 @@ from datastore.store import Datastore
 from silo.errors import SiloError
 from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys
+from silo.tokenizer import StreamDecoder
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,12 @@ class KNNParams:
     lam: float = 0.25  # datastore weight λ
     temperature: float = 10.0
     nprobe: int | None = 32
+    refine: int | None = None  # exact re-ranking of refine × k candidates (stores with kept keys); None = store default
 
     @classmethod
     def merged(cls, defaults: dict | None = None, k: int | None = None, lam: float | None = None,
-               temperature: float | None = None, nprobe: int | None = None) -> KNNParams:
+               temperature: float | None = None, nprobe: int | None = None,
+               refine: int | None = None) -> KNNParams:
         """The one parameter merge (CLI, servicers, demo): values given (None = not given)
         over a store's tuned defaults (`manifest.defaults`) over the built-in ones."""
         d, base = defaults or {}, cls()
@@ -48,7 +51,7 @@ class KNNParams:
 
         return cls(k=pick(k, "k", base.k), lam=pick(lam, "lambda", base.lam),
                    temperature=pick(temperature, "temperature", base.temperature),
-                   nprobe=pick(nprobe, "nprobe", base.nprobe))
+                   nprobe=pick(nprobe, "nprobe", base.nprobe), refine=pick(refine, "refine", base.refine))
 
     def validate(self) -> KNNParams:
         if self.k <= 0:
@@ -59,6 +62,8 @@ class KNNParams:
             raise SiloError(f"temperature must be positive, got {self.temperature}")
         if self.nprobe is not None and self.nprobe <= 0:
             raise SiloError(f"nprobe must be positive, got {self.nprobe}")
+        if self.refine is not None and self.refine < 1:
+            raise SiloError(f"refine must be at least 1, got {self.refine}")
         return self
 
 
@@ -123,7 +128,7 @@ class DocNeighbours:
 def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, window: int = 512,
                         stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
                         policy: RetrievalPolicy | None = None, progress: bool = False,
-                        keep_queries: bool = False) -> list[DocNeighbours]:
+                        keep_queries: bool = False, refine: int | None = None) -> list[DocNeighbours]:
     """One pass: LM log-probs and the store's k neighbours for every scored token."""
     model.eval()
     device = next(model.parameters()).device
@@ -149,7 +154,7 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
                 queries.append(keys[r, lo:hi].numpy())
                 spans.append((w.doc, w.first_target - 1, w.end - 1))
             q_all = np.concatenate(queries)
-            dist, eid = store.search(q_all, k, nprobe=nprobe, policy=policy)
+            dist, eid = store.search(q_all, k, nprobe=nprobe, policy=policy, refine=refine)
             vals = store.values(eid)
             row = 0
             for doc, a, b in spans:
@@ -173,7 +178,7 @@ class GeneratedToken:
     attribution: list[dict]  # top neighbours: doc_id, source, license, sentence, weight
 
 
-def _sample(probs: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+def sample_token(probs: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
     if temperature <= 0:
         return int(probs.argmax())
     logits = torch.log(probs.clamp_min(1e-30)) / temperature
@@ -201,7 +206,7 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
     ids = ids[-max(1, max_pos - max_new_tokens):]
     gen = torch.Generator().manual_seed(seed)
     key_type = store.manifest.key_type if store is not None else "ffn_input"
-    text_so_far, past, generated = "", None, []
+    text_so_far, past, decoder = "", None, StreamDecoder(tok)
     # transformers ≥ 5.2x calls the KV cache `cache`; earlier releases `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     inp = torch.tensor([ids], device=device)
@@ -213,7 +218,7 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
             p, attribution = lm_p, []
             if store is not None and params.lam > 0:
                 q = box["keys"][0, -1:].float().cpu().numpy()
-                dist, eid = store.search(q, params.k, nprobe=params.nprobe, policy=policy)
+                dist, eid = store.search(q, params.k, nprobe=params.nprobe, policy=policy, refine=params.refine)
                 vals = torch.from_numpy(store.values(eid))
                 knn_p = knn_distribution(torch.from_numpy(dist), vals, lm_p.shape[0], params.temperature)[0]
                 p = (1 - params.lam) * lm_p + params.lam * knn_p
@@ -223,12 +228,8 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
                 for hit, j in zip(store.attribute(eid[0, top], dist[0, top]), top, strict=True):
                     hit["weight"] = float(w[j] * params.lam)
                     attribution.append(hit)
-            next_id = _sample(p, temperature, top_p, gen)
-            generated.append(next_id)
-            # Decode the whole continuation and emit the new suffix: byte-fallback pieces of
-            # one character are held back until the character is complete.
-            full = tok.decode(generated, skip_special_tokens=True)
-            piece = "" if full.endswith("\ufffd") else full[len(text_so_far):]
+            next_id = sample_token(p, temperature, top_p, gen)
+            piece = decoder.add(next_id)
             yield GeneratedToken(next_id, piece, float(torch.log(p[next_id].clamp_min(1e-30))),
                                  float(torch.log(lm_p[next_id].clamp_min(1e-30))), attribution)
             if next_id == tok.eos_token_id:

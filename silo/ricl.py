@@ -26,8 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from silo.embed import passage_search
 from silo.errors import SiloError
 from silo.evaluate import batched, pad_batch
+from silo.knnlm import GeneratedToken, sample_token
+from silo.tokenizer import StreamDecoder
 
 RETRIEVERS = ("bm25", "dense")
 
@@ -100,8 +103,8 @@ def ric_score_documents(model, tok, store, docs: list[list[int]], window: int = 
 
     asked = [b for b in blocks if b.query]
     if asked:  # one batched retrieval for every block
-        scores, ids = store.search_text([b.query for b in asked], p.passages, policy=policy,
-                                        retriever=p.retriever, model=model, tok=tok)
+        scores, ids = passage_search(store, [b.query for b in asked], p.passages, policy=policy,
+                                     retriever=p.retriever, model=model, tok=tok)
         for b, s, i in zip(asked, scores, ids, strict=True):
             b.passage_ids, b.passage_scores = i[i >= 0], s[i >= 0]
     used = np.unique(np.concatenate([b.passage_ids for b in blocks])) if blocks else np.zeros(0, np.int64)
@@ -140,8 +143,6 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
     """Generation with retrieval in context: every `stride` new tokens, retrieve with the last
     `query_tokens` tokens, put the passages in front, and go on (KV cache in between).
     Yields `silo.knnlm.GeneratedToken`s; each carries the passages in its context."""
-    from silo.knnlm import GeneratedToken, _sample
-
     if not prompt:
         raise SiloError("empty prompt")
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
@@ -154,13 +155,14 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
     gen = torch.Generator().manual_seed(seed)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generated, text_so_far, past, attribution, since = [], "", None, [], p.stride
+    decoder = StreamDecoder(tok)
     for _ in range(max_new_tokens):
         if since >= p.stride or past is None:  # re-retrieve and rebuild the context
             query = tok.decode(ids[-p.query_tokens :], skip_special_tokens=True)
             prefix, attribution = [], []
             if query.strip():
-                scores, pids = store.search_text([query], p.passages, policy=policy, retriever=p.retriever,
-                                                 model=model, tok=tok)
+                scores, pids = passage_search(store, [query], p.passages, policy=policy, retriever=p.retriever,
+                                              model=model, tok=tok)
                 keep = pids[0] >= 0
                 pids, scores = pids[0][keep], scores[0][keep]
                 if len(pids):
@@ -178,12 +180,11 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
                         **{cache_arg: past})
         past = getattr(out, cache_arg)
         probs = torch.softmax(out.logits[0, -1].float(), -1).cpu()
-        next_id = _sample(probs, temperature, top_p, gen)
+        next_id = sample_token(probs, temperature, top_p, gen)
         generated.append(next_id)
         ids.append(next_id)
         since += 1
-        full = tok.decode(generated, skip_special_tokens=True)
-        piece = "" if full.endswith("\ufffd") else full[len(text_so_far):]
+        piece = decoder.add(next_id)
         lp = float(torch.log(probs[next_id].clamp_min(1e-30)))
         yield GeneratedToken(next_id, piece, lp, lp, [dict(h) for h in attribution])
         if next_id == tok.eos_token_id:

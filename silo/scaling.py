@@ -19,11 +19,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
+from datastore.passages import PassageStore
 from datastore.store import Datastore
-from silo.evaluate import load_eval_docs, perplexity
+from silo.eval_modes import store_exclusions, store_knn_params, with_denied
+from silo.evaluate import load_eval_docs, perplexity, score_documents
 from silo.knnlm import DocNeighbours, KNNParams, retrieve_neighbours
+from silo.lm import load_causal_lm
+from silo.ricl import RICParams, ric_score_documents
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -63,11 +68,12 @@ class SubsampledPassages:
         self.cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.fraction, self.seed = 1.0, 0
 
-    def search_text(self, queries: list[str], k: int, policy=None, retriever: str = "bm25", model=None, tok=None):
+    def search_text(self, queries: list[str], k: int, policy=None, retriever: str = "bm25", embed=None,
+                    nprobe: int | None = None):
         todo = [q for q in queries if (q, retriever) not in self.cache]
         if todo:
             scores, ids = self.store.search_text(todo, self.depth, policy=policy, retriever=retriever,
-                                                 model=model, tok=tok)
+                                                 embed=embed, nprobe=nprobe)
             for q, sc, i in zip(todo, scores, ids, strict=True):
                 self.cache[(q, retriever)] = (sc, i)
         out_s = np.full((len(queries), k), -np.inf, np.float32)
@@ -85,10 +91,8 @@ class SubsampledPassages:
 def ric_scaling_rows(model, tok, pstore, docs, fractions, seeds: int, depth: int, window: int, batch_size: int,
                      pad: int, policy, stride: int = 64) -> list[dict]:
     """RIC-LM perplexity per (fraction, seed) from one deep retrieval per block."""
-    from silo.ricl import RICParams, ric_score_documents
-
     view = SubsampledPassages(pstore, depth)
-    live = np.flatnonzero(pstore.doc_mask(policy)[pstore.entry_doc])
+    live = np.flatnonzero(np.repeat(pstore.doc_mask(policy), pstore.entries_per_doc))
     rows = []
     for seed in range(seeds):
         for f in sorted(fractions):
@@ -123,8 +127,6 @@ class CurveArgs:
 
 def scaling_curve(a: CurveArgs) -> list[dict]:
     """Rows (fraction, tokens, seed, mode, perplexity, …); also writes CSV and PNG into `a.out`."""
-    from silo.eval_modes import _exclusions, _with_denied, store_knn_params
-    from silo.lm import load_causal_lm
 
     if not a.fractions or any(not 0 < f <= 1 for f in a.fractions):
         raise ValueError(f"fractions must be in (0, 1], got {a.fractions}")
@@ -138,13 +140,13 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
     if not docs:
         raise ValueError(f"no {a.split} documents of tiers {','.join(store.manifest.tiers)}")
     texts = [tok.decode(d, skip_special_tokens=True) for d in docs]
-    deny, _ = _exclusions(store, metas, texts, True)
-    policy = _with_denied(None, deny)
+    deny, _ = store_exclusions(store, metas, texts, True)
+    policy = with_denied(None, deny)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     recall_keys = _raw_keys(store)
     neigh = retrieve_neighbours(model, store, docs, depth, a.window, a.stride, a.batch_size, pad, params.nprobe,
                                 policy, a.progress, keep_queries=recall_keys is not None)
-    live = store.doc_mask(policy)[store.entry_doc]
+    live = np.repeat(store.doc_mask(policy), store.entries_per_doc)
     all_ids = np.flatnonzero(live)
     lm_ppl = perplexity([n.lm_logprob for n in neigh])
     rows = []
@@ -161,17 +163,13 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
                                                       a.recall_queries), 4)
             rows.append(row)
     if a.passage_store:
-        from datastore.passages import PassageStore
-
         pstore = PassageStore.open(a.passage_store)
         pstore.check_model(a.model)
         rows += ric_scaling_rows(model, tok, pstore, docs, a.fractions, a.seeds, depth, a.window, a.batch_size, pad,
-                                 _with_denied(None, _exclusions(pstore, metas, texts, True)[0]))
+                                 with_denied(None, store_exclusions(pstore, metas, texts, True)[0]))
     rows.append({"fraction": 1.0, "tokens": len(all_ids), "seed": 0, "mode": "lm", "perplexity": lm_ppl,
                  "k_satisfied": "", "ann_recall": ""})
     if a.oracle:
-        from silo.evaluate import score_documents
-
         oracle, _ = load_causal_lm(a.oracle)
         o = perplexity(score_documents(oracle, docs, a.window, a.stride, a.batch_size, pad))
         rows.append({"fraction": 1.0, "tokens": len(all_ids), "seed": 0, "mode": "oracle", "perplexity": o,
@@ -184,25 +182,22 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
     return rows
 
 
-def _raw_keys(store: Datastore) -> np.ndarray | None:
-    """All raw keys (fp16, memory-mapped) when the store kept them and uses an approximate index."""
-    if store.manifest.build.get("factory", "Flat") == "Flat":
+def _raw_keys(store: Datastore) -> Datastore | None:
+    """The store itself when it kept raw keys (fp16, memory-mapped) and uses an approximate index."""
+    if store.manifest.index == "Flat":
         return None  # exact search: the trick is exact, nothing to measure
-    files = [s.path / "keys.npy" for s in store.shards]
-    if not all(f.is_file() for f in files):
-        return None
-    return np.concatenate([np.load(f, mmap_mode="r") for f in files])
+    return store if store.can_refine else None
 
 
-def _ann_recall(keys, neigh, subs, fraction, seed, k, all_ids, n_queries) -> float:
+def _ann_recall(store: Datastore, neigh, subs, fraction, seed, k, all_ids, n_queries) -> float:
     """Recall@k of the subsampled ANN lists against exact search over the kept raw keys."""
-    import faiss
-
     kept = all_ids[keep_mask(all_ids, fraction, seed)]
     if len(kept) < k:
         return float("nan")
-    index = faiss.IndexIDMap2(faiss.IndexFlatL2(keys.shape[1]))
-    index.add_with_ids(np.asarray(keys[kept], dtype=np.float32), kept.astype(np.int64))
+    index = faiss.IndexIDMap2(faiss.IndexFlatL2(store.manifest.dim))
+    for lo in range(0, len(kept), 1 << 18):  # the kept keys, a chunk at a time from the memory maps
+        part = kept[lo : lo + (1 << 18)]
+        index.add_with_ids(store.keys_of(part).astype(np.float32), part.astype(np.int64))
     rng = np.random.default_rng(seed)
     q = np.concatenate([n.queries for n in neigh])
     approx = np.concatenate([s.ids for s, _ in subs])

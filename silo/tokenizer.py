@@ -106,3 +106,25 @@ def encode_document(tok, text: str) -> list[int]:
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     return bos + ids + eos
+
+
+class StreamDecoder:
+    """Text of generated tokens, one piece per token, at constant cost per token.
+
+    Decoding the whole continuation at every step costs O(n) per token (O(n²) for a
+    generation). Like TGI's streaming detokenizer, only a short tail is decoded: the text
+    of tokens [prefix, read) already emitted, and of [prefix, end); the new piece is the
+    difference. A piece ending in U+FFFD (a byte-fallback character still incomplete) is
+    held back until the character completes, and the window then moves on."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if after.endswith("\ufffd") or len(after) < len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]

@@ -28,7 +28,7 @@ def _context():
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(["faults", "numpy", "faiss", "pyarrow.parquet", "datastore.store",
-                                     "datastore.compact"])
+                                     "datastore.compact", "silo.build", "silo.ingest"])
     return _CTX
 
 
@@ -88,6 +88,18 @@ def count_steps(target: str, *args, tmp: str | os.PathLike, **kwargs) -> int:
 
 def build(args: dict) -> None:
     """A token-store build (a picklable target for `run_killed`)."""
-    from datastore.build import BuildArgs, build_token_store
+    from silo.build import BuildArgs, build_store
 
-    build_token_store(BuildArgs(**args))
+    build_store(BuildArgs(**args))
+
+
+def flaky_shard_worker(settings: dict, shard: int, doc_range: tuple[int, int], cache: dict) -> dict:
+    """`silo.build.shard_worker` whose first attempt at every shard fails (a marker file per
+    shard in $FAULTS_DIR says it already failed): for the retry tests of worker processes."""
+    from silo.build import shard_worker
+
+    marker = Path(os.environ["FAULTS_DIR"]) / f"shard-{shard}"
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"injected failure of shard {shard}")
+    return shard_worker(settings, shard, doc_range, cache)

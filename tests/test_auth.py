@@ -19,6 +19,7 @@ from server.gen import silo_pb2 as pb
 from server.gen import silo_pb2_grpc as pb_grpc
 from server.limits import Limits
 from server.remote import ShardSearchServicer
+from silo.build import BuildArgs, build_store
 
 INV = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -41,10 +42,8 @@ def owned(tmp_path, store_dir_auth, tiny_model):
 
 @pytest.fixture(scope="module")
 def store_dir_auth(tmp_path_factory, tiny_model, corpus_dir):
-    from datastore.build import BuildArgs, build_token_store
-
     out = tmp_path_factory.mktemp("auth") / "store"
-    build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
+    build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
                                 shards=2, window=128, stride=64, progress=False))
     return out
 
@@ -199,11 +198,12 @@ def test_shard_servers_need_the_shard_token_and_speak_tls(tmp_path, store_dir_au
 
 def test_concurrent_dense_passage_searches_share_one_tokenizer(tmp_path, tiny_model, corpus_dir):
     """Fast tokenizers raise "Already borrowed" if two threads reconfigure them at once."""
-    from datastore.passages import PassageBuildArgs, PassageStore, build_passage_store
+    from datastore.passages import PassageStore
+    from silo.embed import passage_search
     from silo.lm import load_causal_lm
 
     out = tmp_path / "passages"
-    build_passage_store(PassageBuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out),
+    build_store(BuildArgs(model=str(tiny_model), kind="passage", corpus=str(corpus_dir), out=str(out),
                                          tiers=("restricted",), passage_tokens=32, retrievers=("bm25", "dense"),
                                          progress=False))
     store = PassageStore.open(out)
@@ -215,7 +215,7 @@ def test_concurrent_dense_passage_searches_share_one_tokenizer(tmp_path, tiny_mo
             for j in range(20):
                 text = f"The tower of Oslo {i} {j} " * (1 + j % 40)
                 if (i + j) % 2:
-                    store.search_text([text], 3, retriever="dense", model=model, tok=tok)
+                    passage_search(store, [text], 3, retriever="dense", model=model, tok=tok)
                 else:
                     tok([text] * 4)
         except Exception as e:  # noqa: BLE001 - collected and asserted below

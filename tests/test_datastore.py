@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-import datastore.build as build_mod
-from datastore.build import BuildArgs, build_token_store
+import silo.build as build_mod
 from datastore.index import choose_factory, nlist_for
 from datastore.manifest import FingerprintMismatch, StoreError
 from datastore.optout import append_removal, read_log
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore
+from silo.build import BuildArgs, build_store
 from silo.corpus import iter_documents
 from silo.lm import load_causal_lm
 from silo.tokenizer import encode_document
@@ -25,9 +25,9 @@ def stores(tmp_path_factory, tiny_model, corpus_dir):
     root = tmp_path_factory.mktemp("stores")
     common = dict(model=str(tiny_model), corpus=str(corpus_dir), tiers=("restricted", "by"), progress=False,
                   window=64, stride=32)
-    build_token_store(BuildArgs(out=str(root / "one"), shards=1, keep_keys=True, **common))
-    build_token_store(BuildArgs(out=str(root / "three"), shards=3, **common))
-    build_token_store(BuildArgs(out=str(root / "ivf"), shards=2, factory="IVF32,PQ16", **common))
+    build_store(BuildArgs(out=str(root / "one"), shards=1, keep_keys=True, **common))
+    build_store(BuildArgs(out=str(root / "three"), shards=3, **common))
+    build_store(BuildArgs(out=str(root / "ivf"), shards=2, factory="IVF32,PQ16", **common))
     return root
 
 
@@ -100,7 +100,7 @@ def test_policy_gives_exact_top_k_of_allowed_entries(stores):
     policy = RetrievalPolicy(tiers=("by",))
     d, i = store.search(q, 5, policy=policy)
     assert (i >= 0).all()
-    tiers = store._doc_cols["tier"][store.entries(i)["doc"]]
+    tiers = store.docs.column("tier")[store.entries(i)["doc"]]
     assert set(tiers.ravel()) == {"by"}
     # brute force: everything, then filter
     dall, iall = store.search(q, store.n_entries)
@@ -121,7 +121,7 @@ def test_policy_by_license_source_owner(stores):
     ):
         _, i = store.search(q, 20, policy=policy)
         assert (i >= 0).all()
-        values = store._doc_cols[column][store.entries(i)["doc"]].ravel()
+        values = store.docs.column(column)[store.entries(i)["doc"]].ravel()
         assert not any(bad(v) for v in values), policy
 
 
@@ -148,8 +148,8 @@ def test_optout_by_owner_and_span(stores, tmp_path):
     append_removal(path, "span", ["Quito"], [])
     store = Datastore.open(path)
     dead = store.dead_docs
-    owners = store._doc_cols["owner"]
-    texts = store.docs.column("text").to_pylist()
+    owners = store.docs.column("owner")
+    texts = [store.doc_text(d) for d in range(store.n_documents)]
     assert all(dead[j] for j in range(len(owners)) if owners[j] == "owner-2" or "Quito" in texts[j])
     assert not all(dead)
     _, i = store.search(_queries(store, 10), 30)
@@ -161,16 +161,16 @@ def test_rebuild_applies_the_optout_log(stores, tmp_path, tiny_model, corpus_dir
     out.mkdir()
     victim = Datastore.open(stores / "one").doc_row(0)["doc_id"]
     append_removal(out, "doc_ids", [victim], [victim])
-    m = build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out),
+    m = build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out),
                                     tiers=("restricted", "by"), window=64, stride=32, progress=False))
     store = Datastore.open(out)
-    assert victim not in store._doc_cols["doc_id"] and m.build["skipped_optout"] == 1
+    assert store.doc_index(victim) is None and m.build["skipped_optout"] == 1
 
 
 def test_killed_build_resumes_to_the_same_store(stores, tmp_path, tiny_model, corpus_dir, monkeypatch):
     args = dict(model=str(tiny_model), corpus=str(corpus_dir), out=str(tmp_path / "s"), tiers=("restricted", "by"),
                 shards=3, window=64, stride=32, progress=False)
-    real = build_mod._write_shard
+    real = build_mod.write_shard
     calls = {"n": 0}
 
     def dying(*a, **k):
@@ -179,13 +179,13 @@ def test_killed_build_resumes_to_the_same_store(stores, tmp_path, tiny_model, co
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(build_mod, "_write_shard", dying)
+    monkeypatch.setattr(build_mod, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
-        build_token_store(BuildArgs(**args))
+        build_store(BuildArgs(**args))
     assert not (tmp_path / "s" / "manifest.json").exists()
     assert (tmp_path / "s" / "shards" / "00000" / "shard.json").exists()
-    monkeypatch.setattr(build_mod, "_write_shard", real)
-    build_token_store(BuildArgs(**args))
+    monkeypatch.setattr(build_mod, "write_shard", real)
+    build_store(BuildArgs(**args))
     for s in ("00000", "00001", "00002"):
         a = (tmp_path / "s" / "shards" / s / "index.faiss").read_bytes()
         b = (stores / "three" / "shards" / s / "index.faiss").read_bytes()
@@ -194,12 +194,12 @@ def test_killed_build_resumes_to_the_same_store(stores, tmp_path, tiny_model, co
         (tmp_path / "t").mkdir()
         (tmp_path / "t" / "build").mkdir()
         (tmp_path / "t" / "build" / "settings.json").write_text(json.dumps({"shards": 99}))
-        build_token_store(BuildArgs(**{**args, "out": str(tmp_path / "t")}))
+        build_store(BuildArgs(**{**args, "out": str(tmp_path / "t")}))
 
 
 def test_ivf_pq_store_recall_against_exact(stores):
     exact, ivf = Datastore.open(stores / "one"), Datastore.open(stores / "ivf")
-    assert ivf.manifest.build["factory"] == "IVF32,PQ16"
+    assert ivf.manifest.index == "IVF32,PQ16"
     q = _queries(exact, 50)
     _, ie = exact.search(q, 10)
     _, ia = ivf.search(q, 10, nprobe=32)
@@ -243,7 +243,7 @@ def test_bad_input_and_corrupt_files(stores, tmp_path):
 
 def test_finished_store_is_not_overwritten(stores, tiny_model, corpus_dir):
     with pytest.raises(StoreError, match="finished store"):
-        build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(stores / "one")))
+        build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(stores / "one")))
 
 
 def test_index_choice_rules():
@@ -286,7 +286,7 @@ def test_foreign_architectures_build_and_search(arch, tmp_path, tiny_model, corp
     assert key_dim(model, "final") == 48
     model.save_pretrained(tmp_path / arch)
     tok.save_pretrained(tmp_path / arch)
-    m = build_token_store(BuildArgs(model=str(tmp_path / arch), corpus=str(corpus_dir), out=str(tmp_path / "s"),
+    m = build_store(BuildArgs(model=str(tmp_path / arch), corpus=str(corpus_dir), out=str(tmp_path / "s"),
                                     tiers=("restricted",), window=64, stride=32, max_docs=10, progress=False))
     assert m.dim == 48 and m.entries > 0
     store = Datastore.open(tmp_path / "s")
@@ -306,7 +306,7 @@ def test_compaction_removes_entries_physically_and_keeps_answers(stores, tmp_pat
     store.opt_out("doc_ids", victims)
     before = store.search(q, 10)
     victim_idx = [store.doc_index(v) for v in victims]
-    dead_ids = np.flatnonzero(np.isin(store.entry_doc, victim_idx))
+    dead_ids = np.flatnonzero(np.isin(store.entries(np.arange(store.n_entries), ("doc",))["doc"], victim_idx))
     res = compact(path)
     assert res["removed_entries"] == len(dead_ids) and res["rewritten_shards"] >= 1
     after_store = Datastore.open(path)

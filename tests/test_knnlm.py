@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from datastore.build import BuildArgs, build_token_store
-from datastore.decontam import contaminated_docs
 from datastore.store import Datastore
+from silo.build import BuildArgs, build_store
+from silo.decontam import contaminated_docs
 from silo.eval_modes import EvalArgs, run_eval, sweep_knn
 from silo.evaluate import load_eval_docs, perplexity
 from silo.keys import capture_keys
@@ -32,7 +32,7 @@ WINDOW = 256  # longer than any generated document: every key sees its whole doc
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, tiny_model, corpus_dir):
     out = tmp_path_factory.mktemp("knn") / "store"
-    build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
+    build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
                                 shards=2, window=WINDOW, stride=WINDOW // 2, progress=False))
     return out
 
@@ -73,7 +73,7 @@ def _reference(model, tok, store: Datastore, eval_docs: list[list[int]], k: int,
         return box["keys"][0].double().numpy(), logits
 
     keys, values = [], []
-    for row in store.docs.to_pylist():
+    for row in (store.doc_row(d) for d in range(store.n_documents)):
         ids = encode_document(tok, row["text"])
         kk, _ = keys_of(ids)
         keys.append(kk[:-1])
@@ -110,7 +110,7 @@ def random_word_store(tmp_path_factory, tiny_model):
             for i in range(120)]
     root = tmp_path_factory.mktemp("rand")
     write_corpus(recs, root / "corpus")
-    build_token_store(BuildArgs(model=str(tiny_model), corpus=str(root / "corpus"), out=str(root / "store"),
+    build_store(BuildArgs(model=str(tiny_model), corpus=str(root / "corpus"), out=str(root / "store"),
                                 tiers=("restricted",), shards=2, window=WINDOW, stride=WINDOW // 2, progress=False))
     return root
 
@@ -182,7 +182,7 @@ def test_eval_all_modes_on_the_same_tokens_with_oracle(store_dir, tiny_model, co
 
 def test_eval_detects_leaked_and_copied_documents(tmp_path, tiny_model, corpus_dir):
     leaky = tmp_path / "leaky"
-    build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(leaky), tiers=("restricted",),
+    build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(leaky), tiers=("restricted",),
                                 split="test", window=WINDOW, stride=WINDOW // 2, progress=False))
     rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), store=str(leaky), modes=("knn",),
                             window=WINDOW, stride=WINDOW // 2, knn=KNNParams(k=8, lam=0.5, temperature=10.0)))

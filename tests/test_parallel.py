@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datastore.build import BuildArgs, build_token_store
 from datastore.store import Datastore
+from silo.build import BuildArgs, build_store
 from silo.evaluate import load_eval_docs, perplexity
 from silo.knnlm import KNNParams, retrieve_neighbours
 from silo.lm import load_causal_lm
 
 
 def _build(out, tiny_model, corpus_dir, **kw):
-    return build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out),
+    return build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out),
                                        tiers=("restricted", "by"), shards=4, window=64, stride=32, progress=False, **kw))
 
 
@@ -44,13 +44,17 @@ def test_ray_and_local_workers_build_identical_stores(tmp_path, tiny_model, corp
 
 def test_worker_processes_retry_failed_shards(tmp_path, tiny_model, corpus_dir, monkeypatch):
     """Every shard's first attempt fails in its worker process; retries finish the build."""
-    monkeypatch.setenv("SILO_TEST_FAIL_ONCE", str(tmp_path / "faults"))
+    import faults
+    import silo.parallel
+
+    monkeypatch.setattr(silo.parallel, "default_job", lambda: faults.flaky_shard_worker)
+    monkeypatch.setenv("FAULTS_DIR", str(tmp_path / "faults"))
     (tmp_path / "faults").mkdir()
     m = _build(tmp_path / "s", tiny_model, corpus_dir, backend="local", workers=2)
     assert len(list((tmp_path / "faults").iterdir())) == 4  # each shard failed once
     store = Datastore.open(tmp_path / "s")
     assert store.n_entries == m.entries and all(s.info.entries > 0 for s in store.shards)
-    monkeypatch.setenv("SILO_TEST_FAIL_ONCE", str(tmp_path / "faults2"))
+    monkeypatch.setenv("FAULTS_DIR", str(tmp_path / "faults2"))
     (tmp_path / "faults2").mkdir()
     with pytest.raises(RuntimeError, match="injected"):
         _build(tmp_path / "t", tiny_model, corpus_dir, backend="local", workers=2, retries=0)

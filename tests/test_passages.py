@@ -13,17 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import datastore.passages as passages_mod
+import silo.build as build_mod
 from datastore.manifest import FingerprintMismatch, StoreError
 from datastore.optout import append_removal
-from datastore.passages import (
-    BM25_PARAMS,
-    PassageBuildArgs,
-    PassageStore,
-    bm25_tokens,
-    build_passage_store,
-)
+from datastore.passages import BM25_PARAMS, PASSAGE_COLUMNS, PassageStore, bm25_tokens
 from datastore.policy import RetrievalPolicy
+from silo.build import BuildArgs, build_store
+from silo.embed import passage_search, query_embedder
 from silo.evaluate import load_eval_docs, perplexity, score_documents
 from silo.lm import load_causal_lm
 from silo.ricl import RICParams, ric_score_documents
@@ -32,22 +28,22 @@ P = 32  # tokens per passage: several passages per generated document
 QUERY = "lighthouse Lisbon built Ada Lovelace"
 
 
-def _args(tiny_model, corpus_dir, out, **kw) -> PassageBuildArgs:
-    return PassageBuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
-                            split="train", passage_tokens=P, progress=False, **kw)
+def _args(tiny_model, corpus_dir, out, **kw) -> BuildArgs:
+    return BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), kind="passage", tiers=("restricted",),
+                     split="train", passage_tokens=P, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, tiny_model, corpus_dir):
     out = tmp_path_factory.mktemp("passages") / "store"
-    build_passage_store(_args(tiny_model, corpus_dir, out, shards=2, retrievers=("bm25", "dense"), batch_size=64))
+    build_store(_args(tiny_model, corpus_dir, out, shards=2, retrievers=("bm25", "dense"), batch_size=64))
     return out
 
 
 @pytest.fixture(scope="module")
 def single_dir(tmp_path_factory, tiny_model, corpus_dir):
     out = tmp_path_factory.mktemp("passages1") / "store"
-    build_passage_store(_args(tiny_model, corpus_dir, out, shards=1))
+    build_store(_args(tiny_model, corpus_dir, out, shards=1))
     return out
 
 
@@ -62,7 +58,7 @@ def lm(tiny_model):
 
 
 def _all_entries(s: PassageStore) -> dict[str, np.ndarray]:
-    return {c: np.concatenate([sh.entries[c] for sh in s.shards]) for c in passages_mod.PASSAGE_COLUMNS}
+    return {c: np.concatenate([np.asarray(sh.columns[c]) for sh in s.shards]) for c in PASSAGE_COLUMNS}
 
 
 # ---------------------------------------------------------------------------- format
@@ -72,12 +68,12 @@ def test_passages_cover_every_token_once(store, lm):
     _, tok = lm
     m = store.manifest
     assert (m.kind, m.passage_tokens, m.retrievers, m.metric) == ("passage", P, ["bm25", "dense"], "ip")
-    assert m.dim > 0 and len(m.shards) == 2 and [s.index for s in m.shards] == ["Flat", "Flat"]
+    assert m.dim > 0 and len(m.shards) == 2 and m.index == "Flat"
     assert m.shards[1].first_entry == m.shards[0].entries and m.entries == sum(s.entries for s in m.shards)
     ent = _all_entries(store)
-    assert len(ent["doc"]) == m.entries and (ent["value"] == -1).all()
+    assert len(ent["doc"]) == m.entries and "value" not in ent  # passages have no next token
     assert (np.diff(ent["doc"]) >= 0).all()  # ids dense, in (doc, position) order
-    docs = store.docs.to_pylist()
+    docs = [store.doc_row(d) for d in range(store.n_documents)]
     first = np.searchsorted(ent["doc"], np.arange(len(docs)))
     assert [d["first_entry"] for d in docs] == first.tolist()
     for d, row in enumerate(docs):
@@ -145,24 +141,24 @@ def test_policy_gives_exact_topk_of_allowed(store, lm, policy):
     allowed_docs = store.doc_mask(policy)
     s_all, i_all = store.search_text([QUERY], store.n_entries)
     keep = i_all[0][(i_all[0] >= 0)]
-    keep = keep[allowed_docs[store.entry_doc[keep]]]
+    keep = keep[allowed_docs[store.entry_docs(keep)]]
     s, i = store.search_text([QUERY], k, policy=policy)
     assert (i[0] >= 0).sum() == min(k, len(keep)) == k
-    assert allowed_docs[store.entry_doc[i[0]]].all()
+    assert allowed_docs[store.entry_docs(i[0])].all()
     np.testing.assert_array_equal(i[0], keep[:k])
     # dense: the same policy inside the FAISS search (compared by score: equal vectors tie)
     model, tok = lm
-    sd, idd = store.search_text([QUERY], k, policy=policy, retriever="dense", model=model, tok=tok)
-    assert (idd[0] >= 0).all() and allowed_docs[store.entry_doc[idd[0]]].all()
-    dsc, dall = store.search_text([QUERY], store.n_entries, retriever="dense", model=model, tok=tok)
-    ok = (dall[0] >= 0) & allowed_docs[store.entry_doc[np.maximum(dall[0], 0)]]
+    sd, idd = passage_search(store, [QUERY], k, policy=policy, retriever="dense", model=model, tok=tok)
+    assert (idd[0] >= 0).all() and allowed_docs[store.entry_docs(idd[0])].all()
+    dsc, dall = passage_search(store, [QUERY], store.n_entries, retriever="dense", model=model, tok=tok)
+    ok = (dall[0] >= 0) & allowed_docs[store.entry_docs(np.maximum(dall[0], 0))]
     np.testing.assert_allclose(sd[0], dsc[0][ok][:k], rtol=1e-6)
 
 
 def test_policy_denying_everything_gives_no_hits(store, lm):
     model, tok = lm
     for retriever in ("bm25", "dense"):
-        s, i = store.search_text([QUERY], 5, policy=RetrievalPolicy(tiers=("pd",)), retriever=retriever,
+        s, i = passage_search(store, [QUERY], 5, policy=RetrievalPolicy(tiers=("pd",)), retriever=retriever,
                                  model=model, tok=tok)
         assert (i == -1).all() and np.isneginf(s).all()
 
@@ -172,15 +168,15 @@ def test_optout_removes_passages_for_good(store_dir, tmp_path):
     shutil.copytree(store_dir, path)
     live = PassageStore.open(path)
     _, ids = live.search_text([QUERY], 3)
-    victim = int(live.entry_doc[ids[0, 0]])
-    doc_id = live.docs.column("doc_id")[victim].as_py()
+    victim = int(live.entry_docs(ids[0, 0]))
+    doc_id = live.doc_id(victim)
     append_removal(path, "doc_ids", [doc_id], [doc_id])
     for s in (live, PassageStore.open(path)):  # the open instance sees the log, and a reopened one
-        text = s.docs.column("text")[victim].as_py()
+        text = s.doc_text(victim)
         _, ids = s.search_text([QUERY, text, text[:80]], s.n_entries)
         hit = ids[ids >= 0]
-        assert len(hit) and not (s.entry_doc[hit] == victim).any()
-    assert live.stats()["live_documents"] == len(live.docs) - 1
+        assert len(hit) and not (s.entry_docs(hit) == victim).any()
+    assert live.stats()["live_documents"] == live.n_documents - 1
 
 
 def test_compaction_rebuilds_bm25_without_the_removed_text(store_dir, tmp_path):
@@ -190,7 +186,7 @@ def test_compaction_rebuilds_bm25_without_the_removed_text(store_dir, tmp_path):
     shutil.copytree(store_dir, path)
     s = PassageStore.open(path)
     _, ids = s.search_text([QUERY], 5)
-    victims = sorted({s.docs.column("doc_id")[int(s.entry_doc[i])].as_py() for i in ids[0] if i >= 0})[:2]
+    victims = sorted({s.doc_id(int(s.entry_docs(i))) for i in ids[0] if i >= 0})[:2]
     s.opt_out("doc_ids", victims)
     before = s.search_text([QUERY, "Oslo harbour 1768"], 10)
     res = compact(path)
@@ -199,11 +195,11 @@ def test_compaction_rebuilds_bm25_without_the_removed_text(store_dir, tmp_path):
     after = after_store.search_text([QUERY, "Oslo harbour 1768"], 10)
     # the live passages rank as before; scores move a little with the new statistics
     assert [set(r[r >= 0]) for r in before[1]] == [set(r[r >= 0]) for r in after[1]]
-    dead = np.isin(after_store.entry_doc, [after_store.doc_index(v) for v in victims])
-    assert (np.concatenate([sh.entries["position"] for sh in after_store.shards])[dead] == -1).all()
+    dead = np.isin(after_store.entry_docs(np.arange(after_store.n_entries)), [after_store.doc_index(v) for v in victims])
+    assert (after_store.entries(np.arange(after_store.n_entries), ("position",))["position"][dead] == -1).all()
     for sh in after_store.shards:  # both retrievers survive the rewrite
         assert (sh.path / "bm25").is_dir() and (sh.path / "index.faiss").is_file()
-    victim_text = s.docs.column("text")[s.doc_index(victims[0])].as_py()
+    victim_text = s.doc_text(s.doc_index(victims[0]))
     _, hits = after_store.search_text([victim_text], after_store.n_entries)
     assert not np.isin(hits[hits >= 0], np.flatnonzero(dead)).any()
 
@@ -220,56 +216,58 @@ def _same_store(a, b) -> None:
     qa, qb = sa.search_text([QUERY, "Oslo harbour 1768"], 12), sb.search_text([QUERY, "Oslo harbour 1768"], 12)
     np.testing.assert_array_equal(qa[1], qb[1])
     np.testing.assert_array_equal(qa[0], qb[0])
-    assert pq.read_table(a / "docs.parquet").equals(pq.read_table(b / "docs.parquet"))
+    for sh in sa.manifest.shards:
+        assert pq.read_table(a / "shards" / sh.name / "docs.parquet").equals(
+            pq.read_table(b / "shards" / sh.name / "docs.parquet"))
 
 
 def test_resume_after_a_killed_build(tmp_path, tiny_model, corpus_dir, monkeypatch):
     ref = tmp_path / "ref"
-    build_passage_store(_args(tiny_model, corpus_dir, ref, shards=3))
+    build_store(_args(tiny_model, corpus_dir, ref, shards=3))
     # killed while writing the last shard: build/ and the first shards survive
     out = tmp_path / "killed"
-    real = passages_mod._write_shard
+    real = build_mod.write_shard
 
-    def dies_on_last(args, docs, texts, shard_no, *rest):
+    def dies_on_last(args, model, tok, docs, shard_no, *rest, **kw):
         if shard_no == 2:
             raise KeyboardInterrupt("killed")
-        return real(args, docs, texts, shard_no, *rest)
+        return real(args, model, tok, docs, shard_no, *rest, **kw)
 
-    monkeypatch.setattr(passages_mod, "_write_shard", dies_on_last)
+    monkeypatch.setattr(build_mod, "write_shard", dies_on_last)
     with pytest.raises(KeyboardInterrupt):
-        build_passage_store(_args(tiny_model, corpus_dir, out, shards=3))
+        build_store(_args(tiny_model, corpus_dir, out, shards=3))
     assert not (out / "manifest.json").exists() and (out / "build").is_dir()
     assert (out / "shards" / "00001" / "shard.json").is_file() and not (out / "shards" / "00002").exists()
-    monkeypatch.setattr(passages_mod, "_write_shard", real)
+    monkeypatch.setattr(build_mod, "write_shard", real)
     other = _args(tiny_model, corpus_dir, out, shards=3)
     other.passage_tokens = 16
     with pytest.raises(StoreError, match="other settings"):
-        build_passage_store(other)
-    build_passage_store(_args(tiny_model, corpus_dir, out, shards=3))
+        build_store(other)
+    build_store(_args(tiny_model, corpus_dir, out, shards=3))
     _same_store(ref, out)
     # a finished store with its manifest and last shard removed is rebuilt to the same
     (ref / "manifest.json").rename(tmp_path / "manifest.bak")
     shutil.rmtree(ref / "shards" / "00002")
-    build_passage_store(_args(tiny_model, corpus_dir, ref, shards=3))
+    build_store(_args(tiny_model, corpus_dir, ref, shards=3))
     _same_store(ref, out)
     with pytest.raises(StoreError, match="already holds"):
-        build_passage_store(_args(tiny_model, corpus_dir, ref, shards=3))
+        build_store(_args(tiny_model, corpus_dir, ref, shards=3))
 
 
 def test_dense_with_embedder_and_ivf(tmp_path, tiny_model, corpus_dir):
     out = tmp_path / "emb"
-    m = build_passage_store(_args(tiny_model, corpus_dir, out, shards=2, retrievers=("dense",), max_docs=12,
+    m = build_store(_args(tiny_model, corpus_dir, out, shards=2, retrievers=("dense",), max_docs=12,
                                   embedder=str(tiny_model), factory="IVF2,Flat"))
-    assert (m.metric, m.retrievers, m.shards[0].index) == ("ip", ["dense"], "IVF2,Flat")
+    assert (m.metric, m.retrievers, m.index) == ("ip", ["dense"], "IVF2,Flat")
     assert not (out / "shards" / "00000" / "bm25").exists()
     s = PassageStore.open(out)
     texts = s.passage_text(np.arange(s.n_entries))
-    emb = s._query_embedder(None, None)
-    vecs = emb.embed_texts(texts)
+    emb = query_embedder(s)
+    vecs = emb(texts)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, rtol=1e-5)
     q = [texts[5], "Ada Lovelace"]
-    d, i = s.search_text(q, 4, retriever="dense", nprobe=2)  # every list probed: exact
-    qv = emb.embed_texts(q)
+    d, i = passage_search(s, q, 4, retriever="dense", nprobe=2)  # every list probed: exact
+    qv = emb(q)
     exact = np.sort(qv @ vecs.T, axis=1)[:, ::-1][:, :4]
     np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-5)
     with pytest.raises(StoreError, match="without the bm25"):
@@ -283,9 +281,9 @@ def test_clear_errors(store, single_dir, lm, tiny_model, corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="positive"):
         store.search_text([QUERY], 0)
     with pytest.raises(StoreError, match="without the dense"):
-        PassageStore.open(single_dir).search_text([QUERY], 3, retriever="dense", model=model, tok=tok)
+        passage_search(PassageStore.open(single_dir), [QUERY], 3, retriever="dense", model=model, tok=tok)
     with pytest.raises(ValueError, match="model and tok"):
-        store.search_text([QUERY], 3, retriever="dense")
+        passage_search(store, [QUERY], 3, retriever="dense")
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
     cfg = json.loads((other / "config.json").read_text())
@@ -293,11 +291,11 @@ def test_clear_errors(store, single_dir, lm, tiny_model, corpus_dir, tmp_path):
     (other / "config.json").write_text(json.dumps(cfg))
     m2, t2 = load_causal_lm(other)
     with pytest.raises(FingerprintMismatch):
-        store.search_text([QUERY], 3, retriever="dense", model=m2, tok=t2)
+        passage_search(store, [QUERY], 3, retriever="dense", model=m2, tok=t2)
     with pytest.raises(FingerprintMismatch):
         store.check_model(other)
     with pytest.raises(StoreError, match="retrievers"):
-        build_passage_store(_args(tiny_model, corpus_dir, tmp_path / "x", retrievers=("tfidf",)))
+        build_store(_args(tiny_model, corpus_dir, tmp_path / "x", retrievers=("tfidf",)))
 
 
 # ---------------------------------------------------------------------------- RIC-LM
@@ -419,8 +417,8 @@ def test_ric_clear_cut_when_the_text_is_in_the_store(tmp_path, tiny_model, corpu
     needs retrieval to find its own text among look-alike documents."""
     _, tok = lm
     out = tmp_path / "whole"
-    build_passage_store(PassageBuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out),
-                                         tiers=("restricted",), passage_tokens=512, max_docs=8, progress=False))
+    build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), kind="passage",
+                          tiers=("restricted",), passage_tokens=512, max_docs=8, progress=False))
     whole = PassageStore.open(out)
     assert whole.n_entries == 8
     _, docs = load_eval_docs(str(corpus_dir), tok, "train", ("restricted",), max_docs=8)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from datastore.plan import GB, calibrate, parse_factory, plan
+from silo.plan import GB, calibrate, parse_factory, plan
 
 CALIB = {"dim": 2048, "keys_per_second": 1000.0, "adds_per_second": 100_000.0, "t_centroid": 1e-9,
          "t_code": 1e-9, "entry_meta_bytes": 4.0, "text_bytes_per_token": 1.0, "rpc_overhead_s": 0.0}

@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
-from datastore.build import BuildArgs, build_token_store
 from datastore.manifest import Manifest
 from datastore.store import Datastore
+from silo.build import BuildArgs, build_store
 from silo.evaluate import load_eval_docs
 from silo.knnlm import KNNParams, retrieve_neighbours
 from silo.lm import load_causal_lm
@@ -25,7 +25,7 @@ PARAMS = KNNParams(k=8, lam=0.5, temperature=10.0)
 @pytest.fixture(scope="module")
 def flat_store(tmp_path_factory, tiny_model, corpus_dir):
     out = tmp_path_factory.mktemp("scal") / "store"
-    build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
+    build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
                                 shards=2, window=WINDOW, stride=WINDOW // 2, progress=False))
     return out
 
@@ -93,7 +93,7 @@ def test_scaling_curve_writes_csv_and_plot(flat_store, tiny_model, corpus_dir, t
 
 def test_ivf_store_reports_ann_recall(tiny_model, corpus_dir, tmp_path):
     out = tmp_path / "ivf"
-    build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
+    build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
                                 factory="IVF16,PQ8", keep_keys=True, window=WINDOW, stride=WINDOW // 2,
                                 progress=False))
     rows = scaling_curve(CurveArgs(model=str(tiny_model), store=str(out), corpus=str(corpus_dir),
@@ -104,12 +104,12 @@ def test_ivf_store_reports_ann_recall(tiny_model, corpus_dir, tmp_path):
 
 
 def test_ric_curve_from_one_deep_retrieval(tiny_model, corpus_dir, flat_store, tmp_path):
-    from datastore.passages import PassageBuildArgs, PassageStore, build_passage_store
+    from datastore.passages import PassageStore
     from silo.evaluate import perplexity
     from silo.ricl import RICParams, ric_score_documents
 
     pdir = tmp_path / "passages"
-    build_passage_store(PassageBuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(pdir),
+    build_store(BuildArgs(model=str(tiny_model), kind="passage", corpus=str(corpus_dir), out=str(pdir),
                                          tiers=("restricted",), passage_tokens=32, progress=False))
     rows = scaling_curve(CurveArgs(model=str(tiny_model), store=str(flat_store), corpus=str(corpus_dir),
                                    out=str(tmp_path / "c"), fractions=(0.1, 1.0), seeds=2, depth=64, knn=PARAMS,

@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from datastore.build import BuildArgs, build_token_store
 from server.app import build_server, load_state
 from server.auth import Auth
 from server.client import SiloClient, retrieval_options
 from server.gen import silo_pb2 as pb
 from server.servicers import DatastoreServicer, LanguageModelServicer
+from silo.build import BuildArgs, build_store
 
 TOKEN = "test-admin-token-0123456789"
 WINDOW = 128
@@ -28,7 +28,7 @@ WINDOW = 128
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, tiny_model, corpus_dir):
     out = tmp_path_factory.mktemp("srv") / "store"
-    build_token_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
+    build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), tiers=("restricted",),
                                 shards=2, window=WINDOW, stride=WINDOW // 2, progress=False))
     return out
 
@@ -231,8 +231,7 @@ def test_optout_by_text_span_removes_every_document_containing_it(live):
     client, path, state = live
     span = "the observatory of Kyoto"
     store = state.token_store
-    texts = store.docs.column("text").to_pylist()
-    holders = {d for d, t in zip(store.docs.column("doc_id").to_pylist(), texts, strict=True) if span in t}
+    holders = {store.doc_id(d) for d in range(store.n_documents) if span in store.doc_text(d)}
     assert len(holders) > 1
     r = client.optout(text_span=span, confirm_large=True)
     assert set(r.removed_doc_ids) == holders
@@ -341,10 +340,8 @@ def test_retrieval_options_helper():
 
 
 def test_ric_mode_and_passage_search_over_grpc(tmp_path, store_dir, tiny_model, corpus_dir):
-    from datastore.passages import PassageBuildArgs, build_passage_store
-
     passages = tmp_path / "passages"
-    build_passage_store(PassageBuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(passages),
+    build_store(BuildArgs(model=str(tiny_model), kind="passage", corpus=str(corpus_dir), out=str(passages),
                                          tiers=("restricted",), passage_tokens=64, progress=False))
     server, port, _ = start(tiny_model, [store_dir, passages])
     try:

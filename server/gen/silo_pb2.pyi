@@ -48,7 +48,7 @@ class RetrievalPolicy(_message.Message):
     def __init__(self, tiers: _Optional[_Iterable[str]] = ..., allow_licenses: _Optional[_Iterable[str]] = ..., deny_licenses: _Optional[_Iterable[str]] = ..., allow_sources: _Optional[_Iterable[str]] = ..., deny_sources: _Optional[_Iterable[str]] = ..., deny_owners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RetrievalOptions(_message.Message):
-    __slots__ = ("mode", "k", "lambda_", "temperature", "nprobe", "policy", "allow_partial", "ric_stride")
+    __slots__ = ("mode", "k", "lambda_", "temperature", "nprobe", "policy", "allow_partial", "ric_stride", "refine_factor")
     MODE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LAMBDA__FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class RetrievalOptions(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     RIC_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    REFINE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     k: int
     lambda_: float
@@ -65,7 +66,8 @@ class RetrievalOptions(_message.Message):
     policy: RetrievalPolicy
     allow_partial: bool
     ric_stride: int
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ...) -> None: ...
+    refine_factor: int
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ..., refine_factor: _Optional[int] = ...) -> None: ...
 
 class Neighbour(_message.Message):
     __slots__ = ("entry_id", "doc_id", "source", "license", "tier", "owner", "sentence", "sentence_index", "weight", "distance", "next_token", "passage")
@@ -272,20 +274,22 @@ class ModelInfoResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., fingerprint: _Optional[str] = ..., trained_tiers: _Optional[_Iterable[str]] = ..., trained_on_restricted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreInfo, _Mapping]]] = ..., max_new_tokens_limit: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "k", "nprobe", "policy", "store", "allow_partial")
+    __slots__ = ("query", "k", "nprobe", "policy", "store", "allow_partial", "refine_factor")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    REFINE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
     nprobe: int
     policy: RetrievalPolicy
     store: str
     allow_partial: bool
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store: _Optional[str] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
+    refine_factor: int
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store: _Optional[str] = ..., allow_partial: _Optional[bool] = ..., refine_factor: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "partial", "missing_shards")
@@ -443,6 +447,52 @@ class StatsResponse(_message.Message):
     stores: _containers.RepeatedCompositeFieldContainer[StoreStats]
     def __init__(self, stores: _Optional[_Iterable[_Union[StoreStats, _Mapping]]] = ...) -> None: ...
 
+class Document(_message.Message):
+    __slots__ = ("doc_id", "text", "source", "license", "owner", "license_classifiers")
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_CLASSIFIERS_FIELD_NUMBER: _ClassVar[int]
+    doc_id: str
+    text: str
+    source: str
+    license: str
+    owner: str
+    license_classifiers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, doc_id: _Optional[str] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., owner: _Optional[str] = ..., license_classifiers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddDocumentsRequest(_message.Message):
+    __slots__ = ("store", "document")
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    store: str
+    document: Document
+    def __init__(self, store: _Optional[str] = ..., document: _Optional[_Union[Document, _Mapping]] = ...) -> None: ...
+
+class RefusedDocument(_message.Message):
+    __slots__ = ("doc_id", "reason")
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    doc_id: str
+    reason: str
+    def __init__(self, doc_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AddDocumentsResponse(_message.Message):
+    __slots__ = ("added_documents", "added_entries", "refused", "shard", "seconds")
+    ADDED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    added_documents: int
+    added_entries: int
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedDocument]
+    shard: str
+    seconds: float
+    def __init__(self, added_documents: _Optional[int] = ..., added_entries: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[RefusedDocument, _Mapping]]] = ..., shard: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class CompactRequest(_message.Message):
     __slots__ = ("store",)
     STORE_FIELD_NUMBER: _ClassVar[int]
@@ -466,7 +516,7 @@ class CompactShardsRequest(_message.Message):
     def __init__(self, store_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("queries", "num_queries", "dim", "k", "nprobe", "policy", "store_fingerprint")
+    __slots__ = ("queries", "num_queries", "dim", "k", "nprobe", "policy", "store_fingerprint", "lists", "coarse")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -474,6 +524,8 @@ class ShardSearchRequest(_message.Message):
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     STORE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LISTS_FIELD_NUMBER: _ClassVar[int]
+    COARSE_FIELD_NUMBER: _ClassVar[int]
     queries: bytes
     num_queries: int
     dim: int
@@ -481,7 +533,9 @@ class ShardSearchRequest(_message.Message):
     nprobe: int
     policy: RetrievalPolicy
     store_fingerprint: str
-    def __init__(self, queries: _Optional[bytes] = ..., num_queries: _Optional[int] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store_fingerprint: _Optional[str] = ...) -> None: ...
+    lists: bytes
+    coarse: bytes
+    def __init__(self, queries: _Optional[bytes] = ..., num_queries: _Optional[int] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store_fingerprint: _Optional[str] = ..., lists: _Optional[bytes] = ..., coarse: _Optional[bytes] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
     __slots__ = ("distances", "ids", "shards")

@@ -270,6 +270,11 @@ class DatastoreStub:
                 request_serializer=silo_dot_v1_dot_silo__pb2.CompactRequest.SerializeToString,
                 response_deserializer=silo_dot_v1_dot_silo__pb2.CompactResponse.FromString,
                 _registered_method=True)
+        self.AddDocuments = channel.stream_unary(
+                '/silo.v1.Datastore/AddDocuments',
+                request_serializer=silo_dot_v1_dot_silo__pb2.AddDocumentsRequest.SerializeToString,
+                response_deserializer=silo_dot_v1_dot_silo__pb2.AddDocumentsResponse.FromString,
+                _registered_method=True)
 
 
 class DatastoreServicer:
@@ -311,6 +316,15 @@ class DatastoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddDocuments(self, request_iterator, context):
+        """Live ingest (admin token): the streamed documents are encoded with the store's model
+        and added as a new shard, published by one atomic manifest switch; acknowledged only
+        once durable. Opted-out documents and doc ids the store holds are refused and listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatastoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -338,6 +352,11 @@ def add_DatastoreServicer_to_server(servicer, server):
                     servicer.Compact,
                     request_deserializer=silo_dot_v1_dot_silo__pb2.CompactRequest.FromString,
                     response_serializer=silo_dot_v1_dot_silo__pb2.CompactResponse.SerializeToString,
+            ),
+            'AddDocuments': grpc.stream_unary_rpc_method_handler(
+                    servicer.AddDocuments,
+                    request_deserializer=silo_dot_v1_dot_silo__pb2.AddDocumentsRequest.FromString,
+                    response_serializer=silo_dot_v1_dot_silo__pb2.AddDocumentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +496,33 @@ class Datastore:
             '/silo.v1.Datastore/Compact',
             silo_dot_v1_dot_silo__pb2.CompactRequest.SerializeToString,
             silo_dot_v1_dot_silo__pb2.CompactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDocuments(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/silo.v1.Datastore/AddDocuments',
+            silo_dot_v1_dot_silo__pb2.AddDocumentsRequest.SerializeToString,
+            silo_dot_v1_dot_silo__pb2.AddDocumentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

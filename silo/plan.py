@@ -20,8 +20,17 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from datastore.index import new_index
+from datastore.store import Datastore
+from silo.build import BuildArgs, build_store
 
 GB = 1 << 30
 
@@ -89,26 +98,16 @@ def plan(tokens: float, calib: dict, kind: str = "token", factory: str = "IVF655
 def calibrate(model: str, corpus: str, out: str | os.PathLike, tokens: int = 200_000, nlist: int = 256,
               tiers: tuple[str, ...] = ("restricted",), progress: bool = True) -> dict:
     """Build a small store with the real pipeline and time it; returns (and saves) the costs."""
-    import shutil
-
-    import faiss
-    import numpy as np
-    import torch
-
-    from datastore.build import BuildArgs, build_token_store
-    from datastore.index import new_index
-    from datastore.store import Datastore
-
     out = Path(out)
     store_dir = out / "calibration-store"
     shutil.rmtree(store_dir, ignore_errors=True)
     t = time.perf_counter()
-    m = build_token_store(BuildArgs(model=model, corpus=corpus, out=str(store_dir), tiers=tiers, max_tokens=tokens,
-                                    factory=None, window=256, stride=128, batch_size=16, keep_keys=True,
-                                    progress=progress))
+    m = build_store(BuildArgs(model=model, corpus=corpus, out=str(store_dir), tiers=tiers, max_tokens=tokens,
+                              factory=None, window=256, stride=128, batch_size=16, keep_keys=True,
+                              progress=progress))
     build_s = time.perf_counter() - t
     store = Datastore.open(store_dir)
-    keys = np.concatenate([np.load(s.path / "keys.npy") for s in store.shards]).astype(np.float32)
+    keys = store.keys_of(np.arange(store.n_entries)).astype(np.float32)
     dim_probe = keys.shape[1]
     n = len(keys)
     # adds/s and search costs on an IVF-PQ index of the measured keys
@@ -130,13 +129,13 @@ def calibrate(model: str, corpus: str, out: str | os.PathLike, tokens: int = 200
     index.search(q, 16)
     t_search = (time.perf_counter() - t) / len(q)
     t_code = max(t_search - nlist * t_centroid, 1e-12) / (16 * n / nlist)
-    entry_meta = sum((s.path / "entries.parquet").stat().st_size for s in store.shards) / n
-    text = (store_dir / store.manifest.docs_file).stat().st_size / n
+    entry_meta = sum((s.path / f"{c}.npy").stat().st_size for s in store.shards for c in s.columns) / n
+    text = sum((s.path / "text.bin").stat().st_size for s in store.shards) / n
     calib = {"dim": dim_probe, "entries": n, "build_seconds": build_s, "keys_per_second": n / build_s,
              "adds_per_second": adds, "t_centroid": t_centroid, "t_code": t_code, "entry_meta_bytes": entry_meta,
              "text_bytes_per_token": text, "device": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
              "model": str(Path(model).resolve()), "measured": time.strftime("%Y-%m-%d %H:%M"),
-             "factory": m.build["factory"]}
+             "factory": m.index}
     (out / "calibration.json").write_text(json.dumps(calib, indent=2))
     shutil.rmtree(store_dir, ignore_errors=True)
     return calib

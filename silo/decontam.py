@@ -15,8 +15,6 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 
-import numpy as np
-
 _WORD = re.compile(r"\w+")
 
 
@@ -31,35 +29,33 @@ def contaminated_docs(store_docs: Iterable[tuple[str, str]], eval_texts: list[st
 
     A long run that more than `boilerplate_docs` store documents share with the evaluation
     text is boilerplate (a license text, a standard notice), not a copy of it: it does not
-    count, or one GPL header in the test split would drop every GPL document."""
-    store_docs = list(store_docs)
+    count, or one GPL header in the test split would drop every GPL document. One pass:
+    only what each document shares with the evaluation text is kept, never its text."""
     long_index = set().union(*(_grams(t, long_run) for t in eval_texts)) if eval_texts else set()
-    store_long = []
-    run_docs: dict[int, int] = defaultdict(int)
-    for _, text in store_docs:
-        shared = _grams(text, long_run) & long_index if long_index else set()
-        store_long.append(shared)
-        for h in shared:
-            run_docs[h] += 1
     eval_grams = [_grams(t, n) for t in eval_texts]
     owners: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(eval_grams):
         for h in g:
             owners[h].append(i)
-    out: dict[str, str] = {}
-    for (doc_id, text), shared in zip(store_docs, store_long, strict=True):
-        if any(run_docs[h] <= boilerplate_docs for h in shared):
-            out[doc_id] = f"shares a {long_run}-word run with evaluation text"
-            continue
+    run_docs: dict[int, int] = defaultdict(int)
+    seen = []  # (doc_id, long runs shared, {eval doc: shared n-grams}, n-grams of the document)
+    for doc_id, text in store_docs:
+        shared_long = _grams(text, long_run) & long_index if long_index else set()
+        for h in shared_long:
+            run_docs[h] += 1
         grams = _grams(text, n)
-        if not grams:
-            continue
-        shared = defaultdict(int)
+        shared: dict[int, int] = defaultdict(int)
         for h in grams:
             for i in owners.get(h, ()):
                 shared[i] += 1
+        seen.append((doc_id, shared_long, shared, len(grams)))
+    out: dict[str, str] = {}
+    for doc_id, shared_long, shared, n_grams in seen:
+        if any(run_docs[h] <= boilerplate_docs for h in shared_long):
+            out[doc_id] = f"shares a {long_run}-word run with evaluation text"
+            continue
         for i, s in shared.items():
-            jac = s / (len(grams) + len(eval_grams[i]) - s)
+            jac = s / (n_grams + len(eval_grams[i]) - s)
             if jac >= jaccard:
                 out[doc_id] = f"{n}-gram Jaccard {jac:.2f} with an evaluation document"
                 break
@@ -67,13 +63,11 @@ def contaminated_docs(store_docs: Iterable[tuple[str, str]], eval_texts: list[st
 
 
 def store_contamination(store, eval_texts: list[str], **kwargs) -> dict[str, str]:
-    """`contaminated_docs` over an opened `Datastore`'s documents."""
-    ids = store.docs.column("doc_id").to_pylist()
-    texts = store.docs.column("text").to_pylist()
-    return contaminated_docs(zip(ids, texts, strict=True), eval_texts, **kwargs)
+    """`contaminated_docs` over an opened `Datastore`'s documents (texts read one at a time)."""
+    docs = ((store.doc_id(d), store.doc_text(d)) for d in range(store.n_documents))
+    return contaminated_docs(docs, eval_texts, **kwargs)
 
 
 def leaked_docs(store, eval_doc_ids: Iterable[str]) -> list[str]:
     """Evaluation documents that are themselves in the store (a split mistake)."""
-    have = np.asarray(store.docs.column("doc_id").to_pylist(), dtype=object)
-    return sorted(set(eval_doc_ids) & set(have.tolist()))
+    return sorted(d for d in set(eval_doc_ids) if store.doc_index(d) is not None)

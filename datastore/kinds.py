@@ -1,0 +1,21 @@
+"""Opening a store of any kind: the manifest says which class reads it."""
+
+from __future__ import annotations
+
+import os
+
+from datastore.errors import StoreError
+from datastore.manifest import Manifest
+from datastore.passages import PassageStore
+from datastore.store import Datastore
+
+STORE_CLASSES: dict[str, type[Datastore]] = {"token": Datastore, "passage": PassageStore}
+
+
+def open_store(path: str | os.PathLike, **options) -> Datastore:
+    """`Datastore.open` of the right class for the store's kind (options as `Datastore.open`)."""
+    kind = Manifest.load(path).kind
+    cls = STORE_CLASSES.get(kind)
+    if cls is None:
+        raise StoreError(f"{path}: a {kind} store, which this version of SILO cannot open")
+    return cls.open(path, **options)

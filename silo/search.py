@@ -1,0 +1,45 @@
+"""Search a store with text, and say where every hit comes from — the one path for the CLI
+(`silo datastore search`), the `Search` RPC and the demo.
+
+A token store is searched with the LM's key at the end of `<s> query` (contexts that
+continue like the query), and each hit says which token followed it; a passage store is
+searched with BM25 or its dense embedder. Every hit carries the entry's attribution
+(`Datastore.attribute`: doc id, source, license, tier, owner, sentence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from datastore.passages import PassageStore
+from datastore.policy import RetrievalPolicy
+from datastore.store import Datastore
+from silo.embed import passage_search
+from silo.keys import text_keys
+
+
+@dataclass
+class SearchHits:
+    hits: list[dict]
+    missing: list[str] = field(default_factory=list)  # shards that did not answer (allow_partial)
+
+
+def search_text(store: Datastore, query: str, k: int, model=None, tok=None, policy: RetrievalPolicy | None = None,
+                nprobe: int | None = None, refine: int | None = None, retriever: str = "bm25",
+                allow_partial: bool = False) -> SearchHits:
+    """Top-k hits for one query text, attributed (token stores: with `next_token`)."""
+    if not query.strip():
+        raise ValueError("empty query")
+    if isinstance(store, PassageStore):
+        scores, ids = passage_search(store, [query], k, policy=policy, retriever=retriever, model=model, tok=tok,
+                                     nprobe=nprobe)
+        return SearchHits(store.attribute(ids[0], scores[0]))
+    q = text_keys(model, tok, [query], store.manifest.key_type or "ffn_input")
+    res = store.search_ex(q, k, nprobe, policy, allow_partial=allow_partial, refine=refine)
+    hits = store.attribute(res.ids[0], res.distances[0])
+    values = store.values(np.asarray([h["entry_id"] for h in hits], dtype=np.int64))
+    for h, v in zip(hits, values, strict=True):
+        h["next_token"] = tok.decode([int(v)]) if v >= 0 else ""
+    return SearchHits(hits, res.missing)

@@ -11,8 +11,6 @@ import json
 import sys
 from collections.abc import Callable
 
-import numpy as np
-
 from silo.licenses import parse_tiers
 
 

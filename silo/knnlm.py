@@ -67,37 +67,51 @@ class KNNParams:
         return self
 
 
-def knn_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax of -d/T over each row's neighbours; missing neighbours (d = inf) weigh 0."""
-    logits = -np.asarray(dists, dtype=np.float64) / temperature
-    finite = np.isfinite(logits)
-    top = np.where(finite, logits, -np.inf).max(axis=-1, keepdims=True)
+def knn_weights(dists: np.ndarray, temperature: float, valid: np.ndarray | None = None,
+                metric: str = "l2") -> np.ndarray:
+    """Softmax over each row's neighbours of -d/T (L2 distances) or +s/T (inner-product
+    scores: larger is closer). Missing neighbours (`valid` False, or a distance that is not
+    finite) weigh 0; a row with no neighbour at all weighs 0 everywhere."""
+    d = np.asarray(dists, dtype=np.float64)
+    logits = (d if metric == "ip" else -d) / temperature
+    ok = np.isfinite(logits) if valid is None else np.isfinite(logits) & np.asarray(valid, dtype=bool)
+    top = np.where(ok, logits, -np.inf).max(axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
-    w = np.where(finite, np.exp(logits - top), 0.0)
+    w = np.where(ok, np.exp(np.where(ok, logits, 0.0) - top), 0.0)
     total = w.sum(axis=-1, keepdims=True)
     return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
 
 
-def knn_target_logprob(dists: np.ndarray, values: np.ndarray, targets: np.ndarray, temperature: float) -> np.ndarray:
+def knn_target_logprob(dists: np.ndarray, values: np.ndarray, targets: np.ndarray, temperature: float,
+                       metric: str = "l2") -> np.ndarray:
     """log p_kNN(target) per row (-inf where no neighbour has the target as value)."""
-    w = knn_weights(dists, temperature)
+    w = knn_weights(dists, temperature, values >= 0, metric)
     p = (w * (values == targets[:, None])).sum(axis=-1)
     with np.errstate(divide="ignore"):
         return np.log(p)
 
 
-def knn_interpolate(lm_logprob: np.ndarray, knn_logprob: np.ndarray, lam: float) -> np.ndarray:
-    """log((1-λ)·p_LM + λ·p_kNN), stable in log space."""
+def knn_interpolate(lm_logprob: np.ndarray, knn_logprob: np.ndarray, lam: float,
+                    retrieved: np.ndarray | None = None) -> np.ndarray:
+    """log((1-λ)·p_LM + λ·p_kNN), stable in log space. Where nothing was retrieved
+    (`retrieved` False: every neighbour opted out, filtered by policy, or none found),
+    λ = 0 there: the LM exactly — never the LM scaled by (1-λ)."""
+    lm = np.asarray(lm_logprob, dtype=np.float64)
     if lam <= 0.0:
-        return np.asarray(lm_logprob, dtype=np.float64)
+        return lm
     if lam >= 1.0:
-        return np.asarray(knn_logprob, dtype=np.float64)
-    return np.logaddexp(lm_logprob + math.log1p(-lam), knn_logprob + math.log(lam))
+        mixed = np.asarray(knn_logprob, dtype=np.float64)
+    else:
+        mixed = np.logaddexp(lm + math.log1p(-lam), np.asarray(knn_logprob, dtype=np.float64) + math.log(lam))
+    return mixed if retrieved is None else np.where(retrieved, mixed, lm)
 
 
-def knn_distribution(dists: torch.Tensor, values: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
-    """p_kNN over the vocabulary, (n, V), from (n, k) neighbours (for generation)."""
-    w = torch.from_numpy(knn_weights(dists.numpy(), temperature)).float()
+def knn_distribution(dists: torch.Tensor, values: torch.Tensor, vocab_size: int, temperature: float,
+                     metric: str = "l2") -> torch.Tensor:
+    """p_kNN over the vocabulary, (n, V), from (n, k) neighbours (for generation); a row
+    without neighbours is all zeros."""
+    valid = (values >= 0).numpy()
+    w = torch.from_numpy(knn_weights(dists.numpy(), temperature, valid, metric)).float()
     safe = values.clamp(min=0).long()
     out = torch.zeros((dists.shape[0], vocab_size))
     out.scatter_add_(1, safe, w * (values >= 0))
@@ -117,11 +131,13 @@ class DocNeighbours:
     values: np.ndarray  # (n, k) int64, -1 = no neighbour
     ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (n, k) entry ids
     queries: np.ndarray | None = None  # (n, d) query keys, when asked for (ANN recall checks)
+    metric: str = "l2"  # the store's: "l2" distances or "ip" scores
 
     def knn_logprob(self, params: KNNParams) -> np.ndarray:
         k = params.k
-        knn = knn_target_logprob(self.dists[:, :k], self.values[:, :k], self.targets, params.temperature)
-        return knn_interpolate(self.lm_logprob, knn, params.lam)
+        values = self.values[:, :k]
+        knn = knn_target_logprob(self.dists[:, :k], values, self.targets, params.temperature, self.metric)
+        return knn_interpolate(self.lm_logprob, knn, params.lam, retrieved=(values >= 0).any(axis=1))
 
 
 @torch.no_grad()
@@ -136,7 +152,8 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
     wins.sort(key=lambda w: w.end - w.begin)
     n = [max(len(d) - 1, 0) for d in docs]
     out = [DocNeighbours(np.zeros(m), np.asarray(d[1:], dtype=np.int64), np.zeros((m, k), np.float32),
-                         np.full((m, k), -1, np.int64), np.full((m, k), -1, np.int64)) for d, m in zip(docs, n, strict=True)]
+                         np.full((m, k), -1, np.int64), np.full((m, k), -1, np.int64), metric=store.metric)
+           for d, m in zip(docs, n, strict=True)]
     if keep_queries:
         for o in out:
             o.queries = np.zeros((len(o.targets), store.manifest.dim), np.float32)
@@ -220,14 +237,16 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
                 q = box["keys"][0, -1:].float().cpu().numpy()
                 dist, eid = store.search(q, params.k, nprobe=params.nprobe, policy=policy, refine=params.refine)
                 vals = torch.from_numpy(store.values(eid))
-                knn_p = knn_distribution(torch.from_numpy(dist), vals, lm_p.shape[0], params.temperature)[0]
-                p = (1 - params.lam) * lm_p + params.lam * knn_p
-                w = knn_weights(dist, params.temperature)[0]
-                top = np.argsort(-w)[:attribution_top]
-                top = top[eid[0, top] >= 0]
-                for hit, j in zip(store.attribute(eid[0, top], dist[0, top]), top, strict=True):
-                    hit["weight"] = float(w[j] * params.lam)
-                    attribution.append(hit)
+                if (vals >= 0).any():  # nothing allowed retrieved: λ = 0, the LM exactly
+                    knn_p = knn_distribution(torch.from_numpy(dist), vals, lm_p.shape[0], params.temperature,
+                                             store.metric)[0]
+                    p = (1 - params.lam) * lm_p + params.lam * knn_p  # sums to 1: both do
+                    w = knn_weights(dist, params.temperature, (vals >= 0).numpy(), store.metric)[0]
+                    top = np.argsort(-w)[:attribution_top]
+                    top = top[eid[0, top] >= 0]
+                    for hit, j in zip(store.attribute(eid[0, top], dist[0, top]), top, strict=True):
+                        hit["weight"] = float(w[j] * params.lam)
+                        attribution.append(hit)
             next_id = sample_token(p, temperature, top_p, gen)
             piece = decoder.add(next_id)
             yield GeneratedToken(next_id, piece, float(torch.log(p[next_id].clamp_min(1e-30))),

@@ -56,7 +56,7 @@ def subsample_neighbours(n: DocNeighbours, fraction: float, seed: int, k: int) -
     dists = np.where(kept, np.take_along_axis(n.dists, order, 1), np.inf)
     values = np.where(kept, np.take_along_axis(n.values, order, 1), -1)
     ids = np.where(kept, np.take_along_axis(n.ids, order, 1), -1)
-    return DocNeighbours(n.lm_logprob, n.targets, dists, values, ids), kept.sum(1) >= k
+    return DocNeighbours(n.lm_logprob, n.targets, dists, values, ids, metric=n.metric), kept.sum(1) >= k
 
 
 class SubsampledPassages:

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datastore.infgram import SA_DIR, ShardTokens, write_suffix_array
 from datastore.lock import StoreLock
 from datastore.manifest import ShardInfo
 from datastore.passages import bm25_statistics, passage_texts, write_bm25
@@ -93,6 +94,10 @@ def _rewrite(store: Datastore, s: Shard, dead_local: np.ndarray, out: Path, bm25
     if bm25 is not None:
         write_bm25, texts, stats = bm25
         write_bm25(texts, stats, out / "bm25")
+    if (s.path / SA_DIR).is_dir():  # ∞-gram: the suffix array again, removed documents emptied (indexes kept)
+        old = ShardTokens(s.path / SA_DIR, store.manifest.build["token_dtype"])
+        write_suffix_array(out / SA_DIR, [np.zeros(0, np.int64) if dead_local[i] else old.doc(i)
+                                          for i in range(s.info.documents)], store.manifest.build["token_dtype"])
     info = replace(s.info, name=out.name, index_entries=ntotal)
     (out / "shard.json").write_text(json.dumps(asdict(info)))
     fsync_tree(out)

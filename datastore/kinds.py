@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 from datastore.errors import StoreError
+from datastore.infgram import InfgramStore
 from datastore.manifest import Manifest
 from datastore.passages import PassageStore
 from datastore.store import Datastore
 
-STORE_CLASSES: dict[str, type[Datastore]] = {"token": Datastore, "passage": PassageStore}
+STORE_CLASSES: dict[str, type[Datastore]] = {"token": Datastore, "passage": PassageStore, "infgram": InfgramStore}
 
 
 def open_store(path: str | os.PathLike, **options) -> Datastore:

@@ -157,7 +157,7 @@ class StoreWriter:
         `extra(folder)` may add files first (a BM25 index). Returns the shard's `ShardInfo`
         — in no manifest yet. If another attempt already published this shard (same
         inputs, same bytes), ours is discarded."""
-        if self.written != self.n:
+        if self.cols and self.written != self.n:  # (∞-gram shards have no entry rows: their index is `extra`)
             raise StoreError(f"shard {self.name}: {self.written} of {self.n} entries were added")
         self._text.close()
         np.save(self.tmp / "text_offsets.npy", np.asarray(self._text_offsets, dtype=np.int64))

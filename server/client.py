@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.gen import silo_pb2 as pb
 from server.gen import silo_pb2_grpc as pb_grpc
 
-MODES = {"none": pb.RETRIEVAL_NONE, "knn": pb.RETRIEVAL_KNN, "ric": pb.RETRIEVAL_RIC}
+MODES = {"none": pb.RETRIEVAL_NONE, "knn": pb.RETRIEVAL_KNN, "ric": pb.RETRIEVAL_RIC, "infgram": pb.RETRIEVAL_INFGRAM}
 
 
 def to_dict(message) -> dict:
@@ -31,7 +31,7 @@ def to_dict(message) -> dict:
 def retrieval_options(mode: str = "none", k: int | None = None, lam: float | None = None,
                       temperature: float | None = None, nprobe: int = 0, tiers=(), deny_licenses=(),
                       allow_licenses=(), allow_sources=(), deny_sources=(), deny_owners=(),
-                      allow_partial: bool = False) -> pb.RetrievalOptions:
+                      allow_partial: bool = False, refine: int | None = None) -> pb.RetrievalOptions:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
     opts = pb.RetrievalOptions(mode=MODES[mode], nprobe=nprobe, allow_partial=allow_partial, policy=pb.RetrievalPolicy(
@@ -43,6 +43,8 @@ def retrieval_options(mode: str = "none", k: int | None = None, lam: float | Non
         opts.lambda_ = lam
     if temperature is not None:
         opts.temperature = temperature
+    if refine is not None:
+        opts.refine_factor = refine
     return opts
 
 
@@ -61,11 +63,12 @@ class SiloClient:
 
     def generate(self, prompt: str, max_new_tokens: int | None = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop: tuple[str, ...] = (), attribution_top: int = 3, time_limit_s: float = 0.0,
-                 retrieval: pb.RetrievalOptions | None = None, timeout: float | None = None,
-                 **retrieval_kwargs) -> Iterator[pb.GenerateResponse]:
+                 retrieval: pb.RetrievalOptions | None = None, timeout: float | None = None, trace: bool = False,
+                 trace_min_tokens: int = 0, **retrieval_kwargs) -> Iterator[pb.GenerateResponse]:
         req = pb.GenerateRequest(prompt=prompt, temperature=temperature, top_p=top_p, seed=seed,
                                  stop_sequences=list(stop), attribution_top=attribution_top, time_limit_s=time_limit_s,
-                                 retrieval=retrieval or retrieval_options(**retrieval_kwargs))
+                                 retrieval=retrieval or retrieval_options(**retrieval_kwargs), trace=trace,
+                                 trace_min_tokens=trace_min_tokens)
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
         return self.lm.Generate(req, timeout=timeout or self.timeout)
@@ -75,6 +78,24 @@ class SiloClient:
         return self.lm.Score(pb.ScoreRequest(text=text, window=window, stride=stride,
                                              retrieval=retrieval or retrieval_options(**retrieval_kwargs)),
                              timeout=self.timeout)
+
+    def trace(self, text: str, min_tokens: int = 0, max_spans: int = 0, max_documents: int = 0,
+              **policy) -> pb.TraceResponse:
+        """Spans of `text` found verbatim in the server's ∞-gram store, with their documents."""
+        req = pb.TraceRequest(text=text, min_tokens=min_tokens, max_spans=max_spans, max_documents=max_documents,
+                              policy=retrieval_options(**policy).policy)
+        return self.lm.Trace(req, timeout=self.timeout)
+
+    def add_documents(self, documents: list[dict], store: str = "") -> pb.AddDocumentsResponse:
+        """Live ingest (admin token): documents as dicts with text and optional doc_id,
+        source, license, owner, license_classifiers."""
+        def requests():
+            for i, d in enumerate(documents):
+                yield pb.AddDocumentsRequest(store=store if i == 0 else "", document=pb.Document(
+                    doc_id=d.get("doc_id") or "", text=d["text"], source=d.get("source") or "",
+                    license=d.get("license") or "", owner=d.get("owner") or "",
+                    license_classifiers=list(d.get("license_classifiers") or ())))
+        return self.ds.AddDocuments(requests(), timeout=None, metadata=self._auth)
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> pb.TokenizeResponse:
         return self.lm.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=self.timeout)

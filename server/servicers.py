@@ -47,6 +47,7 @@ from server.limits import policy_from_pb as checked_policy
 from silo.corpus import normalize_record
 from silo.errors import SiloError
 from silo.evaluate import score_documents, windows_for
+from silo.infgram import InfgramParams, generate_infgram, score_infgram, trace
 from silo.ingest import add_documents
 from silo.knnlm import KNNParams, generate, retrieve_neighbours
 from silo.licenses import license_obligation
@@ -57,7 +58,7 @@ from silo.tokenizer import encode_document
 
 log = logging.getLogger("silo.server")
 DEFAULT_MAX_NEW_TOKENS = 32
-STORE_KINDS = ("token", "passage")
+SEARCH_KINDS = ("token", "passage")  # stores searched by vector or words (∞-gram stores are traced)
 
 
 @dataclass
@@ -180,6 +181,18 @@ def knn_params_from_pb(r: pb.RetrievalOptions, store: Datastore) -> KNNParams:
                             nprobe=r.nprobe or None, refine=r.refine_factor if r.HasField("refine_factor") else None)
 
 
+def infgram_params_from_pb(r: pb.RetrievalOptions, store: Datastore) -> InfgramParams:
+    """The request's λ (for every suffix length) over the store's tuned λ per suffix length."""
+    return InfgramParams.merged(store.manifest.defaults, r.lambda_ if r.HasField("lambda_") else None)
+
+
+def traced_pb(sp) -> pb.TracedSpan:
+    return pb.TracedSpan(start_token=sp.start_token, end_token=sp.end_token, start_char=sp.start_char,
+                         end_char=sp.end_char, text=sp.text, count=sp.count,
+                         documents=[pb.Source(doc_id=d["doc_id"], source=d["source"] or "", license=d["license"] or "",
+                                              tier=d["tier"] or "", owner=d["owner"] or "") for d in sp.documents])
+
+
 def neighbour_pb(h: dict) -> pb.Neighbour:
     return pb.Neighbour(entry_id=h["entry_id"], doc_id=h["doc_id"], source=h["source"] or "",
                         license=h["license"] or "", tier=h["tier"] or "", owner=h["owner"] or "",
@@ -260,11 +273,18 @@ class LanguageModelServicer:
         stop = pb.MAX_TOKENS
         deadline = time.monotonic() + r.time_limit_s if r.time_limit_s > 0 else None
         pieces, attrs, n = [], [], 0
+        if r.trace:
+            s.store("infgram", "trace")  # refused before any work if there is nothing to trace against
         if mode == pb.RETRIEVAL_RIC:
             rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
             passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
             gen = ric_generate(s.model, s.tok, passages, r.prompt, max_new, rp, r.temperature, r.top_p or 1.0,
                                r.seed, policy, tuple(r.stop_sequences), s.window)
+        elif mode == pb.RETRIEVAL_INFGRAM:
+            ig = s.store("infgram", "retrieval.mode RETRIEVAL_INFGRAM")
+            gen = generate_infgram(s.model, s.tok, ig, r.prompt, max_new, infgram_params_from_pb(r.retrieval, ig),
+                                   r.temperature, r.top_p or 1.0, r.seed, policy, tuple(r.stop_sequences),
+                                   r.attribution_top or 3)
         else:
             gen = generate(s.model, s.tok, r.prompt, max_new, store=store, params=params or KNNParams(),
                            temperature=r.temperature, top_p=r.top_p or 1.0, seed=r.seed, policy=policy,
@@ -275,9 +295,11 @@ class LanguageModelServicer:
             n += 1
             pieces.append(tok_out.text)
             attrs.append(tok_out.attribution)
+            first = tok_out.attribution[0] if tok_out.attribution else {}
             yield pb.GenerateResponse(token=pb.GeneratedToken(
                 index=n - 1, token_id=tok_out.token_id, text=tok_out.text, logprob=tok_out.logprob,
-                lm_logprob=tok_out.lm_logprob, attribution=[neighbour_pb(h) for h in tok_out.attribution]))
+                lm_logprob=tok_out.lm_logprob, attribution=[neighbour_pb(h) for h in tok_out.attribution],
+                suffix_tokens=first.get("suffix_tokens", 0), suffix_count=first.get("suffix_count", 0)))
             if tok_out.token_id == s.tok.eos_token_id:
                 stop = pb.EOS_TOKEN
                 break
@@ -287,9 +309,14 @@ class LanguageModelServicer:
             if deadline is not None and time.monotonic() > deadline:
                 stop = pb.TIME_LIMIT
                 break
+        text = "".join(pieces)
+        spans = []
+        if r.trace and text.strip():
+            spans = [traced_pb(sp) for sp in trace(s.store("infgram", "trace"), s.tok, text,
+                                                   r.trace_min_tokens or 8, policy=policy)]
         yield pb.GenerateResponse(summary=pb.GenerationSummary(
-            stop_reason=stop, prompt_tokens=prompt_tokens, generated_tokens=n, text="".join(pieces),
-            citations=citations(attrs)))
+            stop_reason=stop, prompt_tokens=prompt_tokens, generated_tokens=n, text=text,
+            citations=citations(attrs), trace=spans))
 
     @guarded
     def Score(self, r, context):
@@ -318,6 +345,11 @@ class LanguageModelServicer:
         else:
             lm = score_documents(s.model, [ids], window, stride, 8, pad)[0]
             lp = lm
+            if mode == pb.RETRIEVAL_INFGRAM:
+                ig = s.store("infgram", "retrieval.mode RETRIEVAL_INFGRAM")
+                scored = score_infgram(s.model, ig, [ids], policy=checked_policy(r.retrieval.policy, lim),
+                                       lm_logprobs=[lm])[0]
+                lp = scored.logprob(infgram_params_from_pb(r.retrieval, ig))
             if mode == pb.RETRIEVAL_RIC:
                 rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1)
                 passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
@@ -329,6 +361,18 @@ class LanguageModelServicer:
         total = float(np.sum(lp))
         return pb.ScoreResponse(tokens=tokens, total_logprob=total, num_tokens=len(tokens),
                                 perplexity=math.exp(-total / max(len(tokens), 1)))
+
+    @guarded
+    def Trace(self, r, context):
+        s, lim = self.s, self.s.limits
+        check_text("text", r.text, lim.max_text_chars)
+        min_tokens = check_int("min_tokens", r.min_tokens or 8, 1, lim.max_trace_min_tokens)
+        max_spans = check_int("max_spans", r.max_spans or 50, 1, 1000)
+        max_docs = check_int("max_documents", r.max_documents or 5, 1, lim.max_attribution_top)
+        store = s.store("infgram", "Trace")
+        spans = trace(store, s.tok, r.text, min_tokens, max_spans, max_docs, checked_policy(r.policy, lim))
+        return pb.TraceResponse(spans=[traced_pb(sp) for sp in spans],
+                                tokens=len(s.tok(r.text, add_special_tokens=False)["input_ids"]))
 
     @guarded
     def Tokenize(self, r, context):
@@ -376,8 +420,8 @@ class DatastoreServicer:
         check_int("nprobe", r.nprobe, 0, lim.max_nprobe)
         policy = checked_policy(r.policy, lim)
         kind = r.store or "token"
-        if kind not in STORE_KINDS:
-            raise BadRequest(f"store must be one of {', '.join(STORE_KINDS)}, got {shown(kind)}")
+        if kind not in SEARCH_KINDS:
+            raise BadRequest(f"store must be one of {', '.join(SEARCH_KINDS)}, got {shown(kind)}")
         store = s.store(kind, f"store {kind!r}")
         refine = check_int("refine_factor", r.refine_factor, 1, lim.max_refine_factor) \
             if r.HasField("refine_factor") else None
@@ -472,8 +516,8 @@ class DatastoreServicer:
             raise BadRequest(first.reason)
         check_text("store", first.store, lim.max_value_chars, allow_empty=True)
         kind = first.store or "token"
-        if kind not in STORE_KINDS:
-            raise BadRequest(f"store must be one of {', '.join(STORE_KINDS)}, got {shown(kind)}")
+        if kind not in SEARCH_KINDS:
+            raise BadRequest(f"store must be one of {', '.join(SEARCH_KINDS)}, got {shown(kind)}")
         store = s.store(kind, f"store {kind!r}")
         if store.remotes:
             raise FailedPrecondition("this server's shards are served remotely: add documents with "

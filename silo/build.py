@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from datastore.errors import StoreError
 from datastore.index import choose_factory, is_ivf, new_index, train_size
+from datastore.infgram import SA_DIR, token_dtype, write_suffix_array
 from datastore.lock import StoreLock
 from datastore.manifest import Manifest, ShardInfo, model_fingerprint, tokenizer_fingerprint
 from datastore.optout import Removals, read_log
@@ -53,7 +54,7 @@ from silo.keys import capture_keys, key_dim
 from silo.lm import load_causal_lm
 from silo.tokenizer import load_tokenizer
 
-KINDS = ("token", "passage")
+KINDS = ("token", "passage", "infgram")
 EMBED_CHUNK = 4096  # passages embedded per add
 PLAN_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("source", pa.string()), ("license", pa.string()), ("tier", pa.string()),
@@ -111,8 +112,11 @@ RUN_ONLY = ("progress", "backend", "workers", "ray_address", "retries")  # may d
 
 
 def entries_for(kind: str, n_tokens: np.ndarray, passage_tokens: int) -> np.ndarray:
-    """Entries a document of n tokens gives: n-1 next-token keys, or ceil(n/p) passages."""
+    """Entries a document of n tokens gives: n-1 next-token keys, ceil(n/p) passages, or its
+    n tokens in a suffix array."""
     n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    if kind == "infgram":
+        return n_tokens
     return n_tokens - 1 if kind == "token" else -(-n_tokens // passage_tokens)
 
 
@@ -132,7 +136,8 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
     seen: set[str] = set()
     rows: list[dict] = []
     bos, eos = ([tok.bos_token_id] if tok.bos_token_id is not None else []), \
-        ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        ([tok.eos_token_id] if tok.eos_token_id is not None and kind != "infgram" else [])
+    # (an ∞-gram index marks a document's end with its separator: EOS inside would break its counts)
     with (pq.ParquetWriter(work / "docs.parquet.tmp", PLAN_SCHEMA) as writer,
           open(work / "tokens.bin.tmp", "wb") as tokens_f, open(work / "chars.bin.tmp", "wb") as chars_f):
         for doc in tqdm(docs, desc="plan: tokenize", unit="doc", disable=not progress):
@@ -149,7 +154,7 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
             enc = tok(doc["text"], add_special_tokens=False, return_offsets_mapping=True)
             ids = bos + enc["input_ids"] + eos
             chars = [0] * len(bos) + [s for s, _ in enc["offset_mapping"]] + [len(doc["text"])] * len(eos)
-            if len(ids) < 2:
+            if len(ids) < 2 or (kind == "infgram" and len(ids) <= len(bos)):
                 counts["skipped_empty"] += 1
                 continue
             seen.add(doc["doc_id"])
@@ -295,6 +300,11 @@ def write_shard(a: BuildArgs, model, tok, docs: DocTokens, shard_no: int, doc_ra
             for keys, cols in tqdm(iter_keys(model, docs, range(lo, hi), a.window, a.stride, a.batch_size,
                                              a.key_type, pad), desc=f"shard {shard_no}", disable=not progress):
                 writer.add(keys, cols)
+        elif a.kind == "infgram":
+            dtype = token_dtype(len(tok))
+
+            def extra(folder: Path) -> None:
+                write_suffix_array(folder / SA_DIR, (docs.ids(d) for d in range(lo, hi)), dtype)
         else:
             cols, texts = _passages_of(docs, rows, lo, a.passage_tokens)
             for s in range(0, len(texts), EMBED_CHUNK):  # bounded memory: embed and add a chunk at a time
@@ -390,7 +400,8 @@ def _build(args: BuildArgs) -> Manifest:
     build = start_build(args, out)
     sweep_attempts(out)
     torch.manual_seed(args.seed)
-    needs_model = args.kind == "token" or ("dense" in args.retrievers and not args.embedder)
+    needs_model = args.kind == "token" or (args.kind == "passage" and "dense" in args.retrievers
+                                           and not args.embedder)
     model, tok = load_causal_lm(args.model) if needs_model else (None, load_tokenizer(args.model))
     if (build / "plan.json").is_file():
         plan = json.loads((build / "plan.json").read_text())
@@ -436,6 +447,9 @@ def _build(args: BuildArgs) -> Manifest:
             infos[s] = ShardInfo(**json.loads(shard_json.read_text()))
         else:
             jobs.append(ShardJob(s, (a, b), docs.range_entries(a, b)[1]))
+    if args.kind == "infgram" and token_dtype(len(tok)) != "u16":
+        raise StoreError(f"{args.model}: a vocabulary of {len(tok):,} tokens needs a u32 suffix array, whose builder "
+                         "allocates 32 GiB at once; ∞-gram stores are built for vocabularies under 65,535 tokens")
     if args.kind == "token" and (args.backend != "local" or args.workers > 1):
         del model  # workers load their own copy (once each)
         settings = {"args": {**asdict(args), "progress": False}}
@@ -444,13 +458,15 @@ def _build(args: BuildArgs) -> Manifest:
             infos[job.shard] = ShardInfo(**info)
     else:
         if args.backend != "local" or args.workers > 1:
-            raise StoreError("passage stores are built in this process: --backend ray and --workers build token "
-                             "stores")
+            raise StoreError(f"{args.kind} stores are built in this process: --backend ray and --workers build "
+                             "token stores")
         for job in tqdm(jobs, desc="shards", disable=not args.progress or len(jobs) < 2):
             infos[job.shard] = write_shard(args, model, tok, docs, job.shard, job.doc_range, trained, out,
                                            embedder=embedder, bm25_stats=bm25_stats,
                                            progress=args.progress and len(jobs) == 1)
     shard_infos = [infos[s] for s in range(len(plan["doc_ranges"]))]
+    if args.kind == "infgram":
+        factory, metric = "infgram", "infgram"
     build_info = {"factory": factory, "window": args.window, "stride": args.stride,
                   "skipped_optout": plan["skipped_optout"], "seconds": round(time.perf_counter() - t0, 1),
                   "excluded_doc_ids": len(args.exclude_doc_ids), "tokens": plan["tokens"]}
@@ -461,6 +477,9 @@ def _build(args: BuildArgs) -> Manifest:
         folder = resolve_embedder(args.embedder)
         build_info["embedder"] = folder
         build_info["embedder_fingerprint"] = model_fingerprint(folder) if folder else None
+    if args.kind == "infgram":
+        build_info.update(token_dtype=token_dtype(len(tok)), eos_token_id=tok.eos_token_id, vocab_size=len(tok),
+                          bos_token_id=tok.bos_token_id)
     manifest = Manifest(
         kind=args.kind, model=str(Path(args.model).resolve()), model_fingerprint=model_fingerprint(args.model),
         tokenizer_fingerprint=tokenizer_fingerprint(args.model), dim=dim, metric=metric,

@@ -229,29 +229,15 @@ def cmd_datastore_stats(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from silo.eval_modes import EvalArgs, run_eval, sweep_knn
-    from silo.knnlm import KNNParams
+    from silo.eval_modes import EvalArgs, run_eval
 
-    if a.sweep:
-        if not a.store:
-            raise SystemExit("silo: error: --sweep needs --store")
-        res = sweep_knn(a.model, a.store, a.corpus, window=a.window, stride=a.stride, batch_size=a.batch_size,
-                        max_tokens=a.max_tokens or 20_000, progress=True)
-        print(f"tuned on {res['split']} ({res['tokens']} tokens): k={res['k']} lambda={res['lambda']} "
-              f"T={res['temperature']}  ppl LM {res['lm']:.3f} -> kNN-LM {res['knn']:.3f}; saved in the manifest")
-    knn = None
-    if any(v is not None for v in (a.k, a.lam, a.temperature)):
-        from datastore.store import Datastore
-        from silo.eval_modes import store_knn_params
-
-        base = store_knn_params(Datastore.open(a.store, load_index=False)) if a.store else KNNParams()
-        knn = KNNParams(k=a.k or base.k, lam=base.lam if a.lam is None else a.lam,
-                        temperature=a.temperature or base.temperature, nprobe=a.nprobe or base.nprobe)
-    rep = run_eval(EvalArgs(model=a.model, corpus=a.corpus, store=a.store, passage_store=a.passage_store,
-                            split=a.split, modes=tuple(m for m in a.modes.split(",") if m), oracle=a.oracle,
-                            tiers=a.tiers, window=a.window, stride=a.stride, batch_size=a.batch_size,
-                            max_docs=a.max_docs, max_tokens=a.max_tokens, knn=knn, ric_stride=a.ric_stride,
-                            policy=_policy(a), decontaminate=not a.no_decontaminate, progress=True))
+    rep = run_eval(EvalArgs(
+        model=a.model, corpus=a.corpus, stores=tuple(a.store or ()) + tuple(a.passage_store or ()), split=a.split,
+        modes=tuple(m for m in a.modes.split(",") if m), oracle=a.oracle, tiers=a.tiers, window=a.window,
+        stride=a.stride, batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens, k=a.k, lam=a.lam,
+        temperature=a.temperature, nprobe=a.nprobe, refine=a.refine, infgram_lambda=a.infgram_lambda,
+        sweep=a.sweep, ric_stride=a.ric_stride, ric_retriever=a.ric_retriever, policy=_policy(a),
+        decontaminate=not a.no_decontaminate, progress=True))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rep, f, indent=2)
@@ -259,13 +245,18 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def print_eval_table(rep: dict) -> None:
-    names = {"lm": "LM only", "knn": "kNN-LM", "ric": "RIC-LM", "oracle": "oracle LM"}
-    rows = [[names[m], rep["modes"][m]["tokens"], f"{rep[m]:.3f}"] for m in ("lm", "knn", "ric", "oracle") if m in rep]
-    _print_table(rows, ["mode", "tokens", "perplexity"])
-    for m in ("knn", "ric"):
+    names = {"lm": "LM only", "knn": "kNN-LM", "ric": "RIC-LM", "infgram": "∞-gram", "oracle": "oracle LM"}
+    bpb = rep.get("bits_per_byte", {})
+    rows = [[names[m], rep["modes"][m]["tokens"] if m in rep["modes"] else "", f"{rep[m]:.3f}",
+             f"{bpb[m]:.4f}" if m in bpb else ""] for m in names if m in rep]
+    _print_table(rows, ["mode", "tokens", "perplexity", "bits/byte"])
+    for m in ("knn", "ric", "infgram"):
         if f"gap_closed_{m}" in rep:
             print(f"gap closed by {names[m]}: {100 * rep[f'gap_closed_{m}']:.1f}%  "
                   "((ppl_LM - ppl_mode) / (ppl_LM - ppl_oracle))")
+        elif f"gap_closed_bpb_{m}" in rep:
+            print(f"gap closed by {names[m]}: {100 * rep[f'gap_closed_bpb_{m}']:.1f}% in bits per byte "
+                  "(the oracle has another tokenizer)")
     for store, c in rep.get("checks", {}).items():
         print(f"{store}: {c['leaked_eval_docs']} evaluation documents found in the store, "
               f"{c['decontaminated_store_docs']} store documents dropped as near-copies of evaluation text")
@@ -367,7 +358,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     with _client(a) as c:
         events = c.generate(a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, tuple(a.stop or ()),
-                            **_retrieval_kwargs(a))
+                            trace=a.trace, **_retrieval_kwargs(a))
         if a.json:
             print(json.dumps([to_dict(e) for e in events], indent=2, ensure_ascii=False))
             return
@@ -387,6 +378,29 @@ def cmd_generate(a: argparse.Namespace) -> None:
             for cit in summary.citations[: a.citations]:
                 print(f"  {cit.total_weight:6.3f}  {cit.doc_id}  [{cit.source} | {cit.license or 'no license'} | "
                       f"{cit.tier}]  {cit.obligation}")
+            for sp in summary.trace:
+                docs = ", ".join(f"{d.doc_id} [{d.license or 'no license'}]" for d in sp.documents[:3])
+                print(f"  verbatim ({sp.end_token - sp.start_token} tokens, {sp.count}x): {sp.text[:80]!r} <- {docs}")
+
+
+@_rpc
+def cmd_trace(a: argparse.Namespace) -> None:
+    from server.client import to_dict
+
+    text = sys.stdin.read() if a.text == "-" else a.text
+    with _client(a) as c:
+        r = c.trace(text, a.min_tokens, a.max_spans, a.max_documents)
+    if a.json:
+        print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
+        return
+    if not r.spans:
+        print(f"no span of {a.min_tokens} tokens or more of this text is in the store")
+    for sp in r.spans:
+        print(f"[{sp.start_char}:{sp.end_char}] {sp.end_token - sp.start_token} tokens, {sp.count} occurrence(s): "
+              f"{sp.text[:120]!r}")
+        for d in sp.documents:
+            print(f"    {d.doc_id}  [{d.source} | {d.license or 'no license'} | {d.tier}]"
+                  + (f"  owner {d.owner}" if d.owner else ""))
 
 
 @_rpc
@@ -485,7 +499,7 @@ def _add_limit_args(sp: argparse.ArgumentParser) -> None:
 
 
 def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--mode", choices=["none", "knn", "ric"], default="none")
+    sp.add_argument("--mode", choices=["none", "knn", "ric", "infgram"], default="none")
     sp.add_argument("-k", type=int)
     sp.add_argument("--lambda", dest="lam", type=float)
     sp.add_argument("--knn-temperature", type=float)
@@ -622,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datastore", help="build, search and inspect datastores").add_subparsers(
         dest="ds_command", required=True, metavar="COMMAND")
     sp = add(ds, "build", cmd_datastore_build, "build a sharded token (kNN-LM) or passage (RIC-LM) store")
-    sp.add_argument("--kind", choices=["token", "passage"], default="token")
+    sp.add_argument("--kind", choices=["token", "passage", "infgram"], default="token",
+                    help="token (kNN-LM), passage (RIC-LM) or infgram (∞-gram and verbatim tracing)")
     sp.add_argument("--model", required=True, help="the LM whose hidden states are the keys")
     sp.add_argument("--corpus", required=True)
     sp.add_argument("--tiers", type=_tiers, default=("restricted",), help="tiers to store (default restricted)")
@@ -676,11 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add(sub, "eval", cmd_eval, "perplexity of LM-only / kNN-LM / RIC-LM / oracle on the same tokens")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--store", help="token store (mode knn)")
-    sp.add_argument("--passage-store", help="passage store (mode ric)")
+    sp.add_argument("--store", action="append", help="a token (knn), passage (ric) or ∞-gram (infgram) store; "
+                    "repeatable: each mode uses the store of its kind")
+    sp.add_argument("--passage-store", action="append", help="a passage store (same as --store)")
     sp.add_argument("--corpus", required=True)
     sp.add_argument("--split", choices=["train", "validation", "test"], default="test")
-    sp.add_argument("--modes", default="lm,knn", help="comma list of lm, knn, ric")
+    sp.add_argument("--modes", default="lm,knn", help="comma list of lm, knn, ric, infgram")
     sp.add_argument("--oracle", help="a model trained on all tiers: reports the share of the gap closed")
     sp.add_argument("--tiers", type=_tiers, default=None, help="evaluation text tiers (default: the store's)")
     sp.add_argument("--window", type=int, default=512)
@@ -692,8 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lambda", dest="lam", type=float, help="datastore weight λ in [0,1]")
     sp.add_argument("--temperature", type=float)
     sp.add_argument("--nprobe", type=int)
+    sp.add_argument("--refine", type=int, help="kNN-LM: exact re-ranking of refine x k candidates")
+    sp.add_argument("--infgram-lambda", type=float, help="∞-gram λ for every suffix length (default: tuned)")
     sp.add_argument("--ric-stride", type=int, default=64, help="RIC-LM: retrieve every this many tokens")
-    sp.add_argument("--sweep", action="store_true", help="first tune k, λ, T on the validation split (saved)")
+    sp.add_argument("--ric-retriever", choices=["bm25", "dense"], default="bm25")
+    sp.add_argument("--sweep", action="store_true",
+                    help="first tune kNN-LM (k, λ, T) and ∞-gram (λ per suffix length) on validation text (saved)")
     sp.add_argument("--no-decontaminate", action="store_true")
     sp.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     _add_policy_args(sp)
@@ -744,12 +764,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--stop", action="append")
     sp.add_argument("--citations", type=int, default=5)
+    sp.add_argument("--trace", action="store_true", help="also trace the output in the ∞-gram store")
     _add_client_args(sp)
     _add_retrieval_args(sp)
     sp = add(sub, "score", cmd_score, "per-token log-probs and perplexity of a text over gRPC ('-' reads stdin)")
     sp.add_argument("text")
     _add_client_args(sp)
     _add_retrieval_args(sp)
+    sp = add(sub, "trace", cmd_trace, "spans of a text found verbatim in a server's ∞-gram store ('-' reads stdin)")
+    sp.add_argument("text")
+    sp.add_argument("--min-tokens", type=int, default=8, help="shortest span reported")
+    sp.add_argument("--max-spans", type=int, default=20)
+    sp.add_argument("--max-documents", type=int, default=5, help="documents listed per span")
+    _add_client_args(sp)
     sp = add(sub, "search", cmd_search_remote, "search a server's datastore")
     sp.add_argument("--query", required=True)
     sp.add_argument("-k", type=int, default=5)
@@ -797,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add(sub, "plan", cmd_plan, "capacity plan for a store of N tokens, from costs measured here")
     sp.add_argument("--tokens", type=float, default=1e12)
-    sp.add_argument("--kind", choices=["token", "passage"], default="token")
+    sp.add_argument("--kind", choices=["token", "passage", "infgram"], default="token",
+                    help="token (kNN-LM), passage (RIC-LM) or infgram (∞-gram and verbatim tracing)")
     sp.add_argument("--index", default="IVF65536,PQ64")
     sp.add_argument("--ram-per-node", type=_size, default=_size("256G"))
     sp.add_argument("--nodes", type=int)

@@ -140,8 +140,8 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
                         progress=True)
         print(f"tuned on validation: k={res['k']} λ={res['lambda']} T={res['temperature']}")
     modes = ("lm", "knn", "ric") if have_passages else ("lm", "knn")
-    rep = run_eval(EvalArgs(model=str(model_dir), corpus=str(corpus), store=str(token_store),
-                            passage_store=str(passage_store) if have_passages else None, modes=modes,
+    rep = run_eval(EvalArgs(model=str(model_dir), corpus=str(corpus),
+                            stores=(str(token_store),) + ((str(passage_store),) if have_passages else ()), modes=modes,
                             oracle=str(oracle_dir), tiers=("restricted",), window=256, stride=128,
                             max_tokens=EVAL_TOKENS, ric_stride=64, progress=True))
     (work / "eval.json").write_text(json.dumps(rep, indent=2))

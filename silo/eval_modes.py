@@ -1,13 +1,17 @@
-"""`silo eval`: LM-only, kNN-LM, RIC-LM and an oracle LM on exactly the same tokens.
+"""`silo eval`: LM-only, kNN-LM, RIC-LM, ∞-gram and an oracle LM on exactly the same text.
 
 Every mode scores positions 1..n-1 of the same documents (framed `<s> … </s>`), so the
 perplexities compare directly; the share of the gap closed is SILO's:
-(ppl_LM − ppl_kNN) / (ppl_LM − ppl_oracle).
+(ppl_LM − ppl_mode) / (ppl_LM − ppl_oracle). Bits per byte (total negative log-likelihood
+in bits over the text's UTF-8 bytes) are reported for every mode too: they compare models
+with different tokenizers, so an oracle with another tokenizer (a user's Pythia, say) is
+scored on the same text with its own tokens and the gap closed is computed in bits per byte.
 
 Before scoring, the store is checked against the evaluation text: evaluation documents
 found in the store (a split mistake) and store documents that copy evaluation text
 (`silo.decontam`) are excluded through the retrieval policy, and both are reported.
-`sweep_knn` picks k, λ and T on the validation split from a single retrieval.
+`sweep_knn` picks k, λ and T on the validation split from a single retrieval;
+`sweep_infgram` picks the ∞-gram λ per suffix length.
 """
 
 from __future__ import annotations
@@ -18,43 +22,66 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from datastore.kinds import open_store
 from datastore.lock import StoreLock
-from datastore.manifest import FingerprintMismatch, Manifest, tokenizer_fingerprint
-from datastore.passages import PassageStore
+from datastore.manifest import Manifest, tokenizer_fingerprint
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore
 from silo.decontam import leaked_docs, store_contamination
 from silo.errors import SiloError
 from silo.evaluate import load_eval_docs, perplexity, perplexity_report, score_documents
+from silo.infgram import InfgramParams, infgram_perplexity, score_infgram, sweep_lambdas
 from silo.knnlm import KNNParams, retrieve_neighbours
 from silo.lm import load_causal_lm
 from silo.ricl import RICParams, ric_score_documents
+from silo.tokenizer import encode_document
 
-MODES = ("lm", "knn", "ric")
+MODES = ("lm", "knn", "ric", "infgram")
+MODE_STORE = {"knn": "token", "ric": "passage", "infgram": "infgram"}  # the store kind each mode uses
 
 
 @dataclass
 class EvalArgs:
     model: str
     corpus: str
-    store: str | None = None  # token store (knn)
-    passage_store: str | None = None  # passage store (ric)
+    stores: tuple[str, ...] = ()  # any stores; each mode uses the one of its kind (MODE_STORE)
     split: str = "test"
     modes: tuple[str, ...] = ("lm", "knn")
-    oracle: str | None = None
-    tiers: tuple[str, ...] | None = None  # default: the store's tiers
+    oracle: str | None = None  # any local causal LM; another tokenizer is compared in bits per byte
+    tiers: tuple[str, ...] | None = None  # default: the stores' tiers
     window: int = 512
     stride: int = 256
     batch_size: int = 8
     max_docs: int | None = None
     max_tokens: int | None = None
     max_doc_tokens: int | None = 2048  # each document's first tokens: a budget covers many documents
-    knn: KNNParams | None = None  # default: the store's tuned defaults, else KNNParams()
+    knn: KNNParams | None = None  # default: the overrides below over the store's tuned defaults
+    infgram: InfgramParams | None = None  # default: `infgram_lambda`, else the ∞-gram store's tuned defaults
+    k: int | None = None  # overrides of single kNN-LM parameters (None = the store's default)
+    lam: float | None = None
+    temperature: float | None = None
+    nprobe: int | None = None
+    refine: int | None = None
+    infgram_lambda: float | None = None
+    sweep: bool = False  # first tune the token / ∞-gram stores' defaults on the validation split (saved)
     ric_stride: int = 64
     ric_retriever: str = "bm25"
     policy: RetrievalPolicy | None = None
     decontaminate: bool = True
     progress: bool = False
+
+
+def stores_by_kind(paths: tuple[str, ...] | list[str], model_dir: str, kinds: set[str] | None = None) -> dict:
+    """Open the given stores, one per kind (checked against the model)."""
+    out: dict[str, Datastore] = {}
+    for path in paths:
+        kind = Manifest.load(path).kind
+        if kind in out:
+            raise SiloError(f"two {kind} stores given ({out[kind].path} and {path}): give one store per kind")
+        if kinds is None or kind in kinds:
+            out[kind] = open_store(path)
+            out[kind].check_model(model_dir)
+    return out
 
 
 def store_knn_params(store: Datastore) -> KNNParams:
@@ -77,72 +104,137 @@ def with_denied(policy: RetrievalPolicy | None, deny: set) -> RetrievalPolicy | 
     return replace(policy, deny_doc_ids=frozenset(policy.deny_doc_ids | deny))
 
 
+def _bits(logprobs: list[np.ndarray]) -> float:
+    return -float(sum(lp.sum() for lp in logprobs)) / math.log(2)
+
+
 def run_eval(a: EvalArgs) -> dict:
-    """Perplexity per mode (overall and per source), gap closed, and the checks made."""
+    """Perplexity and bits per byte per mode (overall and per source), the gap each mode
+    closes towards the oracle, and the checks made. Every mode scores the same tokens."""
     unknown = set(a.modes) - set(MODES)
     if unknown:
         raise SiloError(f"unknown mode(s) {', '.join(sorted(unknown))}; expected {', '.join(MODES)}")
-    if "knn" in a.modes and not a.store:
-        raise SiloError("mode knn needs a token store (--store)")
-    if "ric" in a.modes and not a.passage_store:
-        raise SiloError("mode ric needs a passage store (--passage-store)")
+    wanted = {MODE_STORE[m] for m in a.modes if m in MODE_STORE}
+    stores = stores_by_kind(a.stores, a.model, wanted)
+    for m in a.modes:
+        if m in MODE_STORE and MODE_STORE[m] not in stores:
+            raise SiloError(f"mode {m} needs a {MODE_STORE[m]} store (--store)")
+    sweeps = {}
+    if a.sweep:  # tune on validation text, save as the stores' defaults, then evaluate with them
+        tune = dict(window=a.window, stride=a.stride, batch_size=a.batch_size, max_tokens=a.max_tokens or 20_000,
+                    progress=a.progress)
+        if "token" in stores:
+            sweeps["knn"] = sweep_knn(a.model, str(stores["token"].path), a.corpus, **tune)
+        if "infgram" in stores:
+            sweeps["infgram"] = sweep_infgram(a.model, str(stores["infgram"].path), a.corpus, **tune)
+        stores = stores_by_kind(a.stores, a.model, wanted)  # reopened: the new defaults
     model, tok = load_causal_lm(a.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    store = Datastore.open(a.store) if a.store else None
-    if store is not None:
-        store.check_model(a.model)
-    pstore = None
-    if a.passage_store:
-        pstore = PassageStore.open(a.passage_store)
-        pstore.check_model(a.model)
-    ref = store or pstore
+    ref = next(iter(stores.values()), None)
     tiers = a.tiers or (tuple(ref.manifest.tiers) if ref is not None else None)
     metas, docs = load_eval_docs(a.corpus, tok, a.split, tiers, a.max_docs, a.max_tokens, a.max_doc_tokens)
     if not docs:
         raise SiloError(f"no documents to evaluate in split {a.split!r}" + (f", tiers {','.join(tiers)}" if tiers else ""))
     texts = [tok.decode(d, skip_special_tokens=True) for d in docs]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     report: dict = {"split": a.split, "tiers": list(tiers) if tiers else None, "documents": len(docs),
-                    "tokens": int(sum(len(d) - 1 for d in docs)), "checks": {}}
+                    "tokens": int(sum(len(d) - 1 for d in docs)), "bytes": n_bytes, "checks": {}}
     per_mode: dict[str, list[np.ndarray]] = {}
 
+    def policy_for(kind: str) -> RetrievalPolicy | None:
+        deny, checks = store_exclusions(stores[kind], metas, texts, a.decontaminate)
+        report["checks"][f"{kind}_store"] = checks
+        return with_denied(a.policy, deny)
+
     if "knn" in a.modes:
-        deny, checks = store_exclusions(store, metas, texts, a.decontaminate)
-        report["checks"]["token_store"] = checks
-        params = (a.knn or store_knn_params(store)).validate()
+        store = stores["token"]
+        params = (a.knn or KNNParams.merged(store.manifest.defaults, a.k, a.lam, a.temperature, a.nprobe,
+                                            a.refine)).validate()
         neigh = retrieve_neighbours(model, store, docs, params.k, a.window, a.stride, a.batch_size, pad,
-                                    params.nprobe, with_denied(a.policy, deny), a.progress, refine=params.refine)
+                                    params.nprobe, policy_for("token"), a.progress, refine=params.refine)
         per_mode["lm"] = [n.lm_logprob for n in neigh]
         per_mode["knn"] = [n.knn_logprob(params) for n in neigh]
         report["knn_params"] = {"k": params.k, "lambda": params.lam, "temperature": params.temperature,
                                 "nprobe": params.nprobe, "refine": params.refine}
-    if "lm" in a.modes and "lm" not in per_mode:
+    if "lm" not in per_mode and ("lm" in a.modes or "infgram" in a.modes):
         per_mode["lm"] = score_documents(model, docs, a.window, a.stride, a.batch_size, pad, a.progress)
+    if "infgram" in a.modes:
+        store = stores["infgram"]
+        params = (a.infgram or InfgramParams.merged(store.manifest.defaults, a.infgram_lambda)).validate()
+        scored = score_infgram(model, store, docs, policy=policy_for("infgram"), lm_logprobs=per_mode["lm"])
+        per_mode["infgram"] = [s.logprob(params) for s in scored]
+        report["infgram_params"] = {"lambda": params.lam, "lambda_by_suffix": [list(x) for x in params.lam_by_suffix],
+                                    "mean_suffix_tokens": float(np.mean(np.concatenate([s.suffix_len for s in scored])))}
     if "ric" in a.modes:
-        deny, checks = store_exclusions(pstore, metas, texts, a.decontaminate)
-        report["checks"]["passage_store"] = checks
         rp = RICParams(stride=a.ric_stride, retriever=a.ric_retriever)
-        per_mode["ric"] = ric_score_documents(model, tok, pstore, docs, a.window, rp, a.batch_size, pad,
-                                              with_denied(a.policy, deny), a.progress)
+        per_mode["ric"] = ric_score_documents(model, tok, stores["passage"], docs, a.window, rp, a.batch_size, pad,
+                                              policy_for("passage"), a.progress)
         report["ric_params"] = {"stride": rp.stride, "query_tokens": rp.query_tokens, "passages": rp.passages,
                                 "retriever": rp.retriever}
-    if a.oracle:
-        if tokenizer_fingerprint(a.oracle) != tokenizer_fingerprint(a.model):
-            raise FingerprintMismatch(f"oracle {a.oracle} uses another tokenizer than {a.model}: "
-                                      "perplexities would not be comparable")
-        oracle, _ = load_causal_lm(a.oracle)
-        per_mode["oracle"] = score_documents(oracle, docs, a.window, a.stride, a.batch_size, pad, a.progress)
-
+    if sweeps:
+        report["sweeps"] = sweeps
+    if "lm" not in a.modes and "lm" in per_mode and a.oracle is None:
+        del per_mode["lm"]
     report["modes"] = {m: perplexity_report(metas, lps) for m, lps in per_mode.items()}
     for m, lps in per_mode.items():
         report[m] = perplexity(lps)
-    if "oracle" in per_mode and "lm" in per_mode:
-        for m in ("knn", "ric"):
-            if m in per_mode:
-                gap = report["lm"] - report["oracle"]
-                report[f"gap_closed_{m}"] = (report["lm"] - report[m]) / gap if gap > 0 else float("nan")
+        report.setdefault("bits_per_byte", {})[m] = _bits(lps) / n_bytes
+    if a.oracle:
+        same = tokenizer_fingerprint(a.oracle) == tokenizer_fingerprint(a.model)
+        oracle, otok = load_causal_lm(a.oracle)
+        # the same text: the same tokens when the tokenizers match, else the oracle's tokens of it
+        odocs = docs if same else [encode_document(otok, t) for t in texts]
+        opad = otok.pad_token_id if otok.pad_token_id is not None else 0
+        olps = score_documents(oracle, odocs, a.window, a.stride, a.batch_size, opad, a.progress)
+        report["oracle"] = perplexity(olps)
+        report["bits_per_byte"]["oracle"] = _bits(olps) / n_bytes
+        report["oracle_tokenizer"] = "same" if same else "other (perplexity per its own tokens; compare bits per byte)"
+        if same:
+            report["modes"]["oracle"] = perplexity_report(metas, olps)
+        bpb = report["bits_per_byte"]
+        for m in ("knn", "ric", "infgram"):
+            if m in per_mode and "lm" in per_mode:
+                if same:
+                    gap = report["lm"] - report["oracle"]
+                    report[f"gap_closed_{m}"] = (report["lm"] - report[m]) / gap if gap > 0 else float("nan")
+                gap = bpb["lm"] - bpb["oracle"]
+                report[f"gap_closed_bpb_{m}"] = (bpb["lm"] - bpb[m]) / gap if gap > 0 else float("nan")
         if "gap_closed_knn" in report:
             report["gap_closed"] = report["gap_closed_knn"]
     return report
+
+
+def sweep_infgram(model_dir: str, store_dir: str, corpus: str, split: str = "validation", window: int = 512,
+                  stride: int = 256, batch_size: int = 8, max_tokens: int | None = 20_000, save: bool = True,
+                  progress: bool = False) -> dict:
+    """`silo eval --sweep` for an ∞-gram store: λ per suffix-length bucket on validation text;
+    with `save`, stored as the store's defaults in its manifest."""
+    model, tok = load_causal_lm(model_dir)
+    store = stores_by_kind([store_dir], model_dir)["infgram"]
+    metas, docs = load_eval_docs(corpus, tok, split, tuple(store.manifest.tiers), max_tokens=max_tokens,
+                                 max_doc_tokens=2048)
+    if not docs:
+        raise SiloError(f"no {split} documents of tiers {','.join(store.manifest.tiers)} to tune on")
+    texts = [tok.decode(d, skip_special_tokens=True) for d in docs]
+    deny, checks = store_exclusions(store, metas, texts, True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    scored = score_infgram(model, store, docs, window, stride, batch_size, pad, with_denied(None, deny), progress)
+    params, detail = sweep_lambdas(scored)
+    lm_ppl = perplexity([s.lm_logprob for s in scored])
+    best = infgram_perplexity(scored, params)
+    if not math.isfinite(best):
+        raise SiloError("sweep found no finite perplexity")
+    result = {"lm": lm_ppl, "infgram": best, "lambda": params.lam,
+              "lambda_by_suffix": [list(x) for x in params.lam_by_suffix], "split": split,
+              "tokens": int(sum(len(d) - 1 for d in docs)), "checks": checks, "buckets": detail["buckets"]}
+    if save:
+        with StoreLock(store_dir, "tuning"):
+            manifest = Manifest.load(store_dir)
+            manifest.defaults = {"lambda": params.lam, "lambda_by_suffix": result["lambda_by_suffix"],
+                                 "tuned_on": f"{split}, {result['tokens']} tokens",
+                                 "validation_ppl_lm": round(lm_ppl, 4), "validation_ppl_infgram": round(best, 4)}
+            manifest.save(store_dir)
+    return result
 
 
 def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validation", window: int = 512,

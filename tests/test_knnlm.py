@@ -168,7 +168,7 @@ def test_knnlm_generation_carries_attribution(store_dir, tiny_model):
 
 
 def test_eval_all_modes_on_the_same_tokens_with_oracle(store_dir, tiny_model, corpus_dir, oracle_model, tmp_path):
-    rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), store=str(store_dir),
+    rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), stores=(str(store_dir),),
                             modes=("lm", "knn"), oracle=str(oracle_model), window=WINDOW, stride=WINDOW // 2,
                             knn=KNNParams(k=32, lam=0.5, temperature=10.0)))
     for key in ("lm", "knn", "oracle", "gap_closed"):
@@ -184,7 +184,7 @@ def test_eval_detects_leaked_and_copied_documents(tmp_path, tiny_model, corpus_d
     leaky = tmp_path / "leaky"
     build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(leaky), tiers=("restricted",),
                                 split="test", window=WINDOW, stride=WINDOW // 2, progress=False))
-    rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), store=str(leaky), modes=("knn",),
+    rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), stores=(str(leaky),), modes=("knn",),
                             window=WINDOW, stride=WINDOW // 2, knn=KNNParams(k=8, lam=0.5, temperature=10.0)))
     checks = rep["checks"]["token_store"]
     assert checks["leaked_eval_docs"] == rep["documents"] > 0
@@ -214,7 +214,7 @@ def test_sweep_stores_tuned_defaults(store_dir, tiny_model, corpus_dir, tmp_path
     assert res["knn"] <= res["lm"]
     d = Datastore.open(path).manifest.defaults
     assert (d["k"], d["lambda"], d["temperature"]) == (res["k"], res["lambda"], res["temperature"])
-    rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), store=str(path), modes=("knn",),
+    rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), stores=(str(path),), modes=("knn",),
                             split="validation", window=WINDOW, stride=WINDOW // 2))
     assert rep["knn_params"]["k"] == res["k"] and rep["knn"] == pytest.approx(res["knn"], rel=1e-6)
 

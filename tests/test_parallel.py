@@ -45,6 +45,7 @@ def test_ray_and_local_workers_build_identical_stores(tmp_path, tiny_model, corp
 def test_worker_processes_retry_failed_shards(tmp_path, tiny_model, corpus_dir, monkeypatch):
     """Every shard's first attempt fails in its worker process; retries finish the build."""
     import faults
+
     import silo.parallel
 
     monkeypatch.setattr(silo.parallel, "default_job", lambda: faults.flaky_shard_worker)

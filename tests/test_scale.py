@@ -7,13 +7,13 @@ import shutil
 import faiss
 import numpy as np
 import pytest
+from faults import count_steps, run_killed
 
 from datastore.errors import StoreLocked
 from datastore.index import choose_factory
 from datastore.lock import StoreLock
 from datastore.optout import append_removal
 from datastore.store import Datastore
-from faults import count_steps, run_killed
 from silo.build import BuildArgs, build_store
 from silo.corpus import iter_documents
 from silo.ingest import add_documents

@@ -12,6 +12,7 @@ class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RETRIEVAL_NONE: _ClassVar[RetrievalMode]
     RETRIEVAL_KNN: _ClassVar[RetrievalMode]
     RETRIEVAL_RIC: _ClassVar[RetrievalMode]
+    RETRIEVAL_INFGRAM: _ClassVar[RetrievalMode]
 
 class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -24,6 +25,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 RETRIEVAL_NONE: RetrievalMode
 RETRIEVAL_KNN: RetrievalMode
 RETRIEVAL_RIC: RetrievalMode
+RETRIEVAL_INFGRAM: RetrievalMode
 STOP_REASON_UNSPECIFIED: StopReason
 MAX_TOKENS: StopReason
 EOS_TOKEN: StopReason
@@ -69,6 +71,38 @@ class RetrievalOptions(_message.Message):
     refine_factor: int
     def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ..., refine_factor: _Optional[int] = ...) -> None: ...
 
+class Source(_message.Message):
+    __slots__ = ("doc_id", "source", "license", "tier", "owner")
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    doc_id: str
+    source: str
+    license: str
+    tier: str
+    owner: str
+    def __init__(self, doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+
+class TracedSpan(_message.Message):
+    __slots__ = ("start_token", "end_token", "start_char", "end_char", "text", "count", "documents")
+    START_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    END_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    START_CHAR_FIELD_NUMBER: _ClassVar[int]
+    END_CHAR_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    start_token: int
+    end_token: int
+    start_char: int
+    end_char: int
+    text: str
+    count: int
+    documents: _containers.RepeatedCompositeFieldContainer[Source]
+    def __init__(self, start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ..., text: _Optional[str] = ..., count: _Optional[int] = ..., documents: _Optional[_Iterable[_Union[Source, _Mapping]]] = ...) -> None: ...
+
 class Neighbour(_message.Message):
     __slots__ = ("entry_id", "doc_id", "source", "license", "tier", "owner", "sentence", "sentence_index", "weight", "distance", "next_token", "passage")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -98,7 +132,7 @@ class Neighbour(_message.Message):
     def __init__(self, entry_id: _Optional[int] = ..., doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ..., sentence: _Optional[str] = ..., sentence_index: _Optional[int] = ..., weight: _Optional[float] = ..., distance: _Optional[float] = ..., next_token: _Optional[str] = ..., passage: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop_sequences", "retrieval", "attribution_top", "time_limit_s")
+    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop_sequences", "retrieval", "attribution_top", "time_limit_s", "trace", "trace_min_tokens")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +142,8 @@ class GenerateRequest(_message.Message):
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_TOP_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_S_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     temperature: float
@@ -117,23 +153,29 @@ class GenerateRequest(_message.Message):
     retrieval: RetrievalOptions
     attribution_top: int
     time_limit_s: float
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., retrieval: _Optional[_Union[RetrievalOptions, _Mapping]] = ..., attribution_top: _Optional[int] = ..., time_limit_s: _Optional[float] = ...) -> None: ...
+    trace: bool
+    trace_min_tokens: int
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., retrieval: _Optional[_Union[RetrievalOptions, _Mapping]] = ..., attribution_top: _Optional[int] = ..., time_limit_s: _Optional[float] = ..., trace: _Optional[bool] = ..., trace_min_tokens: _Optional[int] = ...) -> None: ...
 
 class GeneratedToken(_message.Message):
-    __slots__ = ("index", "token_id", "text", "logprob", "lm_logprob", "attribution")
+    __slots__ = ("index", "token_id", "text", "logprob", "lm_logprob", "attribution", "suffix_tokens", "suffix_count")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     LM_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_COUNT_FIELD_NUMBER: _ClassVar[int]
     index: int
     token_id: int
     text: str
     logprob: float
     lm_logprob: float
     attribution: _containers.RepeatedCompositeFieldContainer[Neighbour]
-    def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., lm_logprob: _Optional[float] = ..., attribution: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ...) -> None: ...
+    suffix_tokens: int
+    suffix_count: int
+    def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., lm_logprob: _Optional[float] = ..., attribution: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., suffix_tokens: _Optional[int] = ..., suffix_count: _Optional[int] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("doc_id", "source", "license", "tier", "owner", "total_weight", "tokens", "obligation", "attribution_line")
@@ -158,18 +200,20 @@ class Citation(_message.Message):
     def __init__(self, doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ..., total_weight: _Optional[float] = ..., tokens: _Optional[int] = ..., obligation: _Optional[str] = ..., attribution_line: _Optional[str] = ...) -> None: ...
 
 class GenerationSummary(_message.Message):
-    __slots__ = ("stop_reason", "prompt_tokens", "generated_tokens", "text", "citations")
+    __slots__ = ("stop_reason", "prompt_tokens", "generated_tokens", "text", "citations", "trace")
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     stop_reason: StopReason
     prompt_tokens: int
     generated_tokens: int
     text: str
     citations: _containers.RepeatedCompositeFieldContainer[Citation]
-    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
+    trace: _containers.RepeatedCompositeFieldContainer[TracedSpan]
+    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., trace: _Optional[_Iterable[_Union[TracedSpan, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token", "summary")
@@ -214,6 +258,28 @@ class ScoreResponse(_message.Message):
     total_logprob: float
     num_tokens: int
     def __init__(self, tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., perplexity: _Optional[float] = ..., total_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class TraceRequest(_message.Message):
+    __slots__ = ("text", "min_tokens", "max_spans", "max_documents", "policy")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPANS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    min_tokens: int
+    max_spans: int
+    max_documents: int
+    policy: RetrievalPolicy
+    def __init__(self, text: _Optional[str] = ..., min_tokens: _Optional[int] = ..., max_spans: _Optional[int] = ..., max_documents: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ...) -> None: ...
+
+class TraceResponse(_message.Message):
+    __slots__ = ("spans", "tokens")
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    spans: _containers.RepeatedCompositeFieldContainer[TracedSpan]
+    tokens: int
+    def __init__(self, spans: _Optional[_Iterable[_Union[TracedSpan, _Mapping]]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens")

@@ -46,6 +46,11 @@ class LanguageModelStub:
                 request_serializer=silo_dot_v1_dot_silo__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=silo_dot_v1_dot_silo__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Trace = channel.unary_unary(
+                '/silo.v1.LanguageModel/Trace',
+                request_serializer=silo_dot_v1_dot_silo__pb2.TraceRequest.SerializeToString,
+                response_deserializer=silo_dot_v1_dot_silo__pb2.TraceResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/silo.v1.LanguageModel/Tokenize',
                 request_serializer=silo_dot_v1_dot_silo__pb2.TokenizeRequest.SerializeToString,
@@ -77,6 +82,14 @@ class LanguageModelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Trace(self, request, context):
+        """The maximal spans of a text that occur verbatim in the ∞-gram store, longest and
+        rarest first, each with its documents (OLMoTrace's idea). Opted-out text never appears.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -101,6 +114,11 @@ def add_LanguageModelServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=silo_dot_v1_dot_silo__pb2.ScoreRequest.FromString,
                     response_serializer=silo_dot_v1_dot_silo__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Trace': grpc.unary_unary_rpc_method_handler(
+                    servicer.Trace,
+                    request_deserializer=silo_dot_v1_dot_silo__pb2.TraceRequest.FromString,
+                    response_serializer=silo_dot_v1_dot_silo__pb2.TraceResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -169,6 +187,33 @@ class LanguageModel:
             '/silo.v1.LanguageModel/Score',
             silo_dot_v1_dot_silo__pb2.ScoreRequest.SerializeToString,
             silo_dot_v1_dot_silo__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Trace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/silo.v1.LanguageModel/Trace',
+            silo_dot_v1_dot_silo__pb2.TraceRequest.SerializeToString,
+            silo_dot_v1_dot_silo__pb2.TraceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,232 @@
+"""∞-gram inference: p = (1-λ)·p_LM + λ·p_∞, verbatim tracing, and λ tuned per suffix length.
+
+p_∞(w | context) is the next-token distribution of the *longest* suffix of the context
+that occurs in the store (Liu et al. 2024): cont_count / suffix_count, backing off to the
+unigram distribution only when not even the last token occurs. How much to trust it
+depends on how long that suffix is (a 20-token match is nearly a copy; a 1-token match is
+a unigram), so λ is a function of the suffix length: one λ per length bucket, tuned on
+validation text by `sweep_infgram` (each bucket's positions are disjoint, so the buckets
+are tuned independently and exactly) and stored in the store's manifest. A position where
+the store holds nothing at all (every document opted out) uses λ = 0: the LM exactly.
+
+Scoring runs the LM once (the same windows as LM-only, so every mode scores the same
+tokens) and queries the engine per position; the longest match can grow by at most one
+token per position, so each query looks only at that many trailing tokens.
+
+Tracing (`trace`): the maximal spans of a text that occur verbatim in the store, each
+with its documents — OLMoTrace's idea — longest and rarest first, opted-out documents
+never shown.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from datastore.infgram import MAX_MATCH, InfgramStore
+from datastore.policy import RetrievalPolicy
+from silo.errors import SiloError
+from silo.evaluate import perplexity, score_documents
+from silo.knnlm import GeneratedToken, knn_interpolate, sample_token
+from silo.tokenizer import StreamDecoder
+
+SUFFIX_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # lower bounds of the suffix-length buckets
+MAX_CONTEXT = MAX_MATCH  # tokens of context a match may span
+
+
+@dataclass(frozen=True)
+class InfgramParams:
+    lam: float = 0.5  # λ for buckets without a tuned value
+    lam_by_suffix: tuple[tuple[int, float], ...] = ()  # ((bucket lower bound, λ), ...), tuned
+
+    @classmethod
+    def merged(cls, defaults: dict | None = None, lam: float | None = None) -> InfgramParams:
+        """A request's λ (one value for every bucket) over a store's tuned defaults."""
+        d = defaults or {}
+        if lam is not None:
+            return cls(lam=lam)
+        return cls(lam=d.get("lambda", cls.lam), lam_by_suffix=tuple(tuple(x) for x in d.get("lambda_by_suffix", ())))
+
+    def validate(self) -> InfgramParams:
+        for _, v in ((None, self.lam), *self.lam_by_suffix):
+            if not 0.0 <= v <= 1.0:
+                raise SiloError(f"∞-gram λ must be in [0, 1], got {v}")
+        return self
+
+    def lam_for(self, suffix_len: np.ndarray) -> np.ndarray:
+        lams = np.full(np.shape(suffix_len), self.lam, dtype=np.float64)
+        for lo, v in self.lam_by_suffix:
+            lams[np.asarray(suffix_len) >= lo] = v
+        return lams
+
+
+def bucket_of(suffix_len: np.ndarray) -> np.ndarray:
+    return np.searchsorted(SUFFIX_BUCKETS, suffix_len, side="right") - 1
+
+
+@dataclass
+class DocInfgram:
+    """Per scored token of one document: LM log-prob, target, and its ∞-gram match."""
+
+    lm_logprob: np.ndarray  # (n,) float64
+    targets: np.ndarray  # (n,) int64
+    suffix_len: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (n,)
+    suffix_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (n,)
+    cont_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (n,)
+
+    def infgram_logprob(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.suffix_count > 0, np.log(self.cont_count / np.maximum(self.suffix_count, 1)), -np.inf)
+
+    def logprob(self, params: InfgramParams) -> np.ndarray:
+        lams = params.lam_for(self.suffix_len)
+        inf = self.infgram_logprob()
+        out = np.empty(len(self.targets), dtype=np.float64)
+        for lam in np.unique(lams):
+            sel = lams == lam
+            out[sel] = knn_interpolate(self.lm_logprob[sel], inf[sel], float(lam), retrieved=self.suffix_count[sel] > 0)
+        return out
+
+
+def score_infgram(model, store: InfgramStore, docs: list[list[int]], window: int = 512, stride: int = 256,
+                  batch_size: int = 8, pad_id: int = 0, policy: RetrievalPolicy | None = None,
+                  progress: bool = False, lm_logprobs: list[np.ndarray] | None = None,
+                  threads: int = 2) -> list[DocInfgram]:
+    """One LM pass (or the given LM log-probs of the same tokens) and the ∞-gram match of
+    every scored token; the engine releases the GIL, so documents are matched in threads."""
+    index = store.index_for(policy)
+    lm = lm_logprobs if lm_logprobs is not None else score_documents(model, docs, window, stride, batch_size,
+                                                                     pad_id, progress)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        matches = list(pool.map(lambda d: index.match(list(d)), docs))
+    return [DocInfgram(lp, np.asarray(d[1:], dtype=np.int64), *m) for lp, d, m in zip(lm, docs, matches, strict=True)]
+
+
+def sweep_lambdas(scored: list[DocInfgram], lams: tuple[float, ...] = tuple(np.round(np.arange(0, 1.0, 0.05), 2)),
+                  min_tokens: int = 20) -> tuple[InfgramParams, dict]:
+    """λ per suffix-length bucket minimising perplexity (buckets tuned independently: their
+    positions are disjoint); a bucket with fewer than `min_tokens` tokens takes the global λ."""
+    lm = np.concatenate([s.lm_logprob for s in scored])
+    inf = np.concatenate([s.infgram_logprob() for s in scored])
+    has = np.concatenate([s.suffix_count for s in scored]) > 0
+    buckets = bucket_of(np.concatenate([s.suffix_len for s in scored]))
+
+    def best(sel) -> tuple[float, float]:
+        nll = [(-knn_interpolate(lm[sel], inf[sel], lam, retrieved=has[sel]).sum(), lam) for lam in lams]
+        return min(nll)[1], min(nll)[0]
+
+    glob = best(np.ones(len(lm), dtype=bool))[0]
+    by_bucket, report = [], {}
+    for b, lo in enumerate(SUFFIX_BUCKETS):
+        sel = buckets == b
+        if sel.sum() >= min_tokens:
+            lam = float(best(sel)[0])
+            by_bucket.append((lo, lam))
+            report[str(lo)] = {"lambda": lam, "tokens": int(sel.sum())}
+    glob = float(glob)
+    params = InfgramParams(lam=glob, lam_by_suffix=tuple(by_bucket))
+    return params, {"lambda": glob, "buckets": report}
+
+
+def infgram_perplexity(scored: list[DocInfgram], params: InfgramParams) -> float:
+    return perplexity([s.logprob(params) for s in scored])
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_tokens: int = 32,
+                     params: InfgramParams | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int = 0, policy: RetrievalPolicy | None = None, stop: tuple[str, ...] = (),
+                     attribution_top: int = 3, max_support: int = 1000) -> Iterator[GeneratedToken]:
+    """Tokens one at a time from (1-λ)·p_LM + λ·p_∞ (a normalised distribution; λ = 0 where
+    the store holds nothing), each with its attribution: the matched suffix's length and
+    count, and documents that continue it with the chosen token."""
+    if not prompt:
+        raise SiloError("empty prompt")
+    p_ = (params or InfgramParams.merged(store.manifest.defaults)).validate()
+    index = store.index_for(policy)
+    device = next(model.parameters()).device
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
+    max_pos = getattr(model.config, "max_position_embeddings", 2048)
+    ids = ids[-max(1, max_pos - max_new_tokens):]
+    gen = torch.Generator().manual_seed(seed)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    decoder, text, past, inp = StreamDecoder(tok), "", None, torch.tensor([ids], device=device)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=inp, use_cache=True, **{cache_arg: past})
+        past = getattr(out, cache_arg)
+        lm_p = torch.softmax(out.logits[0, -1].float(), -1).cpu()
+        sl, count, nxt = index.next_tokens(ids[-MAX_CONTEXT:], max_support)
+        p, lam = lm_p, 0.0
+        if count > 0 and nxt:
+            inf_p = torch.zeros_like(lm_p)
+            tokens = torch.tensor(list(nxt), dtype=torch.long)
+            keep = tokens < len(inf_p)
+            weights = torch.tensor(list(nxt.values()), dtype=torch.float32)
+            inf_p[tokens[keep]] = weights[keep]
+            if inf_p.sum() > 0:
+                lam = float(p_.lam_for(np.asarray([sl]))[0])
+                p = (1 - lam) * lm_p + lam * inf_p / inf_p.sum()
+        next_id = sample_token(p, temperature, top_p, gen)
+        attribution = []
+        if lam > 0 and sl > 0 and nxt.get(next_id):
+            for d in index.documents([*ids[len(ids) - sl:], next_id], attribution_top):
+                hit = {"entry_id": int(store.docs.first_entry[d]), "doc_id": store.doc_id(d),
+                       **{c: store.docs.value(c, d) for c in ("source", "license", "tier", "owner")},
+                       "sentence_index": 0, "sentence": "", "position": 0,
+                       "weight": lam * nxt[next_id] / max(sum(nxt.values()), 1), "suffix_tokens": sl,
+                       "suffix_count": count}
+                attribution.append(hit)
+            for h in attribution:
+                h["weight"] /= max(len(attribution), 1)  # the token's λ·p_∞ shared by the documents shown
+        piece = decoder.add(next_id)
+        yield GeneratedToken(next_id, piece, float(torch.log(p[next_id].clamp_min(1e-30))),
+                             float(torch.log(lm_p[next_id].clamp_min(1e-30))), attribution)
+        if next_id == tok.eos_token_id:
+            return
+        text += piece
+        ids.append(next_id)
+        if any(s and s in text for s in stop):
+            return
+        inp = torch.tensor([[next_id]], device=device)
+
+
+# ---------------------------------------------------------------------------- tracing
+
+
+@dataclass
+class TracedSpan:
+    start_token: int
+    end_token: int
+    start_char: int
+    end_char: int
+    text: str
+    count: int
+    documents: list[dict]
+
+
+def trace(store: InfgramStore, tok, text: str, min_tokens: int = 8, max_spans: int = 50, max_docs: int = 5,
+          policy: RetrievalPolicy | None = None) -> list[TracedSpan]:
+    """The maximal spans (≥ `min_tokens` tokens) of `text` that occur verbatim in the store,
+    each with up to `max_docs` of its documents, longest and rarest first."""
+    if min_tokens < 1:
+        raise SiloError(f"min_tokens must be positive, got {min_tokens}")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    index = store.index_for(policy)
+    out = []
+    for sp in index.spans(ids, min_tokens, max_docs):
+        a, b = offsets[sp.start][0], offsets[sp.end - 1][1]
+        docs = [{"doc_id": store.doc_id(d), **{c: store.docs.value(c, d) for c in ("source", "license", "tier", "owner")}}
+                for d in sp.docs]
+        out.append(TracedSpan(sp.start, sp.end, a, b, text[a:b], sp.count, docs))
+    out.sort(key=lambda s: (-(s.end_token - s.start_token), s.count, s.start_token))
+    return out[:max_spans]
+

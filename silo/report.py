@@ -1,0 +1,43 @@
+"""Tables for people: what the CLI and the demo print (the work itself lives elsewhere)."""
+
+from __future__ import annotations
+
+MODE_NAMES = {"lm": "LM only", "knn": "kNN-LM", "infgram": "∞-gram", "ric": "RIC-LM", "oracle": "oracle LM"}
+
+
+def print_table(rows: list[list], header: list[str]) -> None:
+    """A plain aligned table: the first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def eval_rows(rep: dict, label: str = "") -> list[list]:
+    """One row per mode of a `silo.eval_modes.run_eval` report: tokens, perplexity, bits/byte, gap closed."""
+    bpb = rep.get("bits_per_byte", {})
+    rows = []
+    for m, name in MODE_NAMES.items():
+        if m not in rep:
+            continue
+        gap = rep.get(f"gap_closed_{m}", rep.get(f"gap_closed_bpb_{m}"))
+        rows.append([f"{name}{label if m not in ('lm', 'oracle') else ''}",
+                     rep["modes"][m]["tokens"] if m in rep.get("modes", {}) else "", f"{rep[m]:.3f}",
+                     f"{bpb[m]:.4f}" if m in bpb else "", "" if gap is None else f"{100 * gap:.1f}%"])
+    return rows
+
+
+EVAL_HEADER = ["mode", "tokens", "perplexity", "bits/byte", "gap closed"]
+
+
+def print_eval_table(rep: dict) -> None:
+    print_table(eval_rows(rep), EVAL_HEADER)
+    if rep.get("oracle_tokenizer", "same") != "same":
+        print("the oracle has another tokenizer: its perplexity is per its own tokens; the gap is closed in bits/byte")
+    else:
+        print("gap closed = (ppl_LM - ppl_mode) / (ppl_LM - ppl_oracle)")
+    for store, c in rep.get("checks", {}).items():
+        print(f"{store}: {c['leaked_eval_docs']} evaluation documents found in the store, "
+              f"{c['decontaminated_store_docs']} store documents dropped as near-copies of evaluation text")

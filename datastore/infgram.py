@@ -37,7 +37,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import infini_gram
 import numpy as np
+from infini_gram.engine import InfiniGramEngine
 
 from datastore.errors import StoreError
 from datastore.policy import RetrievalPolicy
@@ -60,8 +62,6 @@ def separator(dtype: str) -> int:
 
 
 def _indexer() -> str:
-    import infini_gram  # the heavy optional engine: only ∞-gram stores load it
-
     exe = Path(infini_gram.__file__).resolve().parent / "rust_indexing"
     if not exe.is_file():
         raise StoreError(f"{exe}: the infini-gram package's suffix-array builder is missing")
@@ -180,8 +180,6 @@ class InfgramIndex:
 
     def __init__(self, sa_folders: list[Path], dtype: str, eos_id: int, vocab_size: int,
                  unigram: np.ndarray | None = None):
-        from infini_gram.engine import InfiniGramEngine
-
         self.dtype, self.sep, self.eos = dtype, separator(dtype), eos_id
         self.vocab_size, self.folders = vocab_size, sa_folders
         self._tmp = Path(tempfile.mkdtemp(prefix="silo-infgram-"))
@@ -205,8 +203,6 @@ class InfgramIndex:
 
     def set_removed(self, removed: np.ndarray) -> None:
         """Subtract these documents (global indexes, a boolean mask) from every answer."""
-        from infini_gram.engine import InfiniGramEngine
-
         removed = np.asarray(removed, dtype=bool)
         with self._lock:
             if np.array_equal(removed, self.removed):

@@ -20,3 +20,12 @@ def open_store(path: str | os.PathLike, **options) -> Datastore:
     if cls is None:
         raise StoreError(f"{path}: a {kind} store, which this version of SILO cannot open")
     return cls.open(path, **options)
+
+
+def store_stats(path: str | os.PathLike) -> dict:
+    """`silo datastore stats`: entries and documents (all and live), shards, tiers, sources."""
+    store = open_store(path, load_index=False, with_text=False)
+    try:
+        return store.stats()
+    finally:
+        store.close()

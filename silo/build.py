@@ -52,6 +52,7 @@ from silo.embed import Embedder, resolve_embedder
 from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys, key_dim
 from silo.lm import load_causal_lm
+from silo.parallel import ShardJob, run_jobs
 from silo.tokenizer import load_tokenizer
 
 KINDS = ("token", "passage", "infgram")
@@ -394,8 +395,6 @@ def build_store(args: BuildArgs) -> Manifest:
 
 
 def _build(args: BuildArgs) -> Manifest:
-    from silo.parallel import ShardJob, run_jobs  # runs shard jobs; it calls back into this module
-
     out, t0 = Path(args.out), time.perf_counter()
     build = start_build(args, out)
     sweep_attempts(out)
@@ -454,7 +453,7 @@ def _build(args: BuildArgs) -> Manifest:
         del model  # workers load their own copy (once each)
         settings = {"args": {**asdict(args), "progress": False}}
         for job, info in zip(jobs, run_jobs(jobs, settings, args.backend, args.workers, args.ray_address,
-                                            args.retries, args.progress), strict=True):
+                                            args.retries, args.progress, job_fn=shard_worker), strict=True):
             infos[job.shard] = ShardInfo(**info)
     else:
         if args.backend != "local" or args.workers > 1:

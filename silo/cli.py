@@ -1,7 +1,10 @@
 """The `silo` command: one subcommand per pipeline stage (`silo --help` lists them).
 
-Heavy libraries are imported inside the handlers so `silo --help` stays instant. Errors
-the user can fix (bad input, wrong folder, missing text) print one line and exit 2.
+This file only parses arguments and prints results: every verb calls one library
+function — the same one the gRPC servicers, the demo and the tools call — so the CLI and
+the server cannot drift apart. Errors the user can fix (bad input, a wrong folder,
+missing text, a locked or corrupt store) print one line and exit 2; a failed RPC prints
+its status and exits 1.
 """
 
 from __future__ import annotations
@@ -10,9 +13,36 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
 
+import grpc
+
+from datastore.check import check_store
+from datastore.compact import compact
+from datastore.kinds import open_store, store_stats
+from datastore.policy import RetrievalPolicy, split_list
+from datastore.removal import remove
+from server.app import serve, serve_shards
+from server.auth import CredentialError, OwnerCredentials
+from server.client import SiloClient, to_dict
+from server.gen import silo_pb2 as pb
+from server.limits import Limits
+from silo.build import BuildArgs, build_store
+from silo.corpus import corpus_stats, import_files
+from silo.demo import run_demo
+from silo.errors import USER_ERRORS
+from silo.eval_modes import EvalArgs, run_eval
+from silo.evaluate import evaluate_model
+from silo.harvest import harvest_corpus
+from silo.ingest import add_corpus
 from silo.licenses import parse_tiers
+from silo.plan import capacity_plan, human_bytes, human_time
 from silo.report import print_eval_table, print_table
+from silo.scaling import CurveArgs, scaling_curve
+from silo.search import search_store
+from silo.tokenizer import load_tokenizer, train_tokenizer_on_corpus
+from silo.train import TrainArgs, train
 
 
 def _tiers(spec: str) -> tuple[str, ...]:
@@ -32,43 +62,34 @@ def _size(spec: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {spec!r} (examples: 500M, 2G, 65536)") from e
 
 
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
 # ---------------------------------------------------------------------------- corpus
 
 
 def cmd_corpus_import(a: argparse.Namespace) -> None:
-    from silo.corpus import import_files
-
-    stats = import_files(a.files, a.out, skip_invalid=a.skip_invalid, overwrite=a.overwrite, progress=True)
-    _report_written(a.out, stats)
+    _report_written(a.out, import_files(a.files, a.out, skip_invalid=a.skip_invalid, overwrite=a.overwrite,
+                                        progress=True))
 
 
 def cmd_corpus_harvest(a: argparse.Namespace) -> None:
-    from silo.harvest import harvest_corpus
-
-    stats = harvest_corpus(a.out, a.limit_bytes, python=not a.no_python, system=not a.no_system,
-                           overwrite=a.overwrite)
-    _report_written(a.out, stats)
+    _report_written(a.out, harvest_corpus(a.out, a.limit_bytes, python=not a.no_python, system=not a.no_system,
+                                          overwrite=a.overwrite))
 
 
 def _report_written(out: str, stats) -> None:
-    rows = [[t, stats.documents[t], stats.bytes[t]] for t in ("pd", "sw", "by", "restricted")]
-    print_table(rows, ["tier", "documents", "bytes"])
+    print_table([[t, stats.documents[t], stats.bytes[t]] for t in ("pd", "sw", "by", "restricted")],
+                ["tier", "documents", "bytes"])
     print(f"skipped: {stats.skipped_empty} empty, {stats.skipped_invalid} invalid  ->  {out}")
 
 
 def cmd_corpus_stats(a: argparse.Namespace) -> None:
-    from silo.corpus import corpus_stats
-
-    tok = None
-    if a.tokenizer:
-        from silo.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(a.tokenizer)
-    stats = corpus_stats(a.corpus, tok)
+    stats = corpus_stats(a.corpus, load_tokenizer(a.tokenizer) if a.tokenizer else None)
     if a.json:
-        print(json.dumps(stats, indent=2))
-        return
-    unit = "tokens" if tok else "words"
+        return _print_json(stats)
+    unit = "tokens" if a.tokenizer else "words"
     for kind in ("tier", "split", "source"):
         groups = stats[kind]
         names = sorted(groups, key=lambda k: -groups[k]["bytes"]) if kind == "source" else list(groups)
@@ -87,39 +108,26 @@ def cmd_corpus_stats(a: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
-    from silo.tokenizer import train_tokenizer_on_corpus
-
     tok = train_tokenizer_on_corpus(a.corpus, a.out, a.tiers, a.vocab_size)
     print(f"tokenizer with {len(tok)} tokens -> {a.out}")
 
 
 def cmd_lm_train(a: argparse.Namespace) -> None:
-    from silo.train import TrainArgs, train
-
-    if "restricted" in a.tiers and not a.allow_restricted:
-        raise SystemExit("silo: error: tier 'restricted' is never trained on; pass --allow-restricted only "
-                         "to train an oracle model for evaluation")
     rec = train(TrainArgs(
         corpus=a.corpus, out=a.out, tiers=a.tiers, config=a.config, tokenizer=a.tokenizer,
         vocab_size=a.vocab_size, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
         seed=a.seed, allow_restricted=a.allow_restricted, resume=not a.restart, max_tokens=a.max_tokens,
-        time_budget=a.time_budget, checkpoint_every=a.checkpoint_every, threads=a.threads,
-    ))
-    print(json.dumps({k: rec[k] for k in ("steps", "tokens_seen", "train_seconds", "parameters", "loss_first",
-                                          "loss_last", "val_perplexity", "unigram_val_perplexity")}, indent=2))
+        time_budget=a.time_budget, checkpoint_every=a.checkpoint_every, threads=a.threads))
+    _print_json({k: rec[k] for k in ("steps", "tokens_seen", "train_seconds", "parameters", "loss_first", "loss_last",
+                                     "val_perplexity", "unigram_val_perplexity")})
     print(f"model -> {a.out}")
 
 
 def cmd_lm_eval(a: argparse.Namespace) -> None:
-    from silo.evaluate import evaluate_lm
-    from silo.lm import load_causal_lm
-
-    model, tok = load_causal_lm(a.model)
-    rep = evaluate_lm(model, tok, a.corpus, a.split, a.tiers, a.window, a.stride, a.batch_size,
-                      a.max_docs, a.max_tokens, progress=True)
+    rep = evaluate_model(a.model, a.corpus, a.split, a.tiers, a.window, a.stride, a.batch_size, a.max_docs,
+                         a.max_tokens, progress=True)
     if a.json:
-        print(json.dumps(rep, indent=2))
-        return
+        return _print_json(rep)
     rows = [[f"{kind}:{k}", v["documents"], v["tokens"], f"{v['perplexity']:.2f}"]
             for kind in ("tier", "source") for k, v in rep[kind].items()]
     rows.append(["overall", rep["documents"], rep["tokens"], f"{rep['perplexity']:.2f}"])
@@ -129,9 +137,7 @@ def cmd_lm_eval(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- datastore
 
 
-def _policy(a: argparse.Namespace):
-    from datastore.policy import RetrievalPolicy
-
+def _policy(a: argparse.Namespace) -> RetrievalPolicy:
     return RetrievalPolicy.from_strings(
         tiers=a.allow_tiers, allow_licenses=a.allow_licenses or "", deny_licenses=a.deny_licenses or "",
         allow_sources=a.allow_sources or "", deny_sources=a.deny_sources or "", deny_owners=a.deny_owners or "")
@@ -139,7 +145,7 @@ def _policy(a: argparse.Namespace):
 
 def _add_policy_args(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("retrieval policy (applied inside the search: exact top-k of what is allowed)")
-    g.add_argument("--allow-tiers", help="only these tiers, e.g. pd,sw,by")
+    g.add_argument("--allow-tiers", type=_tiers, help="only these tiers, e.g. pd,sw,by")
     g.add_argument("--allow-licenses", help="only licenses matching these globs, e.g. 'CC-BY-*,MIT'")
     g.add_argument("--deny-licenses", help="never licenses matching these globs, e.g. '*-NC-*'")
     g.add_argument("--allow-sources", help="only these sources (globs)")
@@ -148,8 +154,6 @@ def _add_policy_args(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_datastore_build(a: argparse.Namespace) -> None:
-    from silo.build import BuildArgs, build_store
-
     m = build_store(BuildArgs(
         model=a.model, corpus=a.corpus, out=a.out, kind=a.kind, tiers=a.tiers, split=a.split, shards=a.shards,
         memory_budget=a.memory_budget, factory=a.factory, window=a.window, stride=a.stride,
@@ -161,13 +165,9 @@ def cmd_datastore_build(a: argparse.Namespace) -> None:
 
 
 def cmd_datastore_add(a: argparse.Namespace) -> None:
-    from silo.corpus import iter_documents
-    from silo.ingest import add_documents
-
-    rep = add_documents(a.store, iter_documents(a.corpus, tiers=a.tiers, split=a.split), a.model, progress=True)
+    rep = add_corpus(a.store, a.corpus, a.tiers, a.split, a.model, progress=True)
     if a.json:
-        print(json.dumps(rep, indent=2))
-        return
+        return _print_json(rep)
     print(f"added {rep['added_documents']} documents, {rep['added_entries']} entries"
           + (f" as shard {rep['shard']}" if rep["shard"] else "") + f" in {rep['seconds']:.1f} s")
     for r in rep["refused"][:20]:
@@ -177,45 +177,55 @@ def cmd_datastore_add(a: argparse.Namespace) -> None:
 
 
 def cmd_datastore_search(a: argparse.Namespace) -> None:
-    from datastore.kinds import open_store
-    from silo.lm import load_causal_lm
-    from silo.search import search_text
-
     if a.k <= 0:
         raise SystemExit("silo: error: -k must be positive")
-    store = open_store(a.store)
-    model = tok = None
-    if store.manifest.kind == "token" or a.retriever == "dense":
-        model_dir = a.model or store.manifest.model
-        store.check_model(model_dir)
-        model, tok = load_causal_lm(model_dir)
-    hits = search_text(store, a.query, a.k, model, tok, _policy(a), a.nprobe, a.refine, a.retriever).hits
+    hits = search_store(a.store, a.query, a.k, a.model, _policy(a), a.nprobe, a.refine, a.retriever).hits
     if a.json:
-        print(json.dumps({"query": a.query, "hits": hits}, indent=2, ensure_ascii=False))
-        return
+        return _print_json({"query": a.query, "hits": hits})
     for rank, h in enumerate(hits, 1):
         nxt = f"  next: {h['next_token']!r}" if "next_token" in h else ""
         print(f"{rank:>2}. {h['score']:.3f}  {h['doc_id']}  [{h['source']} | {h['license'] or 'no license'} | "
               f"{h['tier']}]{nxt}\n    {h['sentence'][:200]}")
 
 
-def cmd_datastore_stats(a: argparse.Namespace) -> None:
-    from datastore.store import Datastore
+def cmd_datastore_optout(a: argparse.Namespace) -> None:
+    by, values = (("doc_ids", a.doc_id) if a.doc_id else ("owner", [a.owner]) if a.owner else
+                  ("source", [a.source]) if a.source else ("span", [a.text_span]))
+    res = remove([open_store(a.store, load_index=False)], by, values, made_by="admin (local)", reason=a.reason,
+                 confirm_large=a.confirm_large, dry_run=a.dry_run)
+    verb = "would remove" if res.dry_run else "removed"
+    print(f"{verb} {len(res.doc_ids)} document(s), {res.entries} entries"
+          + (f"; receipt {res.receipt} (logged {res.logged_at})" if res.receipt else ""))
 
-    store = Datastore.open(a.store, load_index=False)
-    st = store.stats()
+
+def cmd_datastore_compact(a: argparse.Namespace) -> None:
+    r = compact(a.store)
+    print(f"rewrote {r['rewritten_shards']} shard(s), removed {r['removed_entries']} entries in {r['seconds']:.1f} s")
+
+
+def cmd_datastore_check(a: argparse.Namespace) -> None:
+    report = check_store(a.store, repair=a.repair)
     if a.json:
-        print(json.dumps(st, indent=2))
-        return
+        _print_json(report)
+    else:
+        for line in report["lines"]:
+            print(line)
+    if not report["ok"] and not a.repair:
+        raise SystemExit(1)
+
+
+def cmd_datastore_stats(a: argparse.Namespace) -> None:
+    st = store_stats(a.store)
+    if a.json:
+        return _print_json(st)
     for k in ("kind", "documents", "live_documents", "entries", "live_entries", "shards", "index", "bytes"):
         print(f"{k:>15}: {st[k]}")
     for group in ("tiers", "sources"):
-        print_table([[n, v["documents"], v["entries"]] for n, v in st[group].items()], [group[:-1], "documents", "entries"])
+        print_table([[n, v["documents"], v["entries"]] for n, v in st[group].items()],
+                    [group[:-1], "documents", "entries"])
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from silo.eval_modes import EvalArgs, run_eval
-
     rep = run_eval(EvalArgs(
         model=a.model, corpus=a.corpus, stores=tuple(a.store or ()) + tuple(a.passage_store or ()), split=a.split,
         modes=tuple(m for m in a.modes.split(",") if m), oracle=a.oracle, tiers=a.tiers, window=a.window,
@@ -224,42 +234,30 @@ def cmd_eval(a: argparse.Namespace) -> None:
         sweep=a.sweep, ric_stride=a.ric_stride, ric_retriever=a.ric_retriever, policy=_policy(a),
         decontaminate=not a.no_decontaminate, progress=True))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rep, f, indent=2)
+        Path(a.json).write_text(json.dumps(rep, indent=2))
     print_eval_table(rep)
 
 
 # ---------------------------------------------------------------------------- serving
 
 
-def _limits(a: argparse.Namespace):
-    from dataclasses import fields
-
-    from server.limits import Limits
-
+def _limits(a: argparse.Namespace) -> Limits:
     return Limits(**{f.name: getattr(a, f.name) for f in fields(Limits)})
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    from server.app import serve
-
-    remote = [t for t in (a.remote_shards or "").split(",") if t]
     serve(a.model, a.store or [], a.port, a.host, token_file=a.token_file, credentials_file=a.credentials,
           shard_token_file=a.shard_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key, shard_ca=a.shard_ca,
-          remote_shards=remote, shard_deadline_s=a.shard_deadline, max_concurrent=a.max_concurrent,
-          workers=a.workers, limits=_limits(a), ready_file=a.ready_file)
+          remote_shards=split_list(a.remote_shards), shard_deadline_s=a.shard_deadline,
+          max_concurrent=a.max_concurrent, workers=a.workers, limits=_limits(a), ready_file=a.ready_file)
 
 
 def cmd_serve_shards(a: argparse.Namespace) -> None:
-    from server.app import serve_shards
-
     serve_shards(a.store, a.shards, a.port, a.shard_token_file, a.host, a.tls_cert, a.tls_key, _limits(a),
                  a.ready_file)
 
 
 def cmd_token(a: argparse.Namespace) -> None:
-    from server.auth import OwnerCredentials
-
     creds = OwnerCredentials(a.credentials)
     if a.token_command == "issue":
         token, entry = creds.issue(a.owner)
@@ -274,43 +272,26 @@ def cmd_token(a: argparse.Namespace) -> None:
         print_table([[t["id"], t["owner"], t.get("created", "")] for t in creds.list()], ["id", "owner", "created"])
 
 
-def cmd_datastore_check(a: argparse.Namespace) -> None:
-    from datastore.check import check_store
-
-    report = check_store(a.store, repair=a.repair)
-    if a.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for line in report["lines"]:
-            print(line)
-    if not report["ok"] and not a.repair:
-        raise SystemExit(1)
-
-
-def _client(a: argparse.Namespace):
-    from pathlib import Path
-
-    from server.client import SiloClient
-
+def _client(a: argparse.Namespace) -> SiloClient:
     token = Path(a.token_file).read_text().strip() if getattr(a, "token_file", None) else None
     cert = Path(a.tls_ca).read_bytes() if getattr(a, "tls_ca", None) else None
     return SiloClient(a.target, token=token, root_cert=cert)
 
 
+def _policy_kwargs(a: argparse.Namespace) -> dict:
+    return dict(tiers=list(a.allow_tiers or ()), allow_licenses=split_list(a.allow_licenses),
+                deny_licenses=split_list(a.deny_licenses), allow_sources=split_list(a.allow_sources),
+                deny_sources=split_list(a.deny_sources), deny_owners=split_list(a.deny_owners))
+
+
 def _retrieval_kwargs(a: argparse.Namespace) -> dict:
-    def split(v):
-        return [x for x in (v or "").split(",") if x]
-
     return dict(mode=a.mode, k=a.k, lam=a.lam, temperature=a.knn_temperature, nprobe=a.nprobe or 0,
-                tiers=split(a.allow_tiers), allow_licenses=split(a.allow_licenses), deny_licenses=split(a.deny_licenses),
-                allow_sources=split(a.allow_sources), deny_sources=split(a.deny_sources), deny_owners=split(a.deny_owners))
+                refine=a.refine, **_policy_kwargs(a))
 
 
-def _rpc(fn):
+def _rpc(fn: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
     """Client verbs: a gRPC error becomes one line naming the status, exit 1."""
     def run(a: argparse.Namespace) -> None:
-        import grpc
-
         try:
             fn(a)
         except grpc.RpcError as e:
@@ -321,14 +302,11 @@ def _rpc(fn):
 
 @_rpc
 def cmd_generate(a: argparse.Namespace) -> None:
-    from server.client import to_dict
-
     with _client(a) as c:
         events = c.generate(a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, tuple(a.stop or ()),
                             trace=a.trace, **_retrieval_kwargs(a))
         if a.json:
-            print(json.dumps([to_dict(e) for e in events], indent=2, ensure_ascii=False))
-            return
+            return _print_json([to_dict(e) for e in events])
         summary = None
         sys.stdout.write(a.prompt)
         for e in events:
@@ -338,28 +316,23 @@ def cmd_generate(a: argparse.Namespace) -> None:
             else:
                 summary = e.summary
         print()
-        if summary is not None:
-            from server.gen import silo_pb2 as pb
-
-            print(f"\n[{pb.StopReason.Name(summary.stop_reason)}, {summary.generated_tokens} tokens]")
-            for cit in summary.citations[: a.citations]:
-                print(f"  {cit.total_weight:6.3f}  {cit.doc_id}  [{cit.source} | {cit.license or 'no license'} | "
-                      f"{cit.tier}]  {cit.obligation}")
-            for sp in summary.trace:
-                docs = ", ".join(f"{d.doc_id} [{d.license or 'no license'}]" for d in sp.documents[:3])
-                print(f"  verbatim ({sp.end_token - sp.start_token} tokens, {sp.count}x): {sp.text[:80]!r} <- {docs}")
+    if summary is not None:
+        print(f"\n[{pb.StopReason.Name(summary.stop_reason)}, {summary.generated_tokens} tokens]")
+        for cit in summary.citations[: a.citations]:
+            print(f"  {cit.total_weight:6.3f}  {cit.doc_id}  [{cit.source} | {cit.license or 'no license'} | "
+                  f"{cit.tier}]  {cit.obligation}")
+        for sp in summary.trace:
+            docs = ", ".join(f"{d.doc_id} [{d.license or 'no license'}]" for d in sp.documents[:3])
+            print(f"  verbatim ({sp.end_token - sp.start_token} tokens, {sp.count}x): {sp.text[:80]!r} <- {docs}")
 
 
 @_rpc
 def cmd_trace(a: argparse.Namespace) -> None:
-    from server.client import to_dict
-
     text = sys.stdin.read() if a.text == "-" else a.text
     with _client(a) as c:
         r = c.trace(text, a.min_tokens, a.max_spans, a.max_documents)
     if a.json:
-        print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
-        return
+        return _print_json(to_dict(r))
     if not r.spans:
         print(f"no span of {a.min_tokens} tokens or more of this text is in the store")
     for sp in r.spans:
@@ -372,32 +345,21 @@ def cmd_trace(a: argparse.Namespace) -> None:
 
 @_rpc
 def cmd_score(a: argparse.Namespace) -> None:
-    from server.client import to_dict
-
     text = sys.stdin.read() if a.text == "-" else a.text
     with _client(a) as c:
         r = c.score(text, **_retrieval_kwargs(a))
     if a.json:
-        print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
-    else:
-        print(f"perplexity {r.perplexity:.3f} over {r.num_tokens} tokens (mode {a.mode})")
+        return _print_json(to_dict(r))
+    print(f"perplexity {r.perplexity:.3f} over {r.num_tokens} tokens (mode {a.mode})")
 
 
 @_rpc
 def cmd_search_remote(a: argparse.Namespace) -> None:
-    from server.client import to_dict
-
-    def split(v):
-        return [x for x in (v or "").split(",") if x]
-
     with _client(a) as c:
-        r = c.search(a.query, a.k, store=a.store_kind, nprobe=a.nprobe or 0, tiers=split(a.allow_tiers),
-                     allow_licenses=split(a.allow_licenses), deny_licenses=split(a.deny_licenses),
-                     allow_sources=split(a.allow_sources), deny_sources=split(a.deny_sources),
-                     deny_owners=split(a.deny_owners), allow_partial=a.allow_partial)
+        r = c.search(a.query, a.k, store=a.store_kind, nprobe=a.nprobe or 0, allow_partial=a.allow_partial,
+                     **_policy_kwargs(a))
     if a.json:
-        print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
-        return
+        return _print_json(to_dict(r))
     if r.partial:
         print(f"PARTIAL: missing shards {', '.join(r.missing_shards)}")
     for rank, h in enumerate(r.hits, 1):
@@ -407,8 +369,6 @@ def cmd_search_remote(a: argparse.Namespace) -> None:
 
 @_rpc
 def cmd_optout(a: argparse.Namespace) -> None:
-    from server.client import to_dict
-
     with _client(a) as c:
         if a.status or a.status_doc:
             r = c.optout_status(receipt_id=a.status, doc_id=a.status_doc)
@@ -416,7 +376,7 @@ def cmd_optout(a: argparse.Namespace) -> None:
             r = c.optout(doc_ids=a.doc_id, owner=a.owner, source=a.source, text_span=a.text_span, reason=a.reason,
                          confirm_large=a.confirm_large, dry_run=a.dry_run)
     if a.json or a.status or a.status_doc:
-        print(json.dumps(to_dict(r), indent=2, ensure_ascii=False))
+        _print_json(to_dict(r))
     elif r.dry_run:
         print(f"dry run: would remove {len(r.removed_doc_ids)} document(s), {r.removed_entries} entries: "
               f"{', '.join(r.removed_doc_ids[:20])}{' …' if len(r.removed_doc_ids) > 20 else ''}")
@@ -427,13 +387,10 @@ def cmd_optout(a: argparse.Namespace) -> None:
 
 @_rpc
 def cmd_stats(a: argparse.Namespace) -> None:
-    from server.client import to_dict
-
     with _client(a) as c:
         r = c.stats()
     if a.json:
-        print(json.dumps(to_dict(r), indent=2))
-        return
+        return _print_json(to_dict(r))
     for st in r.stores:
         print(f"{st.name} ({st.kind}): {st.live_entries}/{st.entries} live entries, "
               f"{st.live_documents}/{st.documents} live documents, {st.shards} shards, {st.index}")
@@ -455,10 +412,6 @@ def _add_client_args(sp: argparse.ArgumentParser, token: bool = False) -> None:
 
 
 def _add_limit_args(sp: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
-    from server.limits import Limits
-
     g = sp.add_argument_group("hard limits on requests (larger values are INVALID_ARGUMENT)")
     for f in fields(Limits):
         g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
@@ -471,60 +424,55 @@ def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--lambda", dest="lam", type=float)
     sp.add_argument("--knn-temperature", type=float)
     sp.add_argument("--nprobe", type=int)
+    sp.add_argument("--refine", type=int, help="kNN-LM: exact re-ranking of refine x k candidates")
     _add_policy_args(sp)
 
 
-def cmd_scaling_curve(a: argparse.Namespace) -> None:
-    from silo.knnlm import KNNParams
-    from silo.scaling import CurveArgs, scaling_curve
+# ---------------------------------------------------------------------------- scale and demo
 
-    knn = KNNParams(k=a.k, lam=a.lam, temperature=a.temperature, nprobe=a.nprobe) if a.k else None
+
+def cmd_scaling_curve(a: argparse.Namespace) -> None:
     rows = scaling_curve(CurveArgs(
         model=a.model, store=a.store, corpus=a.corpus, out=a.out, split=a.split,
-        fractions=tuple(float(x) for x in a.fractions.split(",")), seeds=a.seeds, depth=a.depth, knn=knn,
-        window=a.window, stride=a.stride, max_tokens=a.max_tokens, oracle=a.oracle,
-        passage_store=a.passage_store, progress=True))
+        fractions=tuple(float(x) for x in a.fractions.split(",")), seeds=a.seeds, depth=a.depth, k=a.k, lam=a.lam,
+        temperature=a.temperature, nprobe=a.nprobe, window=a.window, stride=a.stride, max_tokens=a.max_tokens,
+        oracle=a.oracle, passage_store=a.passage_store, progress=True))
     print_table([[r["mode"], r["fraction"], r["seed"], r["tokens"], f"{r['perplexity']:.3f}", r["k_satisfied"],
-                   r["ann_recall"]] for r in rows],
-                 ["mode", "fraction", "seed", "tokens", "perplexity", "k satisfied", "ANN recall"])
+                  r["ann_recall"]] for r in rows],
+                ["mode", "fraction", "seed", "tokens", "perplexity", "k satisfied", "ANN recall"])
     print(f"-> {a.out}/scaling.csv, {a.out}/scaling.png")
 
 
 def cmd_plan(a: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from datastore.plan import calibrate, human_bytes, human_time, plan
-
-    cal_path = Path(a.calibration)
-    if a.calibrate:
-        if not (a.model and a.corpus):
-            raise SystemExit("silo: error: --calibrate needs --model and --corpus")
-        calib = calibrate(a.model, a.corpus, cal_path.parent, tokens=a.calibrate_tokens)
-        print(f"calibrated on {calib['entries']:,} entries -> {cal_path}")
-    elif cal_path.is_file():
-        calib = json.loads(cal_path.read_text())
-    else:
-        raise SystemExit(f"silo: error: no calibration at {cal_path}; run `silo plan --calibrate --model M --corpus C`")
-    p = plan(a.tokens, calib, a.kind, a.index, a.ram_per_node, a.nodes, a.workers, a.cores_per_node, a.nprobe)
+    out = capacity_plan(a.tokens, a.calibration, a.calibrate, a.model, a.corpus, a.calibrate_tokens,
+                        factory=a.index, ram_per_node=a.ram_per_node, nodes=a.nodes, workers=a.workers,
+                        cores_per_node=a.cores_per_node, nprobe=a.nprobe, refine=a.refine,
+                        passage_tokens=a.passage_tokens)
     if a.json:
-        print(json.dumps(p, indent=2))
-        return
-    rows = [["tokens", f"{p['tokens']:.3g}"], ["entries", f"{p['entries']:.3g}"], ["index", p["index"]],
-            ["shards", f"{p['shards']:,} x {p['entries_per_shard']:.3g} entries"],
-            ["index bytes", human_bytes(p["index_bytes"])], ["entry metadata", human_bytes(p["metadata_bytes"])],
-            ["text (disk)", human_bytes(p["text_bytes"])], ["serving RAM", human_bytes(p["serving_ram_bytes"])],
-            ["nodes", f"{p['nodes']} ({p['nodes_needed_for_ram']} needed for RAM at {human_bytes(a.ram_per_node)})"],
-            ["build time", f"{human_time(p['build_hours'] * 3600)} with {p['build_workers']} workers"],
-            ["query latency", human_time(p["query_latency_s"])]]
-    print_table(rows, ["figure", "value"])
-    print("\nassumptions:")
-    for x in p["assumptions"]:
+        return _print_json(out)
+    tok, pas = out["token"], out["passage"]
+    rows = [["entries", f"{tok['entries']:.3g} tokens", f"{pas['entries']:.3g} passages"],
+            ["index", tok["index"], pas["index"]],
+            ["nodes (RAM)", f"{tok['nodes']} ({tok['nodes_needed']} needed)", f"{pas['nodes']} ({pas['nodes_needed']} needed)"],
+            ["RAM in all", human_bytes(tok["ram_bytes"]), human_bytes(pas["ram_bytes"])],
+            ["RAM per node", human_bytes(tok["ram_per_node_bytes"]), human_bytes(pas["ram_per_node_bytes"])],
+            ["index (RAM)", human_bytes(tok["index_bytes"]), human_bytes(pas["index_bytes"])],
+            ["entry columns (mapped, disk)", human_bytes(tok["metadata_disk_bytes"]), human_bytes(pas["metadata_disk_bytes"])],
+            ["re-ranking keys (SSD)", human_bytes(tok["keys_disk_bytes"]), human_bytes(pas["keys_disk_bytes"])],
+            ["text (disk)", human_bytes(tok["text_disk_bytes"]), human_bytes(pas["text_disk_bytes"])],
+            ["build", f"{human_time(tok['build_hours'] * 3600)} ({tok['build_workers']} workers)",
+             f"{human_time(pas['build_hours'] * 3600)} ({pas['build_workers']} workers)"],
+            ["query latency", human_time(tok["query_latency_s"]), human_time(pas["query_latency_s"])]]
+    print_table(rows, ["figure", "token store (kNN-LM)", "passage store (RIC-LM)"])
+    print("\npublished footprints:")
+    for p in out["published"]:
+        print(f"  - {p['system']}: {p['entries']}; {p['footprint']}")
+    print("\nassumptions (token store):")
+    for x in tok["assumptions"]:
         print(f"  - {x}")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from silo.demo import run_demo
-
     run_demo(a.workdir, limit_bytes=a.limit_bytes, steps=a.steps, fresh=a.fresh)
 
 
@@ -652,6 +600,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repair", action="store_true",
                     help="cut a torn log tail, quarantine corrupt log lines, sweep unfinished folders")
     sp.add_argument("--json", action="store_true")
+    sp = add(ds, "optout", cmd_datastore_optout, "remove documents from a store here (no server), durably")
+    sp.add_argument("store")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--doc-id", action="append", help="repeatable")
+    g.add_argument("--owner")
+    g.add_argument("--source")
+    g.add_argument("--text-span", help="every document containing this text")
+    sp.add_argument("--reason", default="")
+    sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--confirm-large", action="store_true")
+    sp = add(ds, "compact", cmd_datastore_compact, "physically remove opted-out entries from a store's files")
+    sp.add_argument("store")
     sp = add(ds, "stats", cmd_datastore_stats, "entries, live entries, shards, tiers, sources")
     sp.add_argument("store")
     sp.add_argument("--json", action="store_true")
@@ -779,9 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", type=int, default=3)
     sp.add_argument("--depth", type=int, default=1024, help="neighbours retrieved once from the full store")
     sp.add_argument("-k", type=int, help="neighbours used (default: the store's tuned value)")
-    sp.add_argument("--lambda", dest="lam", type=float, default=0.25)
-    sp.add_argument("--temperature", type=float, default=10.0)
-    sp.add_argument("--nprobe", type=int, default=32)
+    sp.add_argument("--lambda", dest="lam", type=float, help="default: the store's tuned value")
+    sp.add_argument("--temperature", type=float, help="default: the store's tuned value")
+    sp.add_argument("--nprobe", type=int, help="default: the store's tuned value")
     sp.add_argument("--window", type=int, default=512)
     sp.add_argument("--stride", type=int, default=256)
     sp.add_argument("--max-tokens", type=int, default=20_000)
@@ -789,17 +749,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--passage-store", help="also the RIC-LM curve from this passage store")
     sp.add_argument("--out", required=True)
 
-    sp = add(sub, "plan", cmd_plan, "capacity plan for a store of N tokens, from costs measured here")
+    sp = add(sub, "plan", cmd_plan, "capacity plan for a store of N tokens (token and passage stores), from costs "
+             "measured here")
     sp.add_argument("--tokens", type=float, default=1e12)
-    sp.add_argument("--kind", choices=["token", "passage", "infgram"], default="token",
-                    help="token (kNN-LM), passage (RIC-LM) or infgram (∞-gram and verbatim tracing)")
-    sp.add_argument("--index", default="IVF65536,PQ64")
+    sp.add_argument("--index", help="FAISS factory (default: the build's own choice for that size)")
     sp.add_argument("--ram-per-node", type=_size, default=_size("256G"))
     sp.add_argument("--nodes", type=int)
     sp.add_argument("--workers", type=int, help="build workers (default: one per node)")
     sp.add_argument("--cores-per-node", type=int, default=32)
     sp.add_argument("--nprobe", type=int, default=32)
-    sp.add_argument("--calibrate", action="store_true", help="build a small store here and time it first")
+    sp.add_argument("--refine", type=int, default=4, help="exact re-ranking factor (fp16 keys on SSD); 1 = none")
+    sp.add_argument("--passage-tokens", type=int, default=256)
+    sp.add_argument("--calibrate", action="store_true", help="build a small store here and measure it first")
     sp.add_argument("--calibrate-tokens", type=int, default=200_000)
     sp.add_argument("--calibration", default="runs/plan/calibration.json")
     sp.add_argument("--model")
@@ -816,11 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from silo.errors import USER_ERRORS
-
     try:
         args.fn(args)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, CredentialError) as e:
         print(f"silo: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

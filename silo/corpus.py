@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from silo.errors import SiloError
 from silo.licenses import TIERS, classify_license, stricter
@@ -307,8 +308,6 @@ def read_records(paths: Iterable[str | os.PathLike], stats: CorpusStats, skip_in
 def import_files(paths: Iterable[str | os.PathLike], out: str | os.PathLike, *, skip_invalid: bool = False,
                  overwrite: bool = False, progress: bool = False) -> CorpusStats:
     """`silo corpus import`: JSONL/parquet files -> corpus folder."""
-    from tqdm import tqdm
-
     with CorpusWriter(out, overwrite=overwrite) as writer:
         records = read_records(paths, writer.stats, skip_invalid)
         for record in tqdm(records, desc="import", unit="doc", disable=not progress):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from silo.corpus import iter_documents
 from silo.errors import SiloError
+from silo.lm import load_causal_lm
 from silo.tokenizer import encode_document
 
 
@@ -145,3 +146,11 @@ def evaluate_lm(model, tok, corpus: str, split: str = "test", tiers: Iterable[st
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     lps = score_documents(model, docs, window, stride, batch_size, pad, progress)
     return perplexity_report(metas, lps)
+
+
+def evaluate_model(model_dir: str, corpus: str, split: str = "test", tiers: Iterable[str] | None = None,
+                   window: int = 512, stride: int = 256, batch_size: int = 8, max_docs: int | None = None,
+                   max_tokens: int | None = None, progress: bool = False) -> dict:
+    """`silo lm eval`: `evaluate_lm` of any local causal-LM folder."""
+    model, tok = load_causal_lm(model_dir)
+    return evaluate_lm(model, tok, corpus, split, tiers, window, stride, batch_size, max_docs, max_tokens, progress)

@@ -32,6 +32,7 @@ from datastore.optout import read_log
 from datastore.store import TRAINED_NAME, Datastore
 from datastore.writer import commit_shards, shard_name, sweep_orphans
 from silo.build import BuildArgs, DocTokens, load_embedder, plan_documents, write_shard
+from silo.corpus import iter_documents
 from silo.lm import load_causal_lm
 from silo.tokenizer import load_tokenizer
 
@@ -88,3 +89,9 @@ def add_documents(store_dir: str | Path, docs: Iterable[dict], model_dir: str | 
         store.close()
     return report | {"added_documents": info.documents, "added_entries": info.entries, "shard": info.name,
                      "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def add_corpus(store_dir: str | Path, corpus: str, tiers: Iterable[str] | None = None, split: str | None = None,
+               model_dir: str | None = None, progress: bool = False) -> dict:
+    """`silo datastore add`: a corpus's documents (some tiers, one split) into a store, live."""
+    return add_documents(store_dir, iter_documents(corpus, tiers=tiers, split=split), model_dir, progress)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 KEY_TYPES = ("ffn_input", "final")
@@ -111,8 +112,6 @@ def key_dim(model, key_type: str = "ffn_input") -> int:
 def text_keys(model, tok, texts: list[str], key_type: str = "ffn_input"):
     """The key at the last position of each `<s> text` — what a token store is searched with
     to find contexts that continue like this text."""
-    import numpy as np
-
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     out = []
     device = next(model.parameters()).device

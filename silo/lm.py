@@ -14,8 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 from silo.errors import SiloError
+from silo.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,6 @@ CONFIGS: dict[str, LMConfig] = {
 
 def build_model(config: str | LMConfig, tokenizer, seed: int = 0):
     """A freshly initialised `LlamaForCausalLM` of a named size for `tokenizer`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = CONFIGS[config] if isinstance(config, str) else config
     hf = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -68,13 +70,7 @@ def load_causal_lm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dt
 
     Weights are read only from safetensors: a folder that has only pickled weights
     (`pytorch_model.bin`) is refused rather than unpickled."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one-line loads; SILO shows its own progress for long work
-
-    from silo.tokenizer import load_tokenizer
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise NotACausalLMError(f"{path}: not a model folder (no config.json)")
@@ -82,8 +78,6 @@ def load_causal_lm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dt
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise NotACausalLMError(f"{path}: unreadable model config: {e}") from e
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise NotACausalLMError(f"{path}: {config.model_type!r} is not a causal language model")
     if not list(path.glob("*.safetensors")):

@@ -1,8 +1,8 @@
 """Running a build's independent shard jobs: in this process, in worker processes, or on Ray.
 
 A job is (shard number, document range); its result is the shard's `ShardInfo` as a dict.
-Every backend runs the same function (`silo.build.shard_worker` unless a caller passes
-another `job_fn`), which keeps the model loaded between the jobs of one worker, so
+Every backend runs the same function (the caller's `job_fn`: the build passes
+`silo.build.shard_worker`), which keeps the model loaded between the jobs of one worker, so
 `--backend ray` is the local build spread over a Ray cluster — no cluster code of our
 own. Retries are the backend's own: `concurrent.futures` resubmission for worker
 processes, and Ray's `max_retries`/`retry_exceptions` (plus actor restarts) on Ray. A
@@ -48,21 +48,17 @@ def run_job(job_fn: JobFn, settings: dict, job: ShardJob, threads: int) -> dict:
     return job_fn(settings, job.shard, job.doc_range, _WORKER_CACHE)
 
 
-def default_job() -> JobFn:
-    from silo.build import shard_worker  # the build calls us; we call back into it
-
-    return shard_worker
-
-
 def run_jobs(jobs: list[ShardJob], settings: dict, backend: str = "local", workers: int = 1,
              ray_address: str | None = None, retries: int = 2, progress: bool = True,
              job_fn: JobFn | None = None) -> list[dict]:
-    """Run shard jobs on a backend; returns ShardInfo dicts in job order."""
+    """Run shard jobs on a backend; returns ShardInfo dicts in job order. `job_fn` is a
+    module-level function (workers import it by name), e.g. `silo.build.shard_worker`."""
+    if job_fn is None:
+        raise ValueError("run_jobs needs job_fn: the function that builds one shard")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if workers < 1:
         raise ValueError(f"workers must be ≥ 1, got {workers}")
-    job_fn = job_fn or default_job()
     bar = tqdm(total=sum(j.entries for j in jobs), desc=f"build {len(jobs)} shards ({backend}, {workers} workers)",
                unit="tok", unit_scale=True, disable=not progress)
     results: dict[int, dict] = {}

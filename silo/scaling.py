@@ -21,10 +21,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from matplotlib.figure import Figure
 
 from datastore.passages import PassageStore
 from datastore.store import Datastore
-from silo.eval_modes import store_exclusions, store_knn_params, with_denied
+from silo.eval_modes import store_exclusions, with_denied
 from silo.evaluate import load_eval_docs, perplexity, score_documents
 from silo.knnlm import DocNeighbours, KNNParams, retrieve_neighbours
 from silo.lm import load_causal_lm
@@ -114,7 +115,11 @@ class CurveArgs:
     fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
     seeds: int = 3
     depth: int = 1024  # K: neighbours retrieved once from the full store
-    knn: KNNParams | None = None  # default: the store's tuned defaults
+    knn: KNNParams | None = None  # default: the overrides below over the store's tuned defaults
+    k: int | None = None
+    lam: float | None = None
+    temperature: float | None = None
+    nprobe: int | None = None
     window: int = 512
     stride: int = 256
     batch_size: int = 8
@@ -133,7 +138,7 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
     model, tok = load_causal_lm(a.model)
     store = Datastore.open(a.store)
     store.check_model(a.model)
-    params = (a.knn or store_knn_params(store)).validate()
+    params = (a.knn or KNNParams.merged(store.manifest.defaults, a.k, a.lam, a.temperature, a.nprobe)).validate()
     depth = max(a.depth, params.k)
     metas, docs = load_eval_docs(a.corpus, tok, a.split, tuple(store.manifest.tiers), max_tokens=a.max_tokens,
                                  max_doc_tokens=2048)
@@ -217,12 +222,8 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
 
 def plot_curve(rows: list[dict], path: str | os.PathLike, title: str = "") -> None:
     """Perplexity vs datastore tokens (log x): mean and min–max band per mode, LM/oracle lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7, 4.5), dpi=120)  # no pyplot: no global backend, no GUI, nothing to close
+    ax = fig.subplots()
     knn = [r for r in rows if r["mode"] == "knn"]
     for mode, color in (("knn", "tab:blue"), ("ric", "tab:green")):
         pts = [r for r in rows if r["mode"] == mode]
@@ -247,4 +248,3 @@ def plot_curve(rows: list[dict], path: str | os.PathLike, title: str = "") -> No
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

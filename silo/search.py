@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from datastore.kinds import open_store
 from datastore.passages import PassageStore
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore
 from silo.embed import passage_search
 from silo.keys import text_keys
+from silo.lm import load_causal_lm
 
 
 @dataclass
@@ -43,3 +45,15 @@ def search_text(store: Datastore, query: str, k: int, model=None, tok=None, poli
     for h, v in zip(hits, values, strict=True):
         h["next_token"] = tok.decode([int(v)]) if v >= 0 else ""
     return SearchHits(hits, res.missing)
+
+
+def search_store(path: str, query: str, k: int, model_dir: str | None = None, policy: RetrievalPolicy | None = None,
+                 nprobe: int | None = None, refine: int | None = None, retriever: str = "bm25") -> SearchHits:
+    """`silo datastore search`: open a store (and its model, when the search needs it) and search it."""
+    store = open_store(path)
+    model = tok = None
+    if not isinstance(store, PassageStore) or retriever == "dense":
+        model_dir = model_dir or store.manifest.model
+        store.check_model(model_dir)
+        model, tok = load_causal_lm(model_dir)
+    return search_text(store, query, k, model, tok, policy, nprobe, refine, retriever)

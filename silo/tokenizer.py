@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
+from transformers import AutoTokenizer, LlamaTokenizer
 
 from silo.corpus import iter_documents, tier_guard
 from silo.errors import SiloError
@@ -40,8 +41,6 @@ def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, vocab_size: int = 8192,
                     max_chars: int = 50_000_000):
     """Train SentencePiece (BPE) on `texts` (at most `max_chars`), save a HF tokenizer folder."""
-    from transformers import LlamaTokenizer
-
     def limited() -> Iterator[str]:
         total = 0
         for chunk in _chunks(texts, CHUNK_CHARS):
@@ -91,8 +90,6 @@ def train_tokenizer_on_corpus(corpus: str | os.PathLike, out: str | os.PathLike,
 
 def load_tokenizer(path: str | os.PathLike):
     """AutoTokenizer from a local folder, with a clear error if there is none."""
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

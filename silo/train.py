@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
-from silo.corpus import iter_documents, tier_guard
+from silo.corpus import RestrictedTextError, iter_documents, tier_guard
 from silo.errors import SiloError
 from silo.lm import CONFIGS, build_model
 from silo.tokenizer import encode_document, load_tokenizer, train_tokenizer_on_corpus
@@ -66,6 +67,14 @@ class TrainArgs:
     progress: bool = True
     threads: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # the first line of the legal promise: restricted text is never trained on, unless an
+        # oracle (an evaluation-only model, marked as such in its folder) asks for it by name
+        self.tiers = tuple(self.tiers)
+        if "restricted" in self.tiers and not self.allow_restricted:
+            raise RestrictedTextError("tier 'restricted' is never trained on; allow_restricted (--allow-restricted) "
+                                      "is only for oracle models used in evaluation")
 
 
 # ---------------------------------------------------------------------------- data
@@ -282,8 +291,6 @@ def train(args: TrainArgs) -> dict:
         "unigram_val_perplexity": round(unigram_perplexity(np.asarray(train_tokens), np.asarray(val_tokens), len(tok)), 3),
         "seed": args.seed,
     }
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -15,6 +15,8 @@ SUBCOMMANDS = [
     ["corpus", "import"], ["corpus", "harvest"], ["corpus", "stats"], ["tokenizer", "train"], ["lm", "train"],
     ["lm", "eval"], ["scaling-curve"], ["serve"], ["serve-shards"], ["generate"], ["score"], ["search"], ["optout"],
     ["stats"], ["compact"], ["plan"], ["datastore", "build"], ["datastore", "search"], ["datastore", "stats"], ["eval"], ["demo"],
+    ["trace"], ["token", "issue"], ["token", "list"], ["token", "revoke"], ["datastore", "add"], ["datastore", "check"],
+    ["datastore", "optout"], ["datastore", "compact"],
 ]
 
 
@@ -76,3 +78,40 @@ def test_store_build_search_stats_eval(tmp_path, tiny_model, corpus_dir):
     assert rep["knn"] < rep["lm"]
     bad = silo("datastore", "search", str(store), "--query", "x", "--model", str(tmp_path), check=False)
     assert bad.returncode == 2 and "not a model folder" in bad.stderr
+
+
+def test_local_store_verbs_tokens_and_check(tmp_path, tiny_model, corpus_dir):
+    """Operator verbs without a server: ingest, opt-out, check and repair, compaction, tokens."""
+    store = tmp_path / "store"
+    silo("datastore", "build", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--out", str(store),
+         "--window", "128", "--stride", "64", "--split", "validation")
+    added = json.loads(silo("datastore", "add", str(store), "--corpus", str(corpus_dir), "--split", "test",
+                            "--tiers", "restricted", "--json").stdout)
+    assert added["added_documents"] > 0 and added["shard"] == "00001"
+    again = json.loads(silo("datastore", "add", str(store), "--corpus", str(corpus_dir), "--split", "test",
+                            "--tiers", "restricted", "--json").stdout)
+    assert again["added_documents"] == 0 and {r["reason"] for r in again["refused"]} == {"duplicate doc id"}
+    from collections import Counter
+
+    from datastore.kinds import open_store
+
+    st = open_store(store, load_index=False)
+    owner = Counter(st.doc_owner(d) for d in range(st.n_documents)).most_common(1)[0][0]  # ≥ 2 documents
+    dry = silo("datastore", "optout", str(store), "--owner", owner, "--dry-run").stdout
+    assert dry.startswith("would remove") and " 0 document" not in dry
+    refused = silo("datastore", "optout", str(store), "--owner", owner, check=False)
+    assert refused.returncode == 2 and "confirm" in refused.stderr
+    out = silo("datastore", "optout", str(store), "--owner", owner, "--confirm-large").stdout
+    assert out.startswith("removed") and "receipt" in out
+    assert "rewrote" in silo("datastore", "compact", str(store)).stdout
+    assert "OK" in silo("datastore", "check", str(store)).stdout
+    with open(store / "optout.log", "ab") as f:
+        f.write(b"not json at all\n")
+    bad = silo("datastore", "check", str(store), check=False)
+    assert bad.returncode == 1 and "CORRUPT" in bad.stdout
+    assert "repaired the log" in silo("datastore", "check", str(store), "--repair").stdout
+    creds = tmp_path / "creds.json"
+    token = silo("token", "issue", "--owner", "ann", "--credentials", str(creds)).stdout.strip()
+    assert token.startswith("silo-owner-") and token not in creds.read_text()
+    listed = silo("token", "list", "--credentials", str(creds)).stdout
+    assert "ann" in listed and token not in listed

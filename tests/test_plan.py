@@ -7,14 +7,16 @@ import math
 
 import pytest
 
-from silo.plan import GB, calibrate, parse_factory, plan
+from silo.plan import GB, calibrate, parse_factory, plan, plans
 
 CALIB = {"dim": 2048, "keys_per_second": 1000.0, "adds_per_second": 100_000.0, "t_centroid": 1e-9,
-         "t_code": 1e-9, "entry_meta_bytes": 4.0, "text_bytes_per_token": 1.0, "rpc_overhead_s": 0.0}
+         "t_code": 1e-9, "entry_meta_bytes": 14.0, "text_bytes_per_token": 1.0, "rpc_overhead_s": 0.0,
+         "doc_ram_bytes_per_entry": 0.5, "rss_base_bytes": 2 * GB}
 
 
 def test_parse_factory():
     assert parse_factory("IVF65536,PQ64", 2048) == (65536, 64)
+    assert parse_factory("IVF65536_HNSW32,PQ64", 2048) == (65536, 64)
     assert parse_factory("IVF4096,PQ32x4", 768) == (4096, 16)
     assert parse_factory("Flat", 768) == (1, 3072)
     with pytest.raises(ValueError):
@@ -22,25 +24,30 @@ def test_parse_factory():
 
 
 def test_trillion_token_arithmetic():
-    p = plan(1e12, CALIB, "token", "IVF65536,PQ64", ram_per_node=256 * GB, cores_per_node=32, nprobe=32)
-    centroids = 65536 * 2048 * 4  # 512 MiB per shard
-    per_shard = (128 * GB - centroids) // 72
-    assert p["shards"] == math.ceil(1e12 / per_shard)
-    assert p["index_bytes"] == pytest.approx(1e12 * 72 + p["shards"] * centroids)
-    assert p["metadata_bytes"] == 4e12 and p["text_bytes"] == 1e12
-    assert p["nodes"] == p["nodes_needed_for_ram"] == math.ceil((p["index_bytes"] + 4e12) / (256 * GB * 0.9))
+    p = plan(1e12, CALIB, "token", "IVF65536,PQ64", ram_per_node=256 * GB, cores_per_node=32, nprobe=32,
+             ram_fraction=0.8, refine=4, k=64, ssd_read_s=100e-6)
+    centroids = 65536 * 2048 * 4  # 512 MiB on every node
+    per_node = 256 * GB * 0.8 - 2 * GB - centroids
+    assert p["index_bytes"] == 1e12 * 72  # one index: codes + ids, split over the nodes
+    assert p["nodes"] == p["nodes_needed"] == math.ceil((1e12 * 72 + 1e12 * 0.5) / per_node)
+    assert p["metadata_disk_bytes"] == 14e12 and p["text_disk_bytes"] == 1e12
+    assert p["keys_disk_bytes"] == 1e12 * 2 * 2048  # fp16 re-ranking keys on SSD
+    assert p["ram_bytes"] == pytest.approx(1e12 * 72 + 1e12 * 0.5 + p["nodes"] * (centroids + 2 * GB))
     assert p["build_hours"] == pytest.approx((1e12 / (1000 * p["nodes"]) + 1e12 / (1e5 * p["nodes"])) / 3600)
-    eps = 1e12 / p["shards"]
-    shard_q = 65536 * 1e-9 + 32 * eps / 65536 * 1e-9
-    assert p["query_latency_s"] == pytest.approx(math.ceil(math.ceil(p["shards"] / p["nodes"]) / 32) * shard_q)
+    scan = 32 * (1e12 / p["nodes"] / 65536) * 1e-9 / 32
+    assert p["latency_parts_s"]["scan"] == pytest.approx(scan)
+    assert p["latency_parts_s"]["refine"] == pytest.approx(4 * 64 * 100e-6 / 32)
+    assert p["query_latency_s"] == pytest.approx(sum(p["latency_parts_s"].values()))
     assert any("72" in a or "64+8" in a for a in p["assumptions"])
 
 
-def test_passage_store_and_explicit_nodes():
-    p = plan(1.4e12, CALIB, "passage", "IVF8192,PQ16", nodes=4, workers=100, passage_tokens=256)
-    assert p["entries"] == math.ceil(1.4e12 / 256)
-    assert p["nodes"] == 4 and p["build_workers"] == 100
-    assert p["fits_in_ram"] == (p["nodes_needed_for_ram"] <= 4)
+def test_passage_store_alternative_and_explicit_nodes():
+    both = plans(1.4e12, CALIB, nodes=4, workers=100, passage_tokens=256)
+    p = both["passage"]
+    assert p["entries"] == math.ceil(1.4e12 / 256) and both["token"]["entries"] == 1.4e12
+    assert p["nodes"] == 4 and p["build_workers"] == 100 and p["fits"] == (p["nodes_needed"] <= 4)
+    assert p["ram_bytes"] < both["token"]["ram_bytes"] / 100  # ~256x fewer entries
+    assert {r["system"].split()[0] for r in both["published"]} >= {"MassiveDS", "CompactDS"}
     with pytest.raises(ValueError):
         plan(0, CALIB)
 
@@ -48,8 +55,9 @@ def test_passage_store_and_explicit_nodes():
 def test_calibration_measures_this_machine(tmp_path, tiny_model, corpus_dir):
     c = calibrate(str(tiny_model), str(corpus_dir), tmp_path, tokens=20_000, nlist=32, progress=False)
     assert c["dim"] == 64 and c["entries"] > 10_000
-    for key in ("keys_per_second", "adds_per_second", "t_centroid", "t_code", "entry_meta_bytes"):
+    for key in ("keys_per_second", "adds_per_second", "t_centroid", "t_code", "entry_meta_bytes",
+                "doc_ram_bytes_per_entry", "rss_base_bytes", "text_bytes_per_token"):
         assert c[key] > 0, key
     assert json.loads((tmp_path / "calibration.json").read_text())["dim"] == 64
     p = plan(1e12, c)
-    assert p["shards"] > 0 and p["build_hours"] > 0
+    assert p["nodes"] > 0 and p["build_hours"] > 0 and p["query_latency_s"] > 0

@@ -147,8 +147,8 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
               max_tokens=EVAL_TOKENS, progress=True, oracle=str(oracle_dir))
     rep = run_eval(EvalArgs(stores=(str(token_store), str(infgram_store), str(bm25_store)),
                             modes=("lm", "knn", "infgram", "ric"), ric_stride=64, sweep=tuned, **ev))
-    minilm = run_eval(EvalArgs(stores=(str(minilm_store),), modes=("ric",), ric_retriever="dense", ric_stride=64,
-                               **ev))
+    minilm = run_eval(EvalArgs(stores=(str(minilm_store),), modes=("lm", "ric"), ric_retriever="dense",
+                               ric_stride=64, **ev))
     (work / "eval.json").write_text(json.dumps({"main": rep, "ric_minilm": minilm}, indent=2))
     if "sweeps" in rep:
         s = rep["sweeps"]

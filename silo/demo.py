@@ -181,6 +181,8 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
                                        passage_store=str(bm25_store)))
         print_table([[r["mode"], r["fraction"], r["tokens"], f"{r['perplexity']:.2f}", r["k_satisfied"]]
                      for r in rows if r["seed"] == 0], ["mode", "fraction", "store tokens", "perplexity", "k satisfied"])
+        print("(k=16 neighbours, so that every subsample keeps its exact top-k of one deep retrieval; "
+              "the table above uses the tuned k)")
     print(f"plot: {curve / 'scaling.png'}  (data: {curve / 'scaling.csv'})")
 
     _stage("8. serving: kNN-LM generation with sources and a verbatim trace, then an opt-out")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from silo.corpus import RestrictedTextError, write_corpus
 from silo.evaluate import evaluate_lm, perplexity, score_documents, windows_for
 from silo.lm import NotACausalLMError, build_model, load_causal_lm
-from silo.tokenizer import encode_document, train_tokenizer
+from silo.tokenizer import StreamDecoder, encode_document, train_tokenizer
 from silo.train import NoTrainableTextError, TrainArgs, train
 from tests.conftest import code_text, make_records, prose_text
 
@@ -45,6 +45,19 @@ def test_tokenizer_round_trips_code_whitespace_and_unicode(tokenizer_dir, text):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert tok.unk_token_id not in ids  # byte fallback: nothing is unknown
+
+
+@pytest.mark.parametrize("text", [t for t in TRICKY if t] + ["🙂🙂 𝔘 世界" * 20])
+def test_stream_decoder_pieces_join_to_the_decoded_text(tokenizer_dir, text):
+    """Generation streams one piece per token; byte-fallback characters split over several
+    tokens are held back until whole, so no piece carries U+FFFD and the pieces add up."""
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    dec = StreamDecoder(tok)
+    pieces = [dec.add(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if p) > len(text.split()) // 2  # it streams, not one piece at the end
 
 
 def test_tokenizer_special_tokens_and_framing(tokenizer_dir):

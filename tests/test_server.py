@@ -358,3 +358,55 @@ def test_ric_mode_and_passage_search_over_grpc(tmp_path, store_dir, tiny_model, 
         assert code_of(lambda: c.generate("x", mode="ric", k=0)) == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         server.stop(0)
+
+
+NEW_TEXT = ("Zorblat the quokka keeper of Vrelling catalogued nine hundred lanterns. "
+            "Every lantern of Vrelling was painted ochre by the keeper's apprentice.")
+NEW_QUERY = "Zorblat the quokka keeper of Vrelling catalogued nine"
+
+
+def _top_docs(client, query: str, k: int = 4) -> list[str]:
+    return [h.doc_id for h in client.search(query, k=k).hits]
+
+
+def test_add_documents_over_grpc_is_served_at_once_and_can_be_opted_out(live, tmp_path):
+    client, path, _ = live
+    entries_before = client.stats().stores[0].entries
+    assert "ingest:zorblat" not in _top_docs(client, NEW_QUERY)
+    existing = client.search(NEW_QUERY, k=1).hits[0].doc_id
+    r = client.add_documents([{"doc_id": "ingest:zorblat", "text": NEW_TEXT, "source": "letters",
+                               "license": "proprietary", "owner": "vrelling"},
+                              {"doc_id": existing, "text": "a copy under an existing id", "license": "MIT"}])
+    assert r.added_documents == 1 and r.added_entries > 0 and r.shard
+    assert [(x.doc_id, x.reason) for x in r.refused] == [(existing, "duplicate doc id")]
+    assert (path / "shards" / r.shard / "index.faiss").is_file()
+    assert client.stats().stores[0].entries == entries_before + r.added_entries
+    hit = client.search(NEW_QUERY, k=1).hits[0]  # the exact context is in the store now
+    assert (hit.doc_id, hit.source, hit.owner) == ("ingest:zorblat", "letters", "vrelling")
+    assert "Vrelling" in hit.sentence
+    # the ingested text falls under the same promise as the rest
+    gone = client.optout(doc_ids=["ingest:zorblat"])
+    assert gone.removed_entries == r.added_entries
+    assert "ingest:zorblat" not in _top_docs(client, NEW_QUERY, k=16)
+    # without the admin token, ingest is refused and nothing is written
+    anon = SiloClient(client.target)
+    try:
+        assert code_of(lambda: anon.add_documents([{"text": NEW_TEXT}])) in (
+            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    finally:
+        anon.close()
+    assert code_of(lambda: client.add_documents([{"text": ""}])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.stats().stores[0].entries == entries_before + r.added_entries
+
+
+def test_another_process_ingest_is_served_without_restart(live):
+    """`silo datastore add` (another process) switches the manifest; the running server
+    serves the new shard from its next request on."""
+    client, path, _ = live
+    assert "ingest:elsewhere" not in _top_docs(client, NEW_QUERY)
+    code = ("import sys; from silo.ingest import add_documents; "
+            "r = add_documents(sys.argv[1], [{'doc_id': 'ingest:elsewhere', 'text': sys.argv[2], "
+            "'license': 'proprietary', 'source': 'letters'}]); assert r['added_documents'] == 1, r")
+    subprocess.run([sys.executable, "-c", code, str(path), NEW_TEXT], check=True, timeout=300)
+    assert client.search(NEW_QUERY, k=1).hits[0].doc_id == "ingest:elsewhere"
+    assert client.stats().stores[0].shards == 3

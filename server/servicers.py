@@ -83,8 +83,9 @@ class ServerState:
             raise FingerprintMismatch(self.store_errors[kind])
         store = self.stores.get(kind)
         if store is None:
-            raise BadRequest(f"{asked_by or 'this request'} needs a {kind} store, and this server has none "
-                             "(start it with --store)")
+            if not asked_by:  # the RPC itself needs the store: the server's state, not the request, is at fault
+                raise FailedPrecondition(f"this server has no {kind} store (start it with --store)")
+            raise BadRequest(f"{asked_by} needs a {kind} store, and this server has none (start it with --store)")
         return self.current(store)
 
     def current(self, store: Datastore) -> Datastore:
@@ -369,7 +370,7 @@ class LanguageModelServicer:
         min_tokens = check_int("min_tokens", r.min_tokens or 8, 1, lim.max_trace_min_tokens)
         max_spans = check_int("max_spans", r.max_spans or 50, 1, 1000)
         max_docs = check_int("max_documents", r.max_documents or 5, 1, lim.max_attribution_top)
-        store = s.store("infgram", "Trace")
+        store = s.store("infgram")
         spans = trace(store, s.tok, r.text, min_tokens, max_spans, max_docs, checked_policy(r.policy, lim))
         return pb.TraceResponse(spans=[traced_pb(sp) for sp in spans],
                                 tokens=len(s.tok(r.text, add_special_tokens=False)["input_ids"]))

@@ -20,6 +20,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from silo.build import shard_worker as _REAL_SHARD_WORKER  # before any test patches it
+
 _CTX = None
 
 
@@ -96,10 +98,8 @@ def build(args: dict) -> None:
 def flaky_shard_worker(settings: dict, shard: int, doc_range: tuple[int, int], cache: dict) -> dict:
     """`silo.build.shard_worker` whose first attempt at every shard fails (a marker file per
     shard in $FAULTS_DIR says it already failed): for the retry tests of worker processes."""
-    from silo.build import shard_worker
-
     marker = Path(os.environ["FAULTS_DIR"]) / f"shard-{shard}"
     if not marker.exists():
         marker.touch()
         raise RuntimeError(f"injected failure of shard {shard}")
-    return shard_worker(settings, shard, doc_range, cache)
+    return _REAL_SHARD_WORKER(settings, shard, doc_range, cache)

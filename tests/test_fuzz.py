@@ -503,15 +503,17 @@ def shard_probe(channel: grpc.Channel) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_stores(tmp_path_factory, tiny_model, corpus_dir) -> tuple[Path, Path]:
+def fuzz_stores(tmp_path_factory, tiny_model, corpus_dir) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("fuzz")
     t = time.perf_counter()
     build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(root / "store"), tiers=("restricted",),
                           shards=2, window=WINDOW, stride=WINDOW // 2, progress=False))
     build_store(BuildArgs(model=str(tiny_model), kind="passage", corpus=str(corpus_dir), out=str(root / "passages"),
                           tiers=("restricted",), passage_tokens=64, progress=False))
+    build_store(BuildArgs(model=str(tiny_model), kind="infgram", corpus=str(corpus_dir), out=str(root / "ngrams"),
+                          tiers=("restricted",), progress=False))
     SECONDS["setup"] += time.perf_counter() - t
-    return root / "store", root / "passages"
+    return root / "store", root / "passages", root / "ngrams"
 
 
 @dataclass
@@ -523,12 +525,13 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model, fuzz_stores) -> Iterator[World]:
-    """A main server (token + passage store), a shard server (both shards of another copy)
+    """A main server (token, passage and ∞-gram stores), a shard server (both shards of another copy)
     and a main server whose token store is searched on that shard server."""
     root = tmp_path_factory.mktemp("fuzz-servers")
     t = time.perf_counter()
-    store, passages = fuzz_stores
-    for name, src in (("main-store", store), ("main-passages", passages), ("shared-store", store)):
+    store, passages, ngrams = fuzz_stores
+    for name, src in (("main-store", store), ("main-passages", passages), ("main-ngrams", ngrams),
+                      ("shared-store", store)):
         shutil.copytree(src, root / name)
     owners = OwnerCredentials(root / "credentials.json")
     owner_token, _ = owners.issue(FUZZ_OWNER)
@@ -548,7 +551,7 @@ def world(tmp_path_factory, tiny_model, fuzz_stores) -> Iterator[World]:
         {"ShardSearch": ShardSearchServicer(root / "shared-store", set(range(len(manifest.shards))), LIMITS)},
         0, auth=Auth(shard_token=SHARD_TOKEN), max_workers=2)
     servers.append(shard_server)
-    main = main_server([root / "main-store", root / "main-passages"])
+    main = main_server([root / "main-store", root / "main-passages", root / "main-ngrams"])
     remote = main_server([root / "shared-store"], remote_shards=[f"127.0.0.1:{shard_port}"], shard_deadline_s=10.0)
 
     public = {s.full_name for s in pb.DESCRIPTOR.services_by_name.values()} - INTERNAL_SERVICES

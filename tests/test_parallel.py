@@ -46,9 +46,9 @@ def test_worker_processes_retry_failed_shards(tmp_path, tiny_model, corpus_dir, 
     """Every shard's first attempt fails in its worker process; retries finish the build."""
     import faults
 
-    import silo.parallel
+    import silo.build
 
-    monkeypatch.setattr(silo.parallel, "default_job", lambda: faults.flaky_shard_worker)
+    monkeypatch.setattr(silo.build, "shard_worker", faults.flaky_shard_worker)  # what the build runs per shard
     monkeypatch.setenv("FAULTS_DIR", str(tmp_path / "faults"))
     (tmp_path / "faults").mkdir()
     m = _build(tmp_path / "s", tiny_model, corpus_dir, backend="local", workers=2)

@@ -460,8 +460,10 @@ def cmd_plan(a: argparse.Namespace) -> None:
             ["entry columns (mapped, disk)", human_bytes(tok["metadata_disk_bytes"]), human_bytes(pas["metadata_disk_bytes"])],
             ["re-ranking keys (SSD)", human_bytes(tok["keys_disk_bytes"]), human_bytes(pas["keys_disk_bytes"])],
             ["text (disk)", human_bytes(tok["text_disk_bytes"]), human_bytes(pas["text_disk_bytes"])],
-            ["build", f"{human_time(tok['build_hours'] * 3600)} ({tok['build_workers']} workers)",
-             f"{human_time(pas['build_hours'] * 3600)} ({pas['build_workers']} workers)"],
+            ["build", f"{human_time(tok['build_hours'] * 3600)} on {tok['build_workers']} workers "
+                      f"({tok['build_worker_hours']:,.0f} worker-hours)",
+             f"{human_time(pas['build_hours'] * 3600)} on {pas['build_workers']} workers "
+             f"({pas['build_worker_hours']:,.0f} worker-hours)"],
             ["query latency", human_time(tok["query_latency_s"]), human_time(pas["query_latency_s"])]]
     print_table(rows, ["figure", "token store (kNN-LM)", "passage store (RIC-LM)"])
     print("\npublished footprints:")

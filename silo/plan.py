@@ -99,7 +99,8 @@ def plan(tokens: float, calib: dict, kind: str = "token", factory: str | None = 
         "entries_per_node": entries / nodes, "index_bytes": index_bytes, "ram_bytes": ram_bytes,
         "ram_per_node_bytes": ram_bytes / nodes, "metadata_disk_bytes": meta_bytes, "keys_disk_bytes": keys_bytes,
         "text_disk_bytes": text_bytes, "disk_bytes": meta_bytes + keys_bytes + text_bytes + index_bytes,
-        "build_workers": workers, "build_hours": build_seconds / 3600, "query_latency_s": latency,
+        "build_workers": workers, "build_hours": build_seconds / 3600,
+        "build_worker_hours": build_seconds * workers / 3600, "query_latency_s": latency,
         "latency_parts_s": {"assign": assign_s, "scan": scan_s, "refine": refine_s},
         "assumptions": [
             f"one index: {code}+8 B/entry of codes and ids in RAM, split over the nodes; the {nlist:,} centroids "
@@ -123,9 +124,11 @@ def plan(tokens: float, calib: dict, kind: str = "token", factory: str | None = 
 
 def plans(tokens: float, calib: dict, **kw) -> dict:
     """The token store (kNN-LM) and the passage store (RIC-LM) for the same text, and the
-    published footprints to compare with."""
-    return {"token": plan(tokens, calib, "token", **kw), "passage": plan(tokens, calib, "passage", **kw),
-            "published": PUBLISHED}
+    published footprints to compare with. Both are built by the same fleet (`workers`, or
+    as many workers as the token store has nodes), so their build times compare."""
+    token = plan(tokens, calib, "token", **kw)
+    passage = plan(tokens, calib, "passage", **(kw | {"workers": kw.get("workers") or token["build_workers"]}))
+    return {"token": token, "passage": passage, "published": PUBLISHED}
 
 
 def _rss_anon() -> float:

@@ -48,6 +48,10 @@ def test_passage_store_alternative_and_explicit_nodes():
     assert p["nodes"] == 4 and p["build_workers"] == 100 and p["fits"] == (p["nodes_needed"] <= 4)
     assert p["ram_bytes"] < both["token"]["ram_bytes"] / 100  # ~256x fewer entries
     assert {r["system"].split()[0] for r in both["published"]} >= {"MassiveDS", "CompactDS"}
+    assert p["build_worker_hours"] == pytest.approx(p["build_hours"] * 100)
+    default = plans(1.4e12, CALIB)  # one fleet builds both: the token store's node count
+    assert default["passage"]["build_workers"] == default["token"]["build_workers"] == default["token"]["nodes"]
+    assert default["passage"]["build_worker_hours"] < default["token"]["build_worker_hours"]
     with pytest.raises(ValueError):
         plan(0, CALIB)
 

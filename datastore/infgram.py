@@ -274,17 +274,19 @@ class InfgramIndex:
     def match(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For each position t ≥ 1 of a document: the length and count of the longest suffix
         of ids[:t] in the store, and how often it continues with ids[t] — incrementally: a
-        match grows by at most one token per position, so usually one count extends it."""
+        match grows by at most one token per position, and the count of the grown match is
+        the previous position's continuation count, so a position usually costs one count."""
         ids = self._q(ids)
         n = len(ids) - 1
         sl, sc, cc = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
         total = self.count([])
         length, count = 0, total  # the empty suffix: every token
+        grown = None  # count of ids[t-length-1 : t], the previous match plus ids[t-1], when known
         for t in range(1, len(ids)):
             # the context gained ids[t-1]: try the previous match plus it, else shrink (suffix counts
             # only fall as a suffix grows, so the longest one that occurs is found by bisection)
             cand = min(length + 1, t, MAX_MATCH)
-            c = self.count(ids[t - cand : t])
+            c = grown if grown is not None and cand == length + 1 else self.count(ids[t - cand : t])
             if c > 0:
                 length, count = cand, c
             else:
@@ -303,8 +305,10 @@ class InfgramIndex:
             if length == 0:
                 cont = 0 if target == self.sep or target >= self.vocab_size else \
                     int(self.unigram[target] - self._diff_unigram[target])
+                grown = None  # a unigram count, which may differ from the engine's for a separator
             else:
                 cont = self.count([*ids[t - length : t], target])
+                grown = cont
             sl[t - 1], sc[t - 1], cc[t - 1] = length, count, cont
         return sl, sc, cc
 

@@ -98,12 +98,14 @@ def score_infgram(model, store: InfgramStore, docs: list[list[int]], window: int
                   progress: bool = False, lm_logprobs: list[np.ndarray] | None = None,
                   threads: int = 2) -> list[DocInfgram]:
     """One LM pass (or the given LM log-probs of the same tokens) and the ∞-gram match of
-    every scored token; the engine releases the GIL, so documents are matched in threads."""
+    every scored token; documents are matched in `threads` threads while the LM runs."""
     index = store.index_for(policy)
-    lm = lm_logprobs if lm_logprobs is not None else score_documents(model, docs, window, stride, batch_size,
-                                                                     pad_id, progress)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        matches = list(pool.map(lambda d: index.match(list(d)), docs))
+        # matching runs beside the LM pass (the engine and torch both release the GIL)
+        pending = [pool.submit(index.match, list(d)) for d in docs]
+        lm = lm_logprobs if lm_logprobs is not None else score_documents(model, docs, window, stride, batch_size,
+                                                                         pad_id, progress)
+        matches = [f.result() for f in pending]
     return [DocInfgram(lp, np.asarray(d[1:], dtype=np.int64), *m) for lp, d, m in zip(lm, docs, matches, strict=True)]
 
 

@@ -232,7 +232,9 @@ class InfgramIndex:
 
     def count(self, ids) -> int:
         """Occurrences of a token sequence in live documents (EOS matches a document's end)."""
-        q = self._q(ids)
+        return self._count(self._q(ids))
+
+    def _count(self, q: list[int]) -> int:
         if not q:
             return int(self.unigram.sum() - self._diff_unigram.sum())
         n = self.main.count(q)["count"]
@@ -279,21 +281,21 @@ class InfgramIndex:
         ids = self._q(ids)
         n = len(ids) - 1
         sl, sc, cc = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
-        total = self.count([])
+        total = self._count([])
         length, count = 0, total  # the empty suffix: every token
         grown = None  # count of ids[t-length-1 : t], the previous match plus ids[t-1], when known
         for t in range(1, len(ids)):
             # the context gained ids[t-1]: try the previous match plus it, else shrink (suffix counts
             # only fall as a suffix grows, so the longest one that occurs is found by bisection)
             cand = min(length + 1, t, MAX_MATCH)
-            c = grown if grown is not None and cand == length + 1 else self.count(ids[t - cand : t])
+            c = grown if grown is not None and cand == length + 1 else self._count(ids[t - cand : t])
             if c > 0:
                 length, count = cand, c
             else:
                 lo, hi = 0, cand
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
-                    m = self.count(ids[t - mid : t])
+                    m = self._count(ids[t - mid : t])
                     if m > 0:
                         lo, count = mid, m
                     else:
@@ -307,7 +309,7 @@ class InfgramIndex:
                     int(self.unigram[target] - self._diff_unigram[target])
                 grown = None  # a unigram count, which may differ from the engine's for a separator
             else:
-                cont = self.count([*ids[t - length : t], target])
+                cont = self._count(ids[t - length : t + 1])
                 grown = cont
             sl[t - 1], sc[t - 1], cc[t - 1] = length, count, cont
         return sl, sc, cc

@@ -4,7 +4,7 @@ Choice (autofaiss-style, sized from the store's *total* entries, never from the 
 count, so 1 or 8 shards answer alike): Flat while the raw vectors fit the budget and
 n ≤ `FLAT_MAX`; otherwise IVF with nlist = 2^round(log2(4·√n)) (at most 262144) and PQ
 with the largest M (dividing d, sub-vectors of ≥ 2 dims) whose M + 8 bytes per vector fit
-the budget. From 65,536 lists on, the coarse quantizer is an HNSW graph over the
+the budget. From 16,384 lists on, the coarse quantizer is an HNSW graph over the
 centroids (`IVF16384_HNSW32`), so assigning one query stays cheap (a flat quantizer over
 16k centroids costs ~3 ms per single query on 2 cores). Trained once on
 min(64·nlist, n) vectors, saved as the store's `trained.faiss`; every shard's

@@ -159,15 +159,21 @@ class Soak:
         with self.lock:
             budget = self.removals_started < self.a.max_removals
             candidates = [(q, d) for q, d in self.recent if d not in self.acked]
-        if kind < 0.45 and budget and candidates:  # admin removes a document it has just been served
-            query, doc = rng.choice(candidates)
-            self._remove("OptOut admin", admin, doc, query, {"OK"})
-        elif kind < 0.65 and budget:  # an owner removes one of their own documents
+        if kind < 0.40:  # the admin removes a document it has just been served
+            if candidates:
+                query, doc = rng.choice(candidates)
+                if budget:
+                    self._remove("OptOut admin", admin, doc, query, {"OK"})
+                else:
+                    self._dry_run(admin, doc)
+        elif kind < 0.60:  # an owner removes one of their own documents
             owner = rng.choice(list(owners))
             docs = [d for d in self.owner_docs[owner] if d not in self.acked]
-            if docs:
+            if docs and budget:
                 self._remove("OptOut owner", owners[owner], rng.choice(docs), None, {"OK"})
-        elif kind < 0.75 and self.foreign:  # an owner tries another owner's document: refused
+            elif docs:
+                self._dry_run(owners[owner], rng.choice(docs))
+        elif kind < 0.70 and self.foreign:  # an owner tries another owner's document: refused
             owner = rng.choice(list(owners))
             doc = rng.choice(self.foreign)
             start, code, _ = self.call("OptOut foreign", lambda: owners[owner].optout(doc_ids=[doc]),
@@ -176,16 +182,18 @@ class Soak:
                 self.record("OptOut foreign", start, code, {"PERMISSION_DENIED"}, detail=f"{owner} removed {doc}")
                 with self.lock:
                     self.acked.setdefault(doc, self.now())
-        elif kind < 0.82:  # an unknown document
+        elif kind < 0.78:  # an unknown document
             doc = f"no-such-doc-{rng.randrange(1 << 30)}"
             start, code, _ = self.call("OptOut unknown", lambda: admin.optout(doc_ids=[doc]), {"NOT_FOUND"})
             if code == "OK":
                 self.record("OptOut unknown", start, code, {"NOT_FOUND"})
         else:  # a dry run: nothing may change
-            doc = rng.choice(self.doc_ids)
-            start, code, res = self.call("OptOut dry run", lambda: admin.optout(doc_ids=[doc], dry_run=True), {"OK"})
-            if res is not None:
-                self.record("OptOut dry run", start, code, {"OK"}, detail=f"{doc}: {list(res.removed_doc_ids)}")
+            self._dry_run(admin, rng.choice(self.doc_ids))
+
+    def _dry_run(self, client: SiloClient, doc: str) -> None:
+        start, code, res = self.call("OptOut dry run", lambda: client.optout(doc_ids=[doc], dry_run=True), {"OK"})
+        if res is not None:
+            self.record("OptOut dry run", start, code, {"OK"}, detail=f"{doc}: {list(res.removed_doc_ids)}")
 
     def _remove(self, op: str, client: SiloClient, doc: str, query: str | None, expected: set[str]) -> None:
         with self.lock:

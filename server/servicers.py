@@ -363,8 +363,9 @@ class LanguageModelServicer:
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
             params = knn_params_from_pb(r.retrieval, store)
+            # no second search thread: the server already gives each concurrent request its share of the cores
             res = retrieve_neighbours(s.model, store, [ids], params.k, window, stride, 8, pad, params.nprobe,
-                                      checked_policy(r.retrieval.policy, lim), refine=params.refine)[0]
+                                      checked_policy(r.retrieval.policy, lim), refine=params.refine, overlap=False)[0]
             lm, lp = res.lm_logprob, res.knn_logprob(params)
         else:
             lm = score_documents(s.model, [ids], window, stride, 8, pad)[0]

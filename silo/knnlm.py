@@ -16,8 +16,10 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -144,8 +146,12 @@ class DocNeighbours:
 def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, window: int = 512,
                         stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
                         policy: RetrievalPolicy | None = None, progress: bool = False,
-                        keep_queries: bool = False, refine: int | None = None) -> list[DocNeighbours]:
-    """One pass: LM log-probs and the store's k neighbours for every scored token."""
+                        keep_queries: bool = False, refine: int | None = None,
+                        overlap: bool = True) -> list[DocNeighbours]:
+    """One pass: LM log-probs and the store's k neighbours for every scored token. With
+    `overlap`, the search of one batch runs in a second thread while the LM runs the next
+    batch (FAISS and torch both release the GIL), so retrieval costs only what it adds
+    beyond the forward — at the price of one more busy thread."""
     model.eval()
     device = next(model.parameters()).device
     wins = [w for i, d in enumerate(docs) for w in windows_for(len(d), window, stride, i)]
@@ -157,7 +163,25 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
     if keep_queries:
         for o in out:
             o.queries = np.zeros((len(o.targets), store.manifest.dim), np.float32)
-    with capture_keys(model, store.manifest.key_type or "ffn_input") as box:
+
+    def search(q_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dist, eid = store.search(q_all, k, nprobe=nprobe, policy=policy, refine=refine)
+        return dist, eid, store.values(eid)
+
+    def place(spans: list, q_all: np.ndarray, found: Future) -> None:
+        dist, eid, vals = found.result()
+        row = 0
+        for doc, a, b in spans:
+            o = out[doc]
+            o.dists[a:b], o.ids[a:b], o.values[a:b] = dist[row : row + b - a], eid[row : row + b - a], vals[row : row + b - a]
+            if keep_queries:
+                o.queries[a:b] = q_all[row : row + b - a]
+            row += b - a
+
+    threads = faiss.omp_get_max_threads()  # OpenMP's thread count is per calling thread: carry it over
+    pending = None
+    with capture_keys(model, store.manifest.key_type or "ffn_input") as box, \
+            ThreadPoolExecutor(max_workers=1, initializer=faiss.omp_set_num_threads, initargs=(threads,)) as pool:
         for batch in tqdm(list(batched(wins, batch_size)), desc="kNN-LM score", unit="batch", disable=not progress):
             ids, mask = pad_batch([docs[w.doc][w.begin : w.end] for w in batch], pad_id)
             logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
@@ -171,15 +195,14 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
                 queries.append(keys[r, lo:hi].numpy())
                 spans.append((w.doc, w.first_target - 1, w.end - 1))
             q_all = np.concatenate(queries)
-            dist, eid = store.search(q_all, k, nprobe=nprobe, policy=policy, refine=refine)
-            vals = store.values(eid)
-            row = 0
-            for doc, a, b in spans:
-                o = out[doc]
-                o.dists[a:b], o.ids[a:b], o.values[a:b] = dist[row : row + b - a], eid[row : row + b - a], vals[row : row + b - a]
-                if keep_queries:
-                    o.queries[a:b] = q_all[row : row + b - a]
-                row += b - a
+            if pending is not None:
+                place(*pending)
+            pending = (spans, q_all, pool.submit(search, q_all))
+            if not overlap:
+                place(*pending)
+                pending = None
+        if pending is not None:
+            place(*pending)
     return out
 
 

@@ -140,6 +140,12 @@ def test_knnlm_lowers_perplexity_on_restricted_text(store_dir, tiny_model, corpu
     lm = perplexity([n.lm_logprob for n in neigh])
     knn = perplexity([n.knn_logprob(KNNParams(k=32, lam=0.5, temperature=10.0)) for n in neigh])
     assert knn < 0.7 * lm, (lm, knn)
+    # the search beside the forward (a second thread) finds exactly what one thread finds
+    serial = retrieve_neighbours(model, store, docs, 32, WINDOW, WINDOW // 2, 4, tok.pad_token_id, overlap=False)
+    for a, b in zip(neigh, serial, strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.dists, b.dists)
+        np.testing.assert_array_equal(a.lm_logprob, b.lm_logprob)
 
 
 def test_lm_only_greedy_generation_matches_transformers(tiny_model):

@@ -124,7 +124,8 @@ def run_eval(a: EvalArgs) -> dict:
         tune = dict(window=a.window, stride=a.stride, batch_size=a.batch_size, max_tokens=a.max_tokens or 20_000,
                     progress=a.progress)
         if "token" in stores:
-            sweeps["knn"] = sweep_knn(a.model, str(stores["token"].path), a.corpus, **tune)
+            sweeps["knn"] = sweep_knn(a.model, str(stores["token"].path), a.corpus, nprobe=a.nprobe or 32,
+                                      refine=a.refine, **tune)
         if "infgram" in stores:
             sweeps["infgram"] = sweep_infgram(a.model, str(stores["infgram"].path), a.corpus, **tune)
         stores = stores_by_kind(a.stores, a.model, wanted)  # reopened: the new defaults
@@ -241,9 +242,10 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
               stride: int = 256, batch_size: int = 8, max_tokens: int | None = 20_000,
               ks: tuple[int, ...] = (8, 32, 128, 512), lams: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
               temps: tuple[float, ...] = (0.3, 1, 3, 10, 30, 100, 300), nprobe: int | None = 32,
-              save: bool = True, progress: bool = False) -> dict:
-    """`silo eval --sweep`: best (k, λ, T) on validation text from one retrieval at max k;
-    with `save`, stored as the store's defaults in its manifest."""
+              refine: int | None = None, save: bool = True, progress: bool = False) -> dict:
+    """`silo eval --sweep`: best (k, λ, T) on validation text from one retrieval at max k
+    (at `nprobe`, re-ranking `refine`·k candidates exactly when given); with `save`, stored
+    with that nprobe and refine factor as the store's defaults in its manifest."""
     model, tok = load_causal_lm(model_dir)
     store = Datastore.open(store_dir)
     store.check_model(model_dir)
@@ -256,7 +258,7 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     k_max = min(max(ks), max(store.n_entries, 1))
     neigh = retrieve_neighbours(model, store, docs, k_max, window, stride, batch_size, pad, nprobe,
-                                with_denied(None, deny), progress)
+                                with_denied(None, deny), progress, refine=refine)
     lm_ppl = perplexity([n.lm_logprob for n in neigh])
     grid = []
     for k, lam, t in itertools.product([k for k in ks if k <= k_max] or [k_max], lams, temps):
@@ -271,7 +273,8 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
     if save:  # under the store's lock, on the manifest as it is now (a compaction may have switched it)
         with StoreLock(store_dir, "tuning"):
             manifest = Manifest.load(store_dir)
-            manifest.defaults = {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")} | {
+            manifest.defaults = {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")} | (
+                {"refine": refine} if refine else {}) | {
                 "tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
                 "validation_ppl_knn": round(best[0], 4)}
             manifest.save(store_dir)

@@ -216,13 +216,15 @@ def test_sweep_stores_tuned_defaults(store_dir, tiny_model, corpus_dir, tmp_path
     path = tmp_path / "s"
     shutil.copytree(store_dir, path)
     res = sweep_knn(str(tiny_model), str(path), str(corpus_dir), window=WINDOW, stride=WINDOW // 2,
-                    ks=(8, 32), lams=(0.1, 0.5), temps=(1.0, 10.0))
+                    ks=(8, 32), lams=(0.1, 0.5), temps=(1.0, 10.0), nprobe=16, refine=2)
     assert res["knn"] <= res["lm"]
     d = Datastore.open(path).manifest.defaults
     assert (d["k"], d["lambda"], d["temperature"]) == (res["k"], res["lambda"], res["temperature"])
+    assert (d["nprobe"], d["refine"]) == (16, 2)  # the search settings it was tuned with are the store's too
     rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), stores=(str(path),), modes=("knn",),
                             split="validation", window=WINDOW, stride=WINDOW // 2))
     assert rep["knn_params"]["k"] == res["k"] and rep["knn"] == pytest.approx(res["knn"], rel=1e-6)
+    assert (rep["knn_params"]["nprobe"], rep["knn_params"]["refine"]) == (16, 2)
 
 
 def test_key_capture_is_per_thread_under_concurrency(tiny_model):

@@ -79,6 +79,13 @@ class ServerState:
     shard_token: str | None = None  # presented to remote shard servers
     lock: threading.Lock = field(default_factory=threading.Lock)
     _reopening: threading.Lock = field(default_factory=threading.Lock)
+    _release_due: float | None = None  # when to hand a swapped-out store's heap back to the OS
+
+    def release_later(self) -> None:
+        """Release freed memory once the requests still holding an old store are done: on
+        the first request after `RELEASE_AFTER_S` (no extra thread, which could still be
+        running when the process exits)."""
+        self._release_due = time.monotonic() + RELEASE_AFTER_S
 
     def store(self, kind: str, asked_by: str = "") -> Datastore:
         """The open store of this kind; `asked_by` names the request field that needs it."""
@@ -95,6 +102,10 @@ class ServerState:
         """`store`, or — if another process switched its manifest (a live ingest, a compaction)
         — the store as it is now. One request reopens it; the others keep the old object
         until the new one is in place (no restart, no request waits for another's reopen)."""
+        due = self._release_due
+        if due is not None and time.monotonic() >= due:
+            self._release_due = None
+            release_freed_memory()
         if not store.manifest_changed():
             return store
         if not self._reopening.acquire(blocking=False):
@@ -102,8 +113,7 @@ class ServerState:
         try:
             if self.stores.get(store.manifest.kind) is store:  # not swapped meanwhile
                 self.stores[store.manifest.kind] = store.reopen()
-                # the old store is freed once the requests still using it finish
-                release_freed_memory_later()
+                self.release_later()  # the old store is freed once the requests still using it finish
             return self.stores[store.manifest.kind]
         finally:
             self._reopening.release()
@@ -132,11 +142,6 @@ def release_freed_memory() -> None:
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL(None).malloc_trim(0)
 
-
-def release_freed_memory_later() -> None:
-    timer = threading.Timer(RELEASE_AFTER_S, release_freed_memory)
-    timer.daemon = True
-    timer.start()
 
 
 class FailedPrecondition(Exception):
@@ -591,5 +596,5 @@ class DatastoreServicer:
         if total["rewritten_shards"]:
             del st
             release_freed_memory()  # the compaction's working memory
-            release_freed_memory_later()  # the old store, once unused
+            self.s.release_later()  # the old store, once unused
         return pb.CompactResponse(**total)

@@ -205,6 +205,28 @@ def run_eval(a: EvalArgs) -> dict:
     return report
 
 
+def decontaminated_docs(store: Datastore, tok, corpus: str, split: str, tiers: tuple[str, ...],
+                        max_tokens: int | None, max_doc_tokens: int | None = None,
+                        ) -> tuple[list[list[int]], RetrievalPolicy | None, dict]:
+    """Evaluation documents of `split` (token ids) and the policy that keeps the store's
+    copies of them out (leaked documents and near-copies), with the counts for a report:
+    what tuning and the benchmarks score, exactly as `silo eval` does."""
+    metas, docs = load_eval_docs(corpus, tok, split, tiers, max_tokens=max_tokens, max_doc_tokens=max_doc_tokens)
+    if not docs:
+        raise SiloError(f"no {split} documents of tiers {','.join(tiers)} to tune on")
+    deny, checks = store_exclusions(store, metas, [tok.decode(d, skip_special_tokens=True) for d in docs], True)
+    return docs, with_denied(None, deny), checks
+
+
+def save_defaults(store_dir: str, defaults: dict) -> None:
+    """A store's tuned defaults, written under its lock onto the manifest as it is now (a
+    compaction or ingest may have switched it since the store was opened)."""
+    with StoreLock(store_dir, "tuning"):
+        manifest = Manifest.load(store_dir)
+        manifest.defaults = defaults
+        manifest.save(store_dir)
+
+
 def sweep_infgram(model_dir: str, store_dir: str, corpus: str, split: str = "validation", window: int = 512,
                   stride: int = 256, batch_size: int = 8, max_tokens: int | None = 20_000, save: bool = True,
                   progress: bool = False) -> dict:
@@ -212,14 +234,10 @@ def sweep_infgram(model_dir: str, store_dir: str, corpus: str, split: str = "val
     with `save`, stored as the store's defaults in its manifest."""
     model, tok = load_causal_lm(model_dir)
     store = stores_by_kind([store_dir], model_dir)["infgram"]
-    metas, docs = load_eval_docs(corpus, tok, split, tuple(store.manifest.tiers), max_tokens=max_tokens,
-                                 max_doc_tokens=2048)
-    if not docs:
-        raise SiloError(f"no {split} documents of tiers {','.join(store.manifest.tiers)} to tune on")
-    texts = [tok.decode(d, skip_special_tokens=True) for d in docs]
-    deny, checks = store_exclusions(store, metas, texts, True)
+    docs, policy, checks = decontaminated_docs(store, tok, corpus, split, tuple(store.manifest.tiers), max_tokens,
+                                               max_doc_tokens=2048)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    scored = score_infgram(model, store, docs, window, stride, batch_size, pad, with_denied(None, deny), progress)
+    scored = score_infgram(model, store, docs, window, stride, batch_size, pad, policy, progress)
     params, detail = sweep_lambdas(scored)
     lm_ppl = perplexity([s.lm_logprob for s in scored])
     best = infgram_perplexity(scored, params)
@@ -229,12 +247,9 @@ def sweep_infgram(model_dir: str, store_dir: str, corpus: str, split: str = "val
               "lambda_by_suffix": [list(x) for x in params.lam_by_suffix], "split": split,
               "tokens": int(sum(len(d) - 1 for d in docs)), "checks": checks, "buckets": detail["buckets"]}
     if save:
-        with StoreLock(store_dir, "tuning"):
-            manifest = Manifest.load(store_dir)
-            manifest.defaults = {"lambda": params.lam, "lambda_by_suffix": result["lambda_by_suffix"],
-                                 "tuned_on": f"{split}, {result['tokens']} tokens",
-                                 "validation_ppl_lm": round(lm_ppl, 4), "validation_ppl_infgram": round(best, 4)}
-            manifest.save(store_dir)
+        save_defaults(store_dir, {"lambda": params.lam, "lambda_by_suffix": result["lambda_by_suffix"],
+                                  "tuned_on": f"{split}, {result['tokens']} tokens",
+                                  "validation_ppl_lm": round(lm_ppl, 4), "validation_ppl_infgram": round(best, 4)})
     return result
 
 
@@ -249,16 +264,12 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
     model, tok = load_causal_lm(model_dir)
     store = Datastore.open(store_dir)
     store.check_model(model_dir)
-    metas, docs = load_eval_docs(corpus, tok, split, tuple(store.manifest.tiers), max_tokens=max_tokens,
-                                 max_doc_tokens=2048)
-    if not docs:
-        raise SiloError(f"no {split} documents of tiers {','.join(store.manifest.tiers)} to tune on")
-    texts = [tok.decode(d, skip_special_tokens=True) for d in docs]
-    deny, checks = store_exclusions(store, metas, texts, True)
+    docs, policy, checks = decontaminated_docs(store, tok, corpus, split, tuple(store.manifest.tiers), max_tokens,
+                                               max_doc_tokens=2048)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     k_max = min(max(ks), max(store.n_entries, 1))
-    neigh = retrieve_neighbours(model, store, docs, k_max, window, stride, batch_size, pad, nprobe,
-                                with_denied(None, deny), progress, refine=refine)
+    neigh = retrieve_neighbours(model, store, docs, k_max, window, stride, batch_size, pad, nprobe, policy, progress,
+                                refine=refine)
     lm_ppl = perplexity([n.lm_logprob for n in neigh])
     grid = []
     for k, lam, t in itertools.product([k for k in ks if k <= k_max] or [k_max], lams, temps):
@@ -270,12 +281,9 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
               "grid_size": len(grid)}
     if not math.isfinite(best[0]):  # checked before anything is saved: never store broken defaults
         raise SiloError("sweep found no finite perplexity")
-    if save:  # under the store's lock, on the manifest as it is now (a compaction may have switched it)
-        with StoreLock(store_dir, "tuning"):
-            manifest = Manifest.load(store_dir)
-            manifest.defaults = {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")} | (
-                {"refine": refine} if refine else {}) | {
-                "tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
-                "validation_ppl_knn": round(best[0], 4)}
-            manifest.save(store_dir)
+    if save:
+        save_defaults(store_dir, {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")}
+                      | ({"refine": refine} if refine else {})
+                      | {"tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
+                         "validation_ppl_knn": round(best[0], 4)})
     return result

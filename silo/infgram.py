@@ -20,7 +20,6 @@ never shown.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,8 +31,7 @@ from datastore.infgram import MAX_MATCH, InfgramStore
 from datastore.policy import RetrievalPolicy
 from silo.errors import SiloError
 from silo.evaluate import perplexity, score_documents
-from silo.knnlm import GeneratedToken, knn_interpolate, sample_token
-from silo.tokenizer import StreamDecoder
+from silo.knnlm import GeneratedToken, generate_mixed, knn_interpolate
 
 SUFFIX_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # lower bounds of the suffix-length buckets
 MAX_CONTEXT = MAX_MATCH  # tokens of context a match may span
@@ -142,7 +140,6 @@ def infgram_perplexity(scored: list[DocInfgram], params: InfgramParams) -> float
 # ---------------------------------------------------------------------------- generation
 
 
-@torch.no_grad()
 def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_tokens: int = 32,
                      params: InfgramParams | None = None, temperature: float = 0.0, top_p: float = 1.0,
                      seed: int = 0, policy: RetrievalPolicy | None = None, stop: tuple[str, ...] = (),
@@ -150,54 +147,36 @@ def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_token
     """Tokens one at a time from (1-λ)·p_LM + λ·p_∞ (a normalised distribution; λ = 0 where
     the store holds nothing), each with its attribution: the matched suffix's length and
     count, and documents that continue it with the chosen token."""
-    if not prompt:
-        raise SiloError("empty prompt")
     p_ = (params or InfgramParams.merged(store.manifest.defaults)).validate()
     index = store.index_for(policy)
-    device = next(model.parameters()).device
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
-    max_pos = getattr(model.config, "max_position_embeddings", 2048)
-    ids = ids[-max(1, max_pos - max_new_tokens):]
-    gen = torch.Generator().manual_seed(seed)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    decoder, text, past, inp = StreamDecoder(tok), "", None, torch.tensor([ids], device=device)
-    for _ in range(max_new_tokens):
-        out = model(input_ids=inp, use_cache=True, **{cache_arg: past})
-        past = getattr(out, cache_arg)
-        lm_p = torch.softmax(out.logits[0, -1].float(), -1).cpu()
+    pending: dict = {}  # the step's match, for attributing the token once it is chosen
+
+    def mix(ids: list[int], lm_p: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         sl, count, nxt = index.next_tokens(ids[-MAX_CONTEXT:], max_support)
-        p, lam = lm_p, 0.0
-        if count > 0 and nxt:
-            inf_p = torch.zeros_like(lm_p)
-            tokens = torch.tensor(list(nxt), dtype=torch.long)
-            keep = tokens < len(inf_p)
-            weights = torch.tensor(list(nxt.values()), dtype=torch.float32)
-            inf_p[tokens[keep]] = weights[keep]
-            if inf_p.sum() > 0:
-                lam = float(p_.lam_for(np.asarray([sl]))[0])
-                p = (1 - lam) * lm_p + lam * inf_p / inf_p.sum()
-        next_id = sample_token(p, temperature, top_p, gen)
-        attribution = []
-        if lam > 0 and sl > 0 and nxt.get(next_id):
-            for d in index.documents([*ids[len(ids) - sl:], next_id], attribution_top):
-                hit = {"entry_id": int(store.docs.first_entry[d]), "doc_id": store.doc_id(d),
-                       **{c: store.docs.value(c, d) for c in ("source", "license", "tier", "owner")},
-                       "sentence_index": 0, "sentence": "", "position": 0,
-                       "weight": lam * nxt[next_id] / max(sum(nxt.values()), 1), "suffix_tokens": sl,
-                       "suffix_count": count}
-                attribution.append(hit)
-            for h in attribution:
-                h["weight"] /= max(len(attribution), 1)  # the token's λ·p_∞ shared by the documents shown
-        piece = decoder.add(next_id)
-        yield GeneratedToken(next_id, piece, float(torch.log(p[next_id].clamp_min(1e-30))),
-                             float(torch.log(lm_p[next_id].clamp_min(1e-30))), attribution)
-        if next_id == tok.eos_token_id:
-            return
-        text += piece
-        ids.append(next_id)
-        if any(s and s in text for s in stop):
-            return
-        inp = torch.tensor([[next_id]], device=device)
+        pending.clear()
+        if count <= 0 or not nxt:
+            return lm_p, []
+        inf_p = torch.zeros_like(lm_p)
+        tokens = torch.tensor(list(nxt), dtype=torch.long)
+        keep = tokens < len(inf_p)
+        inf_p[tokens[keep]] = torch.tensor(list(nxt.values()), dtype=torch.float32)[keep]
+        if inf_p.sum() <= 0:
+            return lm_p, []
+        lam = float(p_.lam_for(np.asarray([sl]))[0])
+        pending.update(context=ids[len(ids) - sl:] if sl else [], sl=sl, count=count, nxt=nxt, lam=lam)
+        return (1 - lam) * lm_p + lam * inf_p / inf_p.sum(), []
+
+    for t in generate_mixed(model, tok, prompt, mix, max_new_tokens, temperature, top_p, seed, stop):
+        m = pending
+        if m and m["lam"] > 0 and m["sl"] > 0 and m["nxt"].get(t.token_id):
+            docs = index.documents([*m["context"], t.token_id], attribution_top)
+            share = m["lam"] * m["nxt"][t.token_id] / max(sum(m["nxt"].values()), 1) / max(len(docs), 1)
+            t.attribution = [{"entry_id": int(store.docs.first_entry[d]), "doc_id": store.doc_id(d),
+                              **{c: store.docs.value(c, d) for c in ("source", "license", "tier", "owner")},
+                              "sentence_index": 0, "sentence": "", "position": 0,
+                              "weight": share,  # the token's λ·p_∞ shared by the documents shown
+                              "suffix_tokens": m["sl"], "suffix_count": m["count"]} for d in docs]
+        yield t
 
 
 # ---------------------------------------------------------------------------- tracing

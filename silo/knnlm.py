@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -232,12 +232,16 @@ def sample_token(probs: torch.Tensor, temperature: float, top_p: float, gen: tor
     return int(torch.multinomial(p, 1, generator=gen))
 
 
+# mixes the LM's next-token distribution with a store's: (context ids, p_LM) -> (p, attribution)
+Mixer = Callable[[list[int], torch.Tensor], tuple[torch.Tensor, list[dict]]]
+
+
 @torch.no_grad()
-def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore | None = None,
-             params: KNNParams = KNNParams(), temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             policy: RetrievalPolicy | None = None, stop: tuple[str, ...] = (), attribution_top: int = 3,
-             ) -> Iterator[GeneratedToken]:
-    """Yield tokens one at a time, LM-only (store None) or kNN-LM, with attribution."""
+def generate_mixed(model, tok, prompt: str, mix: Mixer, max_new_tokens: int = 32, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = ()) -> Iterator[GeneratedToken]:
+    """The decoding loop every mode shares: one forward per token on the KV cache, `mix`
+    turns p_LM into the distribution sampled from (and says where the token came from), the
+    streaming detokenizer yields each token's text; ends at EOS, a stop sequence or the limit."""
     if not prompt:
         raise SiloError("empty prompt")
     device = next(model.parameters()).device
@@ -245,38 +249,52 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
     ids = ids[-max(1, max_pos - max_new_tokens):]
     gen = torch.Generator().manual_seed(seed)
-    key_type = store.manifest.key_type if store is not None else "ffn_input"
     text_so_far, past, decoder = "", None, StreamDecoder(tok)
     # transformers ≥ 5.2x calls the KV cache `cache`; earlier releases `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     inp = torch.tensor([ids], device=device)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=inp, use_cache=True, **{cache_arg: past})
+        past = getattr(out, cache_arg)
+        lm_p = torch.softmax(out.logits[0, -1].float(), -1).cpu()
+        p, attribution = mix(ids, lm_p)
+        next_id = sample_token(p, temperature, top_p, gen)
+        piece = decoder.add(next_id)
+        yield GeneratedToken(next_id, piece, float(torch.log(p[next_id].clamp_min(1e-30))),
+                             float(torch.log(lm_p[next_id].clamp_min(1e-30))), attribution)
+        if next_id == tok.eos_token_id:
+            return
+        text_so_far += piece
+        ids.append(next_id)
+        if any(s and s in text_so_far for s in stop):
+            return
+        inp = torch.tensor([[next_id]], device=device)
+
+
+def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore | None = None,
+             params: KNNParams = KNNParams(), temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             policy: RetrievalPolicy | None = None, stop: tuple[str, ...] = (), attribution_top: int = 3,
+             ) -> Iterator[GeneratedToken]:
+    """Yield tokens one at a time, LM-only (store None) or kNN-LM, with attribution."""
+    key_type = store.manifest.key_type if store is not None else "ffn_input"
     with capture_keys(model, key_type or "ffn_input") as box:
-        for _ in range(max_new_tokens):
-            out = model(input_ids=inp, use_cache=True, **{cache_arg: past})
-            past = getattr(out, cache_arg)
-            lm_p = torch.softmax(out.logits[0, -1].float(), -1).cpu()
-            p, attribution = lm_p, []
-            if store is not None and params.lam > 0:
-                q = box["keys"][0, -1:].float().cpu().numpy()
-                dist, eid = store.search(q, params.k, nprobe=params.nprobe, policy=policy, refine=params.refine)
-                vals = torch.from_numpy(store.values(eid))
-                if (vals >= 0).any():  # nothing allowed retrieved: λ = 0, the LM exactly
-                    knn_p = knn_distribution(torch.from_numpy(dist), vals, lm_p.shape[0], params.temperature,
-                                             store.metric)[0]
-                    p = (1 - params.lam) * lm_p + params.lam * knn_p  # sums to 1: both do
-                    w = knn_weights(dist, params.temperature, (vals >= 0).numpy(), store.metric)[0]
-                    top = np.argsort(-w)[:attribution_top]
-                    top = top[eid[0, top] >= 0]
-                    for hit, j in zip(store.attribute(eid[0, top], dist[0, top]), top, strict=True):
-                        hit["weight"] = float(w[j] * params.lam)
-                        attribution.append(hit)
-            next_id = sample_token(p, temperature, top_p, gen)
-            piece = decoder.add(next_id)
-            yield GeneratedToken(next_id, piece, float(torch.log(p[next_id].clamp_min(1e-30))),
-                                 float(torch.log(lm_p[next_id].clamp_min(1e-30))), attribution)
-            if next_id == tok.eos_token_id:
-                return
-            text_so_far += piece
-            if any(s and s in text_so_far for s in stop):
-                return
-            inp = torch.tensor([[next_id]], device=device)
+
+        def mix(ids: list[int], lm_p: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+            if store is None or params.lam <= 0:
+                return lm_p, []
+            q = box["keys"][0, -1:].float().cpu().numpy()
+            dist, eid = store.search(q, params.k, nprobe=params.nprobe, policy=policy, refine=params.refine)
+            vals = torch.from_numpy(store.values(eid))
+            if not (vals >= 0).any():  # nothing allowed retrieved: λ = 0, the LM exactly
+                return lm_p, []
+            knn_p = knn_distribution(torch.from_numpy(dist), vals, lm_p.shape[0], params.temperature, store.metric)[0]
+            w = knn_weights(dist, params.temperature, (vals >= 0).numpy(), store.metric)[0]
+            top = np.argsort(-w)[:attribution_top]
+            top = top[eid[0, top] >= 0]
+            attribution = []
+            for hit, j in zip(store.attribute(eid[0, top], dist[0, top]), top, strict=True):
+                hit["weight"] = float(w[j] * params.lam)
+                attribution.append(hit)
+            return (1 - params.lam) * lm_p + params.lam * knn_p, attribution  # sums to 1: both do
+
+        yield from generate_mixed(model, tok, prompt, mix, max_new_tokens, temperature, top_p, seed, stop)

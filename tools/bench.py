@@ -855,7 +855,7 @@ def _dir_bytes(path: Path, pattern: str = "*") -> int:
 def bench_infgram(ctx: Context) -> list[dict]:
     """∞-gram: build tokens/s, index bytes per token, scoring vs LM-only, Trace latency (256 tokens)."""
     from datastore.infgram import SA_DIR, InfgramStore
-    from silo.eval_modes import store_exclusions, with_denied
+    from silo.eval_modes import decontaminated_docs
     from silo.infgram import score_infgram, sweep_lambdas, trace
 
     model, tok = ctx.model
@@ -880,9 +880,8 @@ def bench_infgram(ctx: Context) -> list[dict]:
 
     # the held-out documents, with the store's near-copies of them kept out as `silo eval` does
     # (the harvest holds templated pages: undecontaminated, most held-out text is in the store)
-    metas, docs = load_eval_docs(ctx.args.corpus, tok, "test", ("restricted",), max_tokens=ctx.args.eval_tokens)
-    deny, checks = store_exclusions(store, metas, [tok.decode(d, skip_special_tokens=True) for d in docs], True)
-    policy = with_denied(None, deny)
+    docs, policy, checks = decontaminated_docs(store, tok, ctx.args.corpus, "test", ("restricted",),
+                                               ctx.args.eval_tokens)
     n = sum(len(d) - 1 for d in docs)
     kw = dict(window=WINDOW, stride=STRIDE, batch_size=BATCH, pad_id=ctx.pad_id)
     box: dict = {}

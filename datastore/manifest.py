@@ -19,6 +19,15 @@ FORMAT_VERSION = 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder (a folder: so that the renames and creations in it survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _hash_file_ends(h, path: Path, mib: int = 1) -> None:
     size = path.stat().st_size
     h.update(f"{path.name}:{size}".encode())
@@ -101,14 +110,9 @@ class Manifest:
         path = Path(store) / "manifest.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(tmp)
         os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)  # the rename itself must survive a crash
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_path(path.parent)  # the rename itself must survive a crash
 
     @classmethod
     def load(cls, store: str | os.PathLike) -> Manifest:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datastore.errors import StoreError
+from datastore.manifest import fsync_path
 
 LOG_NAME = "optout.log"
 QUARANTINE_NAME = "optout.quarantine"
@@ -133,14 +134,6 @@ def record_matches(rec: dict, doc_id: str, owner: str | None, source: str | None
     return text is not None and any(v in text for v in values)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _last_newline(fd: int, size: int) -> int:
     """Offset just past the last b"\\n" in the first `size` bytes (0 if none)."""
     pos, chunk = size, 1 << 16
@@ -224,7 +217,7 @@ class OptOutLog:
         finally:
             os.close(fd)  # releases the flock
         if new:
-            _fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
         return rec
 
     def check(self) -> dict:
@@ -272,7 +265,7 @@ class OptOutLog:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
         return report
 
 

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from datastore.errors import StoreError
 from datastore.lock import StoreLock
-from datastore.manifest import Manifest, ShardInfo
+from datastore.manifest import Manifest, ShardInfo, fsync_path
 
 ENTRY_COLUMNS: dict[str, dict[str, str]] = {
     "token": {"value": "value", "doc": "int32", "position": "int32", "sentence": "int32"},
@@ -67,14 +67,6 @@ def sentinel(dtype: str | np.dtype) -> int:
 
 def column_dtypes(kind: str, value: str | None) -> dict[str, str]:
     return {c: (value or "uint32") if t == "value" else t for c, t in ENTRY_COLUMNS[kind].items()}
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(path: Path) -> None:

@@ -83,16 +83,6 @@ def interleaved(repeat: int, *fns: Callable[[], object]) -> list[float]:
     return [min(t) for t in times]
 
 
-def rss_anon_kb(pid: int | str = "self") -> dict[str, int]:
-    """RssAnon, RssFile, VmRSS and VmHWM (kB) of a process, from /proc/PID/status."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("RssAnon", "RssFile", "VmRSS", "VmHWM"):
-            out[key] = int(rest.split()[0])
-    return out
-
-
 def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -724,7 +714,7 @@ RSS_CHILD = r"""
 import json, sys, time
 sys.path.insert(0, ROOT)
 
-def rss_anon_kb():
+def rss_anon_kb():  # not tools/soak.py's rss_kb: importing it would load grpc before the first figure
     out = {}
     for line in open("/proc/self/status").read().splitlines():
         key, _, rest = line.partition(":")

@@ -167,6 +167,7 @@ class Datastore:
         self.removal_records: list[dict] = []  # every log record applied, in log order
         self._optout_lock = threading.Lock()
         self._log = OptOutLog(self.path)
+        self._applied_bytes = 0  # log bytes whose records are tombstoned (set only after `_apply`)
         self.open_options: dict = {}  # how this store was opened (`reopen` repeats it)
         self.opened_stamp = self._manifest_stamp()
         self.remotes: list = []  # remote shard groups (server.remote), searched beside local shards
@@ -282,8 +283,10 @@ class Datastore:
 
     def maybe_reload_optouts(self) -> None:
         """Apply what other processes appended to the log (a stat, and a read of the new
-        bytes only, per search)."""
-        if self._log_size() != self._log.offset:
+        bytes only, per search). The fast path compares with the bytes *applied*, not read:
+        a reload in another thread reads new records before it tombstones them, and a
+        search that skipped the lock in between would miss an acknowledged removal."""
+        if self._log_size() != self._applied_bytes:
             with self._optout_lock:
                 self._apply(self._log.read_new())
 
@@ -295,6 +298,14 @@ class Datastore:
 
     def _apply(self, records: list[dict]) -> None:
         """Tombstone what `records` remove (caller holds `_optout_lock`). Merges, never replaces."""
+        try:
+            self._tombstone(records)
+        except BaseException:
+            self._log.offset = self._applied_bytes  # read them again next time: none is skipped
+            raise
+        self._applied_bytes = self._log.offset
+
+    def _tombstone(self, records: list[dict]) -> None:
         if not records:
             return
         dead = self.dead_docs.copy()

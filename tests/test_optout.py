@@ -197,6 +197,53 @@ def test_no_acknowledged_removal_is_returned_by_any_later_search(store_copy):
         assert not _docs_returned(st, queries, k=50) & acked
 
 
+def test_a_search_waits_for_a_reload_that_has_read_but_not_yet_tombstoned(store_copy):
+    """Another process's opt-out is in the log; one thread of this process has read it
+    and is still tombstoning (held here by a slow `_tombstone`) when a second thread
+    searches. That search must wait for the tombstones, not see "nothing new"."""
+    store, other = Datastore.open(store_copy), Datastore.open(store_copy)
+    queries = _queries(store, 32)
+    victim = sorted(_docs_returned(other, queries, k=30))[0]
+    store.opt_out("doc_ids", [victim])  # acknowledged: a later search must never return it
+    reading, release = threading.Event(), threading.Event()
+    tombstone = other._tombstone
+
+    def slow_tombstone(records):
+        reading.set()
+        release.wait(10)
+        tombstone(records)
+
+    other._tombstone = slow_tombstone
+    reloader = threading.Thread(target=other.maybe_reload_optouts)
+    reloader.start()
+    assert reading.wait(10)
+    got: list[set[str]] = []
+    searcher = threading.Thread(target=lambda: got.append(_docs_returned(other, queries, k=30)))
+    searcher.start()
+    searcher.join(0.5)
+    release.set()
+    reloader.join()
+    searcher.join()
+    assert victim not in got[0]
+
+
+def test_a_failed_reload_reads_the_records_again(store_copy):
+    store, other = Datastore.open(store_copy), Datastore.open(store_copy)
+    victim = store.doc_id(0)
+    store.opt_out("doc_ids", [victim])
+    tombstone = other._tombstone
+
+    def failing(records):
+        raise MemoryError("simulated")
+
+    other._tombstone = failing
+    with pytest.raises(MemoryError):
+        other.maybe_reload_optouts()
+    other._tombstone = tombstone
+    other.maybe_reload_optouts()
+    assert other.dead_docs[0]
+
+
 # ---------------------------------------------------------------------------- locks
 
 

@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def write_suffix_array(folder: Path, docs, dtype: str = "u16", cpus: int | None 
             arr = np.asarray(doc, dtype=np.int64)
             if arr.size and (arr.min() < 0 or arr.max() >= sep):
                 raise StoreError(f"token ids must be in [0, {sep - 1}] for {dtype} indexes ({sep} separates documents)")
-            data = np.asarray([sep, *arr.tolist()], dtype=np_dtype).tobytes()
+            data = np.concatenate(([sep], arr)).astype(np_dtype).tobytes()
             offsets.append(pos)
             f.write(data)
             pos += len(data)
@@ -165,6 +166,23 @@ def _linked(folders: list[Path], into: Path) -> list[str]:
     return out
 
 
+def _longest(n: int, occurs: Callable[[int], bool]) -> int:
+    """The largest length ≤ n for which `occurs` holds, for a property that holds up to some
+    length and not beyond (a longer span never occurs more often): doubling, then bisection,
+    as the engine itself searches."""
+    lo, hi = 0, 1
+    while hi <= n and occurs(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, n + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if occurs(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 @dataclass
 class Span:
     """A maximal run of tokens [start, end) of a text that occurs verbatim in the store."""
@@ -234,6 +252,13 @@ class InfgramIndex:
         """Occurrences of a token sequence in live documents (EOS matches a document's end)."""
         return self._count(self._q(ids))
 
+    def _unigram_count(self, t: int) -> int:
+        """Live occurrences of one token; 0 for a document's end (EOS or the separator), which
+        the unigram counts leave out."""
+        if t in (self.eos, self.sep) or not 0 <= t < self.vocab_size:
+            return 0
+        return int(self.unigram[t] - self._diff_unigram[t])
+
     def _count(self, q: list[int]) -> int:
         if not q:
             return int(self.unigram.sum() - self._diff_unigram.sum())
@@ -250,16 +275,8 @@ class InfgramIndex:
             if r is None or "error" in r:
                 return 0, self.count([])
             return int(r["suffix_len"]), int(r["prompt_cnt"]) if r["suffix_len"] else self.count([])
-        lo, hi, n = 0, 1, len(ctx)
-        while hi <= n and self.count(ctx[n - hi:]) > 0:
-            lo, hi = hi, hi * 2
-        hi = min(hi, n + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.count(ctx[n - mid:]) > 0:
-                lo = mid
-            else:
-                hi = mid
+        n = len(ctx)
+        lo = _longest(n, lambda length: self.count(ctx[n - length:]) > 0)
         return lo, self.count(ctx[n - lo:]) if lo else self.count([])
 
     def infgram_prob(self, context, target: int) -> tuple[int, int, int]:
@@ -267,9 +284,7 @@ class InfgramIndex:
         `context` that occurs in live documents; suffix length 0 = the unigram distribution."""
         sl, n = self.longest_suffix(context)
         if sl == 0:
-            t = int(target)
-            cont = 0 if t >= self.vocab_size or t == self.eos else int(self.unigram[t] - self._diff_unigram[t])
-            return 0, n, cont
+            return 0, n, self._unigram_count(int(target))
         tail = list(context)[len(context) - sl:]
         return sl, n, self.count([*tail, target])
 
@@ -305,8 +320,7 @@ class InfgramIndex:
                     count = total
             target = ids[t]
             if length == 0:
-                cont = 0 if target == self.sep or target >= self.vocab_size else \
-                    int(self.unigram[target] - self._diff_unigram[target])
+                cont = self._unigram_count(target)
                 grown = None  # a unigram count, which may differ from the engine's for a separator
             else:
                 cont = self._count(ids[t - length : t + 1])
@@ -361,7 +375,7 @@ class InfgramIndex:
         else:
             best_end = 0
             for start in range(len(ids)):
-                length = self._longest_prefix(ids[start:])
+                length = _longest(len(ids) - start, lambda n, a=start: self.count(ids[a : a + n]) > 0)
                 end = start + length
                 if length >= min_len and end > best_end:
                     spans.append(Span(start, end, self.count(ids[start:end]), []))
@@ -369,19 +383,6 @@ class InfgramIndex:
         for sp in spans:
             sp.docs = self.documents(ids[sp.start : sp.end], max_docs)
         return [sp for sp in spans if sp.count > 0 and sp.docs]
-
-    def _longest_prefix(self, ids) -> int:
-        lo, hi, n = 0, 1, len(ids)
-        while hi <= n and self.count(ids[:hi]) > 0:
-            lo, hi = hi, hi * 2
-        hi = min(hi, n + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.count(ids[:mid]) > 0:
-                lo = mid
-            else:
-                hi = mid
-        return lo
 
     def close(self) -> None:
         self.main = self.diff = None

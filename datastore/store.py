@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 
 from datastore import index as ix
-from datastore.docs import Documents, read_shard_docs
+from datastore.docs import CODED, Documents, read_shard_docs
 from datastore.errors import FingerprintMismatch, StoreError
 from datastore.manifest import Manifest, ShardInfo, model_fingerprint
 from datastore.optout import LOG_NAME, OptOutLog
@@ -386,10 +386,15 @@ class Datastore:
     def doc_text(self, doc: int) -> str:
         return self.docs.text(doc)
 
+    def doc_provenance(self, doc: int) -> dict:
+        """What attribution shows of a document: its id, source, license, tier and owner."""
+        d = int(doc)
+        return {"doc_id": self.doc_id(d), **{c: self.docs.value(c, d) for c in CODED}}
+
     def doc_row(self, doc: int) -> dict:
         """Everything about one document (its text read now)."""
         d = int(doc)
-        return {"doc_id": self.doc_id(d), **{c: self.docs.value(c, d) for c in ("source", "license", "tier", "owner")},
+        return {**self.doc_provenance(d),
                 "first_entry": int(self.docs.first_entry[d]), "n_entries": int(self.docs.n_entries[d]),
                 "n_tokens": int(self.docs.n_tokens[d]), "sentence_starts": self.docs.sentence_starts(d).tolist(),
                 "text": self.doc_text(d), "removed": bool(self.docs.removed[d])}
@@ -538,8 +543,7 @@ class Datastore:
             starts = self.docs.sentence_starts(d)
             s = int(ent["sentence"][j])
             end = int(starts[s + 1]) if s + 1 < len(starts) else len(text)
-            hit = {"entry_id": int(eid), "doc_id": self.doc_id(d),
-                   **{c: self.docs.value(c, d) for c in ("source", "license", "tier", "owner")},
+            hit = {"entry_id": int(eid), **self.doc_provenance(d),
                    "sentence_index": s, "sentence": text[int(starts[s]):end].strip() if len(starts) else "",
                    "position": int(ent["position"][j])}
             if scores is not None:

@@ -51,17 +51,16 @@ from silo.corpus import normalize_record
 from silo.errors import SiloError
 from silo.evaluate import score_documents, windows_for
 from silo.infgram import InfgramParams, generate_infgram, score_infgram, trace
-from silo.ingest import add_documents
+from silo.ingest import INGEST_KINDS, add_documents
 from silo.knnlm import KNNParams, generate, retrieve_neighbours
 from silo.licenses import license_obligation
 from silo.lm import model_info
 from silo.ricl import RICParams, ric_generate, ric_score_documents
-from silo.search import search_text
+from silo.search import SEARCH_KINDS, search_text
 from silo.tokenizer import encode_document
 
 log = logging.getLogger("silo.server")
 DEFAULT_MAX_NEW_TOKENS = 32
-SEARCH_KINDS = ("token", "passage")  # stores searched by vector or words (∞-gram stores are traced)
 
 
 @dataclass
@@ -546,8 +545,8 @@ class DatastoreServicer:
             raise BadRequest(first.reason)
         check_text("store", first.store, lim.max_value_chars, allow_empty=True)
         kind = first.store or "token"
-        if kind not in SEARCH_KINDS:
-            raise BadRequest(f"store must be one of {', '.join(SEARCH_KINDS)}, got {shown(kind)}")
+        if kind not in INGEST_KINDS:
+            raise BadRequest(f"store must be one of {', '.join(INGEST_KINDS)}, got {shown(kind)}")
         store = s.store(kind, f"store {kind!r}")
         if store.remotes:
             raise FailedPrecondition("this server's shards are served remotely: add documents with "

@@ -155,7 +155,7 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
             enc = tok(doc["text"], add_special_tokens=False, return_offsets_mapping=True)
             ids = bos + enc["input_ids"] + eos
             chars = [0] * len(bos) + [s for s, _ in enc["offset_mapping"]] + [len(doc["text"])] * len(eos)
-            if len(ids) < 2 or (kind == "infgram" and len(ids) <= len(bos)):
+            if len(ids) < 2:
                 counts["skipped_empty"] += 1
                 continue
             seen.add(doc["doc_id"])
@@ -402,6 +402,9 @@ def _build(args: BuildArgs) -> Manifest:
     needs_model = args.kind == "token" or (args.kind == "passage" and "dense" in args.retrievers
                                            and not args.embedder)
     model, tok = load_causal_lm(args.model) if needs_model else (None, load_tokenizer(args.model))
+    if args.kind == "infgram" and token_dtype(len(tok)) != "u16":  # before tokenizing the corpus for nothing
+        raise StoreError(f"{args.model}: a vocabulary of {len(tok):,} tokens needs a u32 suffix array, whose builder "
+                         "allocates 32 GiB at once; ∞-gram stores are built for vocabularies under 65,535 tokens")
     if (build / "plan.json").is_file():
         plan = json.loads((build / "plan.json").read_text())
     else:
@@ -413,7 +416,8 @@ def _build(args: BuildArgs) -> Manifest:
         raise StoreError(f"no documents of tiers {','.join(args.tiers)} in split {args.split!r} of {args.corpus}")
     docs = DocTokens(build, args.kind, args.passage_tokens)
     embedder = load_embedder(args, model, tok)
-    dim, metric, factory, trained = 0, "bm25", "bm25", None
+    dim, trained = 0, None
+    metric = factory = "infgram" if args.kind == "infgram" else "bm25"  # the index kind, for the manifest
     if args.kind == "token" or embedder is not None:
         dim = key_dim(model, args.key_type) if args.kind == "token" else embedder.dim
         metric = "l2" if args.kind == "token" else "ip"
@@ -446,9 +450,6 @@ def _build(args: BuildArgs) -> Manifest:
             infos[s] = ShardInfo(**json.loads(shard_json.read_text()))
         else:
             jobs.append(ShardJob(s, (a, b), docs.range_entries(a, b)[1]))
-    if args.kind == "infgram" and token_dtype(len(tok)) != "u16":
-        raise StoreError(f"{args.model}: a vocabulary of {len(tok):,} tokens needs a u32 suffix array, whose builder "
-                         "allocates 32 GiB at once; ∞-gram stores are built for vocabularies under 65,535 tokens")
     if args.kind == "token" and (args.backend != "local" or args.workers > 1):
         del model  # workers load their own copy (once each)
         settings = {"args": {**asdict(args), "progress": False}}
@@ -464,8 +465,6 @@ def _build(args: BuildArgs) -> Manifest:
                                            embedder=embedder, bm25_stats=bm25_stats,
                                            progress=args.progress and len(jobs) == 1)
     shard_infos = [infos[s] for s in range(len(plan["doc_ranges"]))]
-    if args.kind == "infgram":
-        factory, metric = "infgram", "infgram"
     build_info = {"factory": factory, "window": args.window, "stride": args.stride,
                   "skipped_optout": plan["skipped_optout"], "seconds": round(time.perf_counter() - t0, 1),
                   "excluded_doc_ids": len(args.exclude_doc_ids), "tokens": plan["tokens"]}

@@ -138,9 +138,9 @@ def cmd_lm_eval(a: argparse.Namespace) -> None:
 
 
 def _policy(a: argparse.Namespace) -> RetrievalPolicy:
-    return RetrievalPolicy.from_strings(
-        tiers=a.allow_tiers, allow_licenses=a.allow_licenses or "", deny_licenses=a.deny_licenses or "",
-        allow_sources=a.allow_sources or "", deny_sources=a.deny_sources or "", deny_owners=a.deny_owners or "")
+    return RetrievalPolicy.from_strings(tiers=a.allow_tiers, allow_licenses=a.allow_licenses,
+                                        deny_licenses=a.deny_licenses, allow_sources=a.allow_sources,
+                                        deny_sources=a.deny_sources, deny_owners=a.deny_owners)
 
 
 def _add_policy_args(sp: argparse.ArgumentParser) -> None:
@@ -279,9 +279,10 @@ def _client(a: argparse.Namespace) -> SiloClient:
 
 
 def _policy_kwargs(a: argparse.Namespace) -> dict:
-    return dict(tiers=list(a.allow_tiers or ()), allow_licenses=split_list(a.allow_licenses),
-                deny_licenses=split_list(a.deny_licenses), allow_sources=split_list(a.allow_sources),
-                deny_sources=split_list(a.deny_sources), deny_owners=split_list(a.deny_owners))
+    """The policy flags as `retrieval_options` takes them (the client sends them; the server applies them)."""
+    p = _policy(a)
+    return dict(tiers=list(p.tiers or ()), allow_licenses=p.allow_licenses, deny_licenses=p.deny_licenses,
+                allow_sources=p.allow_sources, deny_sources=p.deny_sources, deny_owners=p.deny_owners)
 
 
 def _retrieval_kwargs(a: argparse.Namespace) -> dict:

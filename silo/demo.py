@@ -24,6 +24,7 @@ from pathlib import Path
 
 from datastore.errors import StoreError
 from datastore.kinds import open_store
+from datastore.manifest import Manifest
 from server.app import build_server, load_state, new_token
 from server.auth import Auth
 from server.client import SiloClient
@@ -31,12 +32,11 @@ from server.servicers import DatastoreServicer, LanguageModelServicer
 from silo.build import BuildArgs, build_store
 from silo.corpus import corpus_stats, open_corpus
 from silo.errors import SiloError
-from silo.eval_modes import EvalArgs, run_eval, store_knn_params
+from silo.eval_modes import EvalArgs, run_eval
 from silo.evaluate import evaluate_lm
 from silo.harvest import harvest_corpus
-from silo.knnlm import KNNParams
 from silo.lm import load_causal_lm
-from silo.report import EVAL_HEADER, eval_rows, print_table
+from silo.report import EVAL_HEADER, MODE_NAMES, eval_rows, mode_figures, print_table
 from silo.scaling import CurveArgs, scaling_curve
 from silo.train import TrainArgs, train
 
@@ -132,6 +132,7 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
         stores_info[path.name] = {"kind": st.manifest.kind, "entries": st.n_entries, "documents": st.n_documents,
                                   "shards": len(st.shards), "index": st.manifest.index,
                                   "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+        st.close()
     figures["stores"] = stores_info
     print_table([[n, v["kind"], v["index"], v["entries"], v["documents"], v["shards"], v["bytes"]]
                  for n, v in stores_info.items()], ["store", "kind", "index", "entries", "documents", "shards", "bytes"])
@@ -142,11 +143,11 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
     print(_lm_line(orec))
 
     _stage("6. LM / kNN-LM / ∞-gram / RIC-LM vs the oracle on held-out restricted text")
-    tuned = not open_store(token_store, load_index=False, with_text=False).manifest.defaults
+    needs_tuning = not all(Manifest.load(p).defaults for p in (token_store, infgram_store))
     ev = dict(model=str(model_dir), corpus=str(corpus), tiers=("restricted",), window=256, stride=128,
               max_tokens=EVAL_TOKENS, progress=True, oracle=str(oracle_dir))
     rep = run_eval(EvalArgs(stores=(str(token_store), str(infgram_store), str(bm25_store)),
-                            modes=("lm", "knn", "infgram", "ric"), ric_stride=64, sweep=tuned, **ev))
+                            modes=("lm", "knn", "infgram", "ric"), ric_stride=64, sweep=needs_tuning, **ev))
     minilm = run_eval(EvalArgs(stores=(str(minilm_store),), modes=("lm", "ric"), ric_retriever="dense",
                                ric_stride=64, **ev))
     (work / "eval.json").write_text(json.dumps({"main": rep, "ric_minilm": minilm}, indent=2))
@@ -154,29 +155,23 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
         s = rep["sweeps"]
         print(f"tuned on validation: kNN-LM k={s['knn']['k']} λ={s['knn']['lambda']} T={s['knn']['temperature']}; "
               f"∞-gram λ={s['infgram']['lambda']:.2f} (by suffix length: {s['infgram']['lambda_by_suffix']})")
-    rows = eval_rows(rep)
-    minilm_rows = [r for r in eval_rows(minilm) if r[0].startswith("RIC-LM")]
-    for r in rows:
-        if r[0].startswith("RIC-LM"):
-            r[0] = "RIC-LM (BM25)"
-    for r in minilm_rows:
-        r[0] = "RIC-LM (MiniLM)"
-    rows = rows[:-1] + minilm_rows + rows[-1:] if rows and rows[-1][0].startswith("oracle") else rows + minilm_rows
+    bm25_name, minilm_name = "RIC-LM (BM25)", "RIC-LM (MiniLM)"
+    rows = eval_rows(rep, {"ric": bm25_name})
+    rows[-1:-1] = [r for r in eval_rows(minilm, {"ric": minilm_name}) if r[0] == minilm_name]  # before the oracle
     print_table(rows, EVAL_HEADER)
     print("gap closed = (ppl_LM - ppl_mode) / (ppl_LM - ppl_oracle); bits/byte compare any tokenizer")
-    figures["silo_table"] = {r[0]: {"perplexity": float(r[2]), "bits_per_byte": float(r[3]) if r[3] else None,
-                                    "gap_closed": r[4]} for r in rows}
+    figures["silo_table"] = {**{MODE_NAMES[m]: mode_figures(rep, m) for m in ("lm", "knn", "infgram", "oracle")},
+                             bm25_name: mode_figures(rep, "ric"), minilm_name: mode_figures(minilm, "ric")}
     figures["checks"] = rep["checks"]
 
     _stage("7. datastore scaling curve (one retrieval, nested subsamples)")
     curve = work / "scaling"
     if not (curve / "scaling.png").is_file():
-        best = store_knn_params(open_store(token_store, load_index=False, with_text=False))
-        # a small k and a deep first retrieval: ≥ k survivors at every fraction keeps the trick exact
+        # a small k (over the tuned λ and T) and a deep first retrieval: ≥ k survivors at every
+        # fraction keeps the trick exact
         rows = scaling_curve(CurveArgs(model=str(model_dir), store=str(token_store), corpus=str(corpus),
                                        out=str(curve), fractions=(0.03, 0.1, 0.3, 1.0), seeds=3, depth=2048,
-                                       knn=KNNParams(k=16, lam=best.lam, temperature=best.temperature,
-                                                     nprobe=best.nprobe),
+                                       k=16,
                                        window=256, stride=128, max_tokens=5_000, oracle=str(oracle_dir),
                                        passage_store=str(bm25_store)))
         print_table([[r["mode"], r["fraction"], r["tokens"], f"{r['perplexity']:.2f}", r["k_satisfied"]]

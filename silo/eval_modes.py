@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from datastore.infgram import InfgramStore
 from datastore.kinds import open_store
 from datastore.lock import StoreLock
 from datastore.manifest import Manifest, tokenizer_fingerprint
@@ -84,10 +85,6 @@ def stores_by_kind(paths: tuple[str, ...] | list[str], model_dir: str, kinds: se
     return out
 
 
-def store_knn_params(store: Datastore) -> KNNParams:
-    return KNNParams.merged(store.manifest.defaults)
-
-
 def store_exclusions(store: Datastore, metas: list[dict], texts: list[str], decontaminate: bool) -> tuple[set, dict]:
     """Store documents to keep out of an evaluation: evaluation documents found in the store,
     and store documents that copy evaluation text; with the counts, for the report."""
@@ -119,17 +116,16 @@ def run_eval(a: EvalArgs) -> dict:
     for m in a.modes:
         if m in MODE_STORE and MODE_STORE[m] not in stores:
             raise SiloError(f"mode {m} needs a {MODE_STORE[m]} store (--store)")
+    model, tok = load_causal_lm(a.model)
     sweeps = {}
     if a.sweep:  # tune on validation text, save as the stores' defaults, then evaluate with them
         tune = dict(window=a.window, stride=a.stride, batch_size=a.batch_size, max_tokens=a.max_tokens or 20_000,
                     progress=a.progress)
         if "token" in stores:
-            sweeps["knn"] = sweep_knn(a.model, str(stores["token"].path), a.corpus, nprobe=a.nprobe or 32,
-                                      refine=a.refine, **tune)
+            sweeps["knn"] = sweep_knn(model, tok, stores["token"], a.corpus, nprobe=a.nprobe or 32, refine=a.refine,
+                                      **tune)
         if "infgram" in stores:
-            sweeps["infgram"] = sweep_infgram(a.model, str(stores["infgram"].path), a.corpus, **tune)
-        stores = stores_by_kind(a.stores, a.model, wanted)  # reopened: the new defaults
-    model, tok = load_causal_lm(a.model)
+            sweeps["infgram"] = sweep_infgram(model, tok, stores["infgram"], a.corpus, **tune)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ref = next(iter(stores.values()), None)
     tiers = a.tiers or (tuple(ref.manifest.tiers) if ref is not None else None)
@@ -218,22 +214,22 @@ def decontaminated_docs(store: Datastore, tok, corpus: str, split: str, tiers: t
     return docs, with_denied(None, deny), checks
 
 
-def save_defaults(store_dir: str, defaults: dict) -> None:
+def save_defaults(store: Datastore, defaults: dict) -> None:
     """A store's tuned defaults, written under its lock onto the manifest as it is now (a
-    compaction or ingest may have switched it since the store was opened)."""
-    with StoreLock(store_dir, "tuning"):
-        manifest = Manifest.load(store_dir)
+    compaction or ingest may have switched it since the store was opened), and used by the
+    open store from now on."""
+    with StoreLock(store.path, "tuning"):
+        manifest = Manifest.load(store.path)
         manifest.defaults = defaults
-        manifest.save(store_dir)
+        manifest.save(store.path)
+    store.manifest.defaults = defaults
 
 
-def sweep_infgram(model_dir: str, store_dir: str, corpus: str, split: str = "validation", window: int = 512,
+def sweep_infgram(model, tok, store: InfgramStore, corpus: str, split: str = "validation", window: int = 512,
                   stride: int = 256, batch_size: int = 8, max_tokens: int | None = 20_000, save: bool = True,
                   progress: bool = False) -> dict:
-    """`silo eval --sweep` for an ∞-gram store: λ per suffix-length bucket on validation text;
-    with `save`, stored as the store's defaults in its manifest."""
-    model, tok = load_causal_lm(model_dir)
-    store = stores_by_kind([store_dir], model_dir)["infgram"]
+    """`silo eval --sweep` for an ∞-gram store (of this model): λ per suffix-length bucket on
+    validation text; with `save`, stored as the store's defaults in its manifest."""
     docs, policy, checks = decontaminated_docs(store, tok, corpus, split, tuple(store.manifest.tiers), max_tokens,
                                                max_doc_tokens=2048)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -247,23 +243,21 @@ def sweep_infgram(model_dir: str, store_dir: str, corpus: str, split: str = "val
               "lambda_by_suffix": [list(x) for x in params.lam_by_suffix], "split": split,
               "tokens": int(sum(len(d) - 1 for d in docs)), "checks": checks, "buckets": detail["buckets"]}
     if save:
-        save_defaults(store_dir, {"lambda": params.lam, "lambda_by_suffix": result["lambda_by_suffix"],
+        save_defaults(store, {"lambda": params.lam, "lambda_by_suffix": result["lambda_by_suffix"],
                                   "tuned_on": f"{split}, {result['tokens']} tokens",
                                   "validation_ppl_lm": round(lm_ppl, 4), "validation_ppl_infgram": round(best, 4)})
     return result
 
 
-def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validation", window: int = 512,
+def sweep_knn(model, tok, store: Datastore, corpus: str, split: str = "validation", window: int = 512,
               stride: int = 256, batch_size: int = 8, max_tokens: int | None = 20_000,
               ks: tuple[int, ...] = (8, 32, 128, 512), lams: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
               temps: tuple[float, ...] = (0.3, 1, 3, 10, 30, 100, 300), nprobe: int | None = 32,
               refine: int | None = None, save: bool = True, progress: bool = False) -> dict:
-    """`silo eval --sweep`: best (k, λ, T) on validation text from one retrieval at max k
-    (at `nprobe`, re-ranking `refine`·k candidates exactly when given); with `save`, stored
-    with that nprobe and refine factor as the store's defaults in its manifest."""
-    model, tok = load_causal_lm(model_dir)
-    store = Datastore.open(store_dir)
-    store.check_model(model_dir)
+    """`silo eval --sweep`: best (k, λ, T) for a token store (of this model) on validation
+    text from one retrieval at max k (at `nprobe`, re-ranking `refine`·k candidates exactly
+    when given); with `save`, stored with that nprobe and refine factor as the store's
+    defaults in its manifest."""
     docs, policy, checks = decontaminated_docs(store, tok, corpus, split, tuple(store.manifest.tiers), max_tokens,
                                                max_doc_tokens=2048)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -282,7 +276,7 @@ def sweep_knn(model_dir: str, store_dir: str, corpus: str, split: str = "validat
     if not math.isfinite(best[0]):  # checked before anything is saved: never store broken defaults
         raise SiloError("sweep found no finite perplexity")
     if save:
-        save_defaults(store_dir, {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")}
+        save_defaults(store, {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")}
                       | ({"refine": refine} if refine else {})
                       | {"tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
                          "validation_ppl_knn": round(best[0], 4)})

@@ -116,19 +116,17 @@ def sweep_lambdas(scored: list[DocInfgram], lams: tuple[float, ...] = tuple(np.r
     has = np.concatenate([s.suffix_count for s in scored]) > 0
     buckets = bucket_of(np.concatenate([s.suffix_len for s in scored]))
 
-    def best(sel) -> tuple[float, float]:
-        nll = [(-knn_interpolate(lm[sel], inf[sel], lam, retrieved=has[sel]).sum(), lam) for lam in lams]
-        return min(nll)[1], min(nll)[0]
+    def best(sel) -> float:  # the λ of least negative log-likelihood (the smallest, on a tie)
+        return float(min(sorted(lams), key=lambda lam: -knn_interpolate(lm[sel], inf[sel], lam, retrieved=has[sel]).sum()))
 
-    glob = best(np.ones(len(lm), dtype=bool))[0]
+    glob = best(np.ones(len(lm), dtype=bool))
     by_bucket, report = [], {}
     for b, lo in enumerate(SUFFIX_BUCKETS):
         sel = buckets == b
         if sel.sum() >= min_tokens:
-            lam = float(best(sel)[0])
+            lam = best(sel)
             by_bucket.append((lo, lam))
             report[str(lo)] = {"lambda": lam, "tokens": int(sel.sum())}
-    glob = float(glob)
     params = InfgramParams(lam=glob, lam_by_suffix=tuple(by_bucket))
     return params, {"lambda": glob, "buckets": report}
 
@@ -171,8 +169,7 @@ def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_token
         if m and m["lam"] > 0 and m["sl"] > 0 and m["nxt"].get(t.token_id):
             docs = index.documents([*m["context"], t.token_id], attribution_top)
             share = m["lam"] * m["nxt"][t.token_id] / max(sum(m["nxt"].values()), 1) / max(len(docs), 1)
-            t.attribution = [{"entry_id": int(store.docs.first_entry[d]), "doc_id": store.doc_id(d),
-                              **{c: store.docs.value(c, d) for c in ("source", "license", "tier", "owner")},
+            t.attribution = [{"entry_id": int(store.docs.first_entry[d]), **store.doc_provenance(d),
                               "sentence_index": 0, "sentence": "", "position": 0,
                               "weight": share,  # the token's λ·p_∞ shared by the documents shown
                               "suffix_tokens": m["sl"], "suffix_count": m["count"]} for d in docs]
@@ -205,9 +202,7 @@ def trace(store: InfgramStore, tok, text: str, min_tokens: int = 8, max_spans: i
     out = []
     for sp in index.spans(ids, min_tokens, max_docs):
         a, b = offsets[sp.start][0], offsets[sp.end - 1][1]
-        docs = [{"doc_id": store.doc_id(d), **{c: store.docs.value(c, d) for c in ("source", "license", "tier", "owner")}}
-                for d in sp.docs]
-        out.append(TracedSpan(sp.start, sp.end, a, b, text[a:b], sp.count, docs))
+        out.append(TracedSpan(sp.start, sp.end, a, b, text[a:b], sp.count, [store.doc_provenance(d) for d in sp.docs]))
     out.sort(key=lambda s: (-(s.end_token - s.start_token), s.count, s.start_token))
     return out[:max_spans]
 

@@ -36,6 +36,8 @@ from silo.corpus import iter_documents
 from silo.lm import load_causal_lm
 from silo.tokenizer import load_tokenizer
 
+INGEST_KINDS = ("token", "passage")  # an ∞-gram store's suffix arrays are rebuilt, not appended to
+
 WORK_NAME = ".ingest"
 
 
@@ -52,7 +54,7 @@ def add_documents(store_dir: str | Path, docs: Iterable[dict], model_dir: str | 
     t0 = time.perf_counter()
     with StoreLock(store_dir, "ingest"):
         m = Manifest.load(store_dir)
-        if m.kind not in ("token", "passage"):
+        if m.kind not in INGEST_KINDS:
             raise StoreError(f"{store_dir}: live ingest adds to token and passage stores, not {m.kind} stores")
         if "bm25" in m.retrievers:
             raise StoreError(f"{store_dir}: BM25 statistics are store-wide, so adding documents means re-indexing "

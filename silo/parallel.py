@@ -50,11 +50,9 @@ def run_job(job_fn: JobFn, settings: dict, job: ShardJob, threads: int) -> dict:
 
 def run_jobs(jobs: list[ShardJob], settings: dict, backend: str = "local", workers: int = 1,
              ray_address: str | None = None, retries: int = 2, progress: bool = True,
-             job_fn: JobFn | None = None) -> list[dict]:
+             *, job_fn: JobFn) -> list[dict]:
     """Run shard jobs on a backend; returns ShardInfo dicts in job order. `job_fn` is a
     module-level function (workers import it by name), e.g. `silo.build.shard_worker`."""
-    if job_fn is None:
-        raise ValueError("run_jobs needs job_fn: the function that builds one shard")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if workers < 1:

@@ -37,6 +37,7 @@ import torch
 from datastore.index import choose_factory, new_index
 from datastore.store import Datastore
 from silo.build import BuildArgs, build_store
+from silo.errors import SiloError
 from silo.lm import load_causal_lm
 
 GB = 1 << 30
@@ -61,7 +62,7 @@ def parse_factory(factory: str, dim: int) -> tuple[int, int]:
         return int(m.group(1)), int(m.group(2)) * nbits // 8
     if factory == "Flat":
         return 1, 4 * dim
-    raise ValueError(f"cannot plan for index {factory!r}; use IVF<nlist>,PQ<M> or Flat")
+    raise SiloError(f"cannot plan for index {factory!r}; use IVF<nlist>,PQ<M> or Flat")
 
 
 def plan(tokens: float, calib: dict, kind: str = "token", factory: str | None = None,
@@ -70,8 +71,8 @@ def plan(tokens: float, calib: dict, kind: str = "token", factory: str | None = 
          refine: int = 4, k: int = 64, ssd_read_s: float = 100e-6) -> dict:
     """Nodes, RAM, disk, build hours and query latency for a store of `tokens` tokens."""
     if tokens <= 0:
-        raise ValueError("tokens must be positive")
-    dim = int(calib["dim"] if kind == "token" else calib.get("passage_dim", calib["dim"]))
+        raise SiloError("tokens must be positive")
+    dim = int(calib["dim"])
     entries = tokens if kind == "token" else math.ceil(tokens / passage_tokens)
     factory = factory or choose_factory(int(entries), dim, memory_budget=int(entries) * 72)
     nlist, code = parse_factory(factory, dim)
@@ -80,7 +81,7 @@ def plan(tokens: float, calib: dict, kind: str = "token", factory: str | None = 
     doc_ram = entries * calib.get("doc_ram_bytes_per_entry", 0.0)
     per_node = ram_per_node * ram_fraction - calib.get("rss_base_bytes", 0.0) - centroid_bytes
     if per_node <= 0:
-        raise ValueError(f"{ram_per_node / GB:.0f} GiB nodes cannot hold the runtime and the centroids")
+        raise SiloError(f"{ram_per_node / GB:.0f} GiB nodes cannot hold the runtime and the centroids")
     need = math.ceil((index_bytes + doc_ram) / per_node)
     nodes = nodes or need
     workers = workers or nodes
@@ -199,7 +200,7 @@ def capacity_plan(tokens: float, calibration: str | os.PathLike, calibrate_first
     path = Path(calibration)
     if calibrate_first:
         if not (model and corpus):
-            raise ValueError("calibrating needs a model and a corpus (--model, --corpus)")
+            raise SiloError("calibrating needs a model and a corpus (--model, --corpus)")
         calib = calibrate(model, corpus, path.parent, tokens=calibrate_tokens)
     elif path.is_file():
         calib = json.loads(path.read_text())

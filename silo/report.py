@@ -15,17 +15,24 @@ def print_table(rows: list[list], header: list[str]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def eval_rows(rep: dict, label: str = "") -> list[list]:
-    """One row per mode of a `silo.eval_modes.run_eval` report: tokens, perplexity, bits/byte, gap closed."""
-    bpb = rep.get("bits_per_byte", {})
+def mode_figures(rep: dict, mode: str) -> dict:
+    """One mode of a `silo.eval_modes.run_eval` report: perplexity, bits per byte and the gap
+    closed (per token where the oracle shares the tokenizer, else per byte; None without one)."""
+    return {"perplexity": rep[mode], "bits_per_byte": rep.get("bits_per_byte", {}).get(mode),
+            "gap_closed": rep.get(f"gap_closed_{mode}", rep.get(f"gap_closed_bpb_{mode}"))}
+
+
+def eval_rows(rep: dict, names: dict[str, str] | None = None) -> list[list]:
+    """One row per mode of a `run_eval` report (in `MODE_NAMES` order, named by `names` where
+    given): tokens, perplexity, bits/byte, gap closed."""
     rows = []
     for m, name in MODE_NAMES.items():
         if m not in rep:
             continue
-        gap = rep.get(f"gap_closed_{m}", rep.get(f"gap_closed_bpb_{m}"))
-        rows.append([f"{name}{label if m not in ('lm', 'oracle') else ''}",
-                     rep["modes"][m]["tokens"] if m in rep.get("modes", {}) else "", f"{rep[m]:.3f}",
-                     f"{bpb[m]:.4f}" if m in bpb else "", "" if gap is None else f"{100 * gap:.1f}%"])
+        f = mode_figures(rep, m)
+        rows.append([(names or {}).get(m, name), rep["modes"][m]["tokens"] if m in rep.get("modes", {}) else "",
+                     f"{f['perplexity']:.3f}", "" if f["bits_per_byte"] is None else f"{f['bits_per_byte']:.4f}",
+                     "" if f["gap_closed"] is None else f"{100 * f['gap_closed']:.1f}%"])
     return rows
 
 

@@ -18,8 +18,17 @@ from datastore.passages import PassageStore
 from datastore.policy import RetrievalPolicy
 from datastore.store import Datastore
 from silo.embed import passage_search
+from silo.errors import SiloError
 from silo.keys import text_keys
 from silo.lm import load_causal_lm
+
+SEARCH_KINDS = ("token", "passage")  # stores searched by vector or words (∞-gram stores are traced)
+
+
+def check_searchable(store: Datastore) -> None:
+    if store.manifest.kind not in SEARCH_KINDS:
+        raise SiloError(f"{store.path} is an {store.manifest.kind} store: search token or passage stores "
+                        "(trace text against an ∞-gram store with `silo trace`)")
 
 
 @dataclass
@@ -32,6 +41,7 @@ def search_text(store: Datastore, query: str, k: int, model=None, tok=None, poli
                 nprobe: int | None = None, refine: int | None = None, retriever: str = "bm25",
                 allow_partial: bool = False) -> SearchHits:
     """Top-k hits for one query text, attributed (token stores: with `next_token`)."""
+    check_searchable(store)
     if not query.strip():
         raise ValueError("empty query")
     if isinstance(store, PassageStore):
@@ -51,6 +61,7 @@ def search_store(path: str, query: str, k: int, model_dir: str | None = None, po
                  nprobe: int | None = None, refine: int | None = None, retriever: str = "bm25") -> SearchHits:
     """`silo datastore search`: open a store (and its model, when the search needs it) and search it."""
     store = open_store(path)
+    check_searchable(store)  # before loading a model for nothing
     model = tok = None
     if not isinstance(store, PassageStore) or retriever == "dense":
         model_dir = model_dir or store.manifest.model

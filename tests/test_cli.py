@@ -44,6 +44,18 @@ def test_size_and_tier_arguments_are_validated(capsys):
     assert args.limit_bytes == int(1.5 * (1 << 20))
 
 
+def test_plan_without_what_it_needs_is_one_line(tmp_path, capsys):
+    calib = tmp_path / "calibration.json"
+    for args, said in ((["--calibrate"], "needs a model and a corpus"), ([], "no calibration at"),
+                       (["--tokens", "0"], "tokens must be positive")):
+        if args == ["--tokens", "0"]:
+            calib.write_text(json.dumps({"dim": 64, "entry_meta_bytes": 16, "text_bytes_per_token": 4}))
+        with pytest.raises(SystemExit) as e:
+            main(["plan", "--calibration", str(calib), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and "Traceback" not in err, args
+
+
 def test_import_stats_train_refusal_and_errors(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", make_records(30))
     out = silo("corpus", "import", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "c")).stdout

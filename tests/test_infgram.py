@@ -135,6 +135,18 @@ def test_takedown_is_exact_and_compaction_keeps_the_answers(ig_dir, tmp_path, ti
     assert all(after.index.doc_tokens(d).size == 0 for d in removed)
 
 
+def test_an_infgram_store_is_traced_not_searched(ig_dir, capsys):
+    from silo.cli import main
+    from silo.errors import SiloError
+    from silo.search import search_text
+
+    with pytest.raises(SiloError, match="silo trace"):
+        search_text(open_store(ig_dir, load_index=False), "The lighthouse of", 3)
+    with pytest.raises(SystemExit) as e:
+        main(["datastore", "search", str(ig_dir), "--query", "The lighthouse of"])
+    assert e.value.code == 2 and "silo trace" in capsys.readouterr().err
+
+
 def test_inference_tracing_and_generation(ig_dir, lm, corpus_dir):
     model, tok = lm
     store = open_store(ig_dir)
@@ -163,7 +175,8 @@ def test_eval_reports_every_mode_with_bits_per_byte(ig_dir, tmp_path, tiny_model
                           window=WINDOW, stride=WINDOW // 2, progress=False))
     ig = tmp_path / "ig"
     shutil.copytree(ig_dir, ig)
-    res = sweep_infgram(str(tiny_model), str(ig), str(corpus_dir), window=WINDOW, stride=WINDOW // 2)
+    model, tok = load_causal_lm(tiny_model)
+    res = sweep_infgram(model, tok, open_store(ig), str(corpus_dir), window=WINDOW, stride=WINDOW // 2)
     assert res["infgram"] <= res["lm"] and open_store(ig).manifest.defaults["lambda_by_suffix"]
     rep = run_eval(EvalArgs(model=str(tiny_model), corpus=str(corpus_dir), stores=(str(token), str(ig)),
                             modes=("lm", "knn", "infgram"), window=WINDOW, stride=WINDOW // 2, k=16, lam=0.5,
@@ -221,6 +234,15 @@ def test_opting_everything_out_gives_exactly_the_lm(tmp_path, ig_dir, tiny_model
         server.stop(0)
 
 
+def _generation_docs(c: SiloClient, text: str) -> set[str]:
+    """Every document an ∞-gram generation from `text`'s opening cites: per token, in the
+    citations and in the trace of its output."""
+    events = list(c.generate(text[:60], max_new_tokens=12, mode="infgram", lam=0.9, trace=True, trace_min_tokens=3))
+    summary = events[-1].summary
+    return ({h.doc_id for e in events if e.HasField("token") for h in e.token.attribution}
+            | {x.doc_id for x in summary.citations} | {d.doc_id for sp in summary.trace for d in sp.documents})
+
+
 def test_trace_and_infgram_over_grpc(tmp_path, ig_dir, tiny_model):
     ig = tmp_path / "ig"
     shutil.copytree(ig_dir, ig)
@@ -241,9 +263,19 @@ def test_trace_and_infgram_over_grpc(tmp_path, ig_dir, tiny_model):
         summary = events[-1].summary
         assert summary.generated_tokens == 8 and any(e.token.suffix_tokens for e in events if e.HasField("token"))
         assert summary.trace and summary.citations
+        assert owner_doc in _generation_docs(c, text)  # its own opening: the store continues it
         c.optout(doc_ids=[owner_doc])
         r2 = c.trace(text, min_tokens=6)
         assert owner_doc not in {d.doc_id for sp in r2.spans for d in sp.documents}
+        assert owner_doc not in _generation_docs(c, text)
+        proof = c.optout_status(doc_id=owner_doc)
+        assert proof.removed and proof.tombstoned and not proof.compacted
+        assert [(p.store, p.tombstoned, p.live_entries) for p in proof.stores] == [(ig.name, True, 0)]
+        assert c.compact().rewritten_shards >= 1  # the suffix array rewritten without it
+        assert c.optout_status(doc_id=owner_doc).compacted
+        assert owner_doc not in {d.doc_id for sp in c.trace(text, min_tokens=6).spans for d in sp.documents}
+        assert owner_doc not in _generation_docs(c, text)
+        assert c.score(text, mode="infgram", lam=0.5).num_tokens == lm.num_tokens
         assert code_of(lambda: c.trace("")) == grpc.StatusCode.INVALID_ARGUMENT
         assert code_of(lambda: c.trace(text, min_tokens=5000)) == grpc.StatusCode.INVALID_ARGUMENT
     finally:

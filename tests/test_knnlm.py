@@ -215,7 +215,8 @@ def test_sweep_stores_tuned_defaults(store_dir, tiny_model, corpus_dir, tmp_path
 
     path = tmp_path / "s"
     shutil.copytree(store_dir, path)
-    res = sweep_knn(str(tiny_model), str(path), str(corpus_dir), window=WINDOW, stride=WINDOW // 2,
+    model, tok = load_causal_lm(tiny_model)
+    res = sweep_knn(model, tok, Datastore.open(path), str(corpus_dir), window=WINDOW, stride=WINDOW // 2,
                     ks=(8, 32), lams=(0.1, 0.5), temps=(1.0, 10.0), nprobe=16, refine=2)
     assert res["knn"] <= res["lm"]
     d = Datastore.open(path).manifest.defaults

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from silo.errors import SiloError
 from silo.plan import GB, calibrate, parse_factory, plan, plans
 
 CALIB = {"dim": 2048, "keys_per_second": 1000.0, "adds_per_second": 100_000.0, "t_centroid": 1e-9,
@@ -19,7 +20,7 @@ def test_parse_factory():
     assert parse_factory("IVF65536_HNSW32,PQ64", 2048) == (65536, 64)
     assert parse_factory("IVF4096,PQ32x4", 768) == (4096, 16)
     assert parse_factory("Flat", 768) == (1, 3072)
-    with pytest.raises(ValueError):
+    with pytest.raises(SiloError):
         parse_factory("HNSW32", 768)
 
 
@@ -52,7 +53,7 @@ def test_passage_store_alternative_and_explicit_nodes():
     default = plans(1.4e12, CALIB)  # one fleet builds both: the token store's node count
     assert default["passage"]["build_workers"] == default["token"]["build_workers"] == default["token"]["nodes"]
     assert default["passage"]["build_worker_hours"] < default["token"]["build_worker_hours"]
-    with pytest.raises(ValueError):
+    with pytest.raises(SiloError):
         plan(0, CALIB)
 
 

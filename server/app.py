@@ -37,6 +37,7 @@ from server.gen import silo_pb2 as pb
 from server.limits import Limits
 from server.remote import RemoteShardGroup, ShardSearchServicer, parse_shard_range
 from server.servicers import DatastoreServicer, InvalidMessage, LanguageModelServicer, ServerState
+from silo.errors import SiloError
 from silo.lm import load_causal_lm
 
 log = logging.getLogger("silo.server")
@@ -105,7 +106,7 @@ def build_server(services: dict, port: int, host: str = "127.0.0.1", auth: Auth 
     bound = (server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])])) if tls
              else server.add_insecure_port(address))
     if bound == 0:
-        raise SystemExit(f"cannot listen on {address}")
+        raise SiloError(f"cannot listen on {address} (in use, or not an address of this machine)")
     server.start()
     for name in ("", *[f"silo.v1.{n}" for n in services]):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

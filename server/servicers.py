@@ -57,7 +57,7 @@ from silo.licenses import license_obligation
 from silo.lm import model_info
 from silo.ricl import RICParams, ric_generate, ric_score_documents
 from silo.search import SEARCH_KINDS, search_text
-from silo.tokenizer import encode_document
+from silo.tokenizer import encode_document, text_ids
 
 log = logging.getLogger("silo.server")
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -297,7 +297,7 @@ class LanguageModelServicer:
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
             params = knn_params_from_pb(r.retrieval, store)
-        prompt_tokens = len(s.tok(r.prompt, add_special_tokens=False)["input_ids"])
+        prompt_tokens = len(text_ids(s.tok, r.prompt))
         stop = pb.MAX_TOKENS
         deadline = time.monotonic() + r.time_limit_s if r.time_limit_s > 0 else None
         pieces, attrs, n = [], [], 0
@@ -401,13 +401,13 @@ class LanguageModelServicer:
         store = s.store("infgram")
         spans = trace(store, s.tok, r.text, min_tokens, max_spans, max_docs, checked_policy(r.policy, lim))
         return pb.TraceResponse(spans=[traced_pb(sp) for sp in spans],
-                                tokens=len(s.tok(r.text, add_special_tokens=False)["input_ids"]))
+                                tokens=len(text_ids(s.tok, r.text)))
 
     @guarded
     def Tokenize(self, r, context):
         check_text("text", r.text, self.s.limits.max_text_chars)
-        ids = self.s.tok(r.text, add_special_tokens=r.add_special_tokens)["input_ids"]
-        if r.add_special_tokens and self.s.tok.bos_token_id is not None and (not ids or ids[0] != self.s.tok.bos_token_id):
+        ids = text_ids(self.s.tok, r.text)  # special tokens in the text are text
+        if r.add_special_tokens and self.s.tok.bos_token_id is not None:
             ids = [self.s.tok.bos_token_id, *ids]
         return pb.TokenizeResponse(ids=ids, tokens=self.s.tok.convert_ids_to_tokens(ids))
 

@@ -53,7 +53,7 @@ from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys, key_dim
 from silo.lm import load_causal_lm
 from silo.parallel import ShardJob, run_jobs
-from silo.tokenizer import load_tokenizer
+from silo.tokenizer import load_tokenizer, tokenize_text
 
 KINDS = ("token", "passage", "infgram")
 EMBED_CHUNK = 4096  # passages embedded per add
@@ -152,7 +152,7 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
                 counts["skipped_duplicate"] += 1
                 refused.append({"doc_id": doc["doc_id"], "reason": "duplicate doc id"})
                 continue
-            enc = tok(doc["text"], add_special_tokens=False, return_offsets_mapping=True)
+            enc = tokenize_text(tok, doc["text"], return_offsets_mapping=True)
             ids = bos + enc["input_ids"] + eos
             chars = [0] * len(bos) + [s for s, _ in enc["offset_mapping"]] + [len(doc["text"])] * len(eos)
             if len(ids) < 2:

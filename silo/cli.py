@@ -25,13 +25,13 @@ from datastore.policy import RetrievalPolicy, split_list
 from datastore.removal import remove
 from server.app import serve, serve_shards
 from server.auth import CredentialError, OwnerCredentials
-from server.client import SiloClient, to_dict
+from server.client import SiloClient, retrieval_options, to_dict
 from server.gen import silo_pb2 as pb
 from server.limits import Limits
 from silo.build import BuildArgs, build_store
 from silo.corpus import corpus_stats, import_files
 from silo.demo import run_demo
-from silo.errors import USER_ERRORS
+from silo.errors import USER_ERRORS, SiloError
 from silo.eval_modes import EvalArgs, run_eval
 from silo.evaluate import evaluate_model
 from silo.harvest import harvest_corpus
@@ -178,7 +178,7 @@ def cmd_datastore_add(a: argparse.Namespace) -> None:
 
 def cmd_datastore_search(a: argparse.Namespace) -> None:
     if a.k <= 0:
-        raise SystemExit("silo: error: -k must be positive")
+        raise SiloError("-k must be positive")
     hits = search_store(a.store, a.query, a.k, a.model, _policy(a), a.nprobe, a.refine, a.retriever).hits
     if a.json:
         return _print_json({"query": a.query, "hits": hits})
@@ -266,7 +266,7 @@ def cmd_token(a: argparse.Namespace) -> None:
               f"{a.credentials}", file=sys.stderr)
     elif a.token_command == "revoke":
         if not creds.revoke(a.id):
-            raise SystemExit(f"silo: error: no token {a.id!r} in {a.credentials}")
+            raise SiloError(f"no token {a.id!r} in {a.credentials}")
         print(f"revoked {a.id}")
     else:
         print_table([[t["id"], t["owner"], t.get("created", "")] for t in creds.list()], ["id", "owner", "created"])
@@ -305,7 +305,7 @@ def _rpc(fn: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespa
 def cmd_generate(a: argparse.Namespace) -> None:
     with _client(a) as c:
         events = c.generate(a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, tuple(a.stop or ()),
-                            trace=a.trace, **_retrieval_kwargs(a))
+                            trace=a.trace, retrieval=retrieval_options(**_retrieval_kwargs(a)))
         if a.json:
             return _print_json([to_dict(e) for e in events])
         summary = None

@@ -324,7 +324,7 @@ def corpus_stats(corpus: str | os.PathLike, tokenizer=None) -> dict:
     """Documents, tokens and bytes per tier and per source, and per split.
 
     Tokens are the given tokenizer's, or else words and punctuation marks (`_WORD`)."""
-    count = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer else (
+    count = (lambda t: len(tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"])) if tokenizer else (
         lambda t: len(_WORD.findall(t)))
     rows: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for doc in iter_documents(corpus, columns=["text", "source"]):

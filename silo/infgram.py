@@ -32,6 +32,7 @@ from datastore.policy import RetrievalPolicy
 from silo.errors import SiloError
 from silo.evaluate import perplexity, score_documents
 from silo.knnlm import GeneratedToken, generate_mixed, knn_interpolate
+from silo.tokenizer import tokenize_text
 
 SUFFIX_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # lower bounds of the suffix-length buckets
 MAX_CONTEXT = MAX_MATCH  # tokens of context a match may span
@@ -196,7 +197,7 @@ def trace(store: InfgramStore, tok, text: str, min_tokens: int = 8, max_spans: i
     each with up to `max_docs` of its documents, longest and rarest first."""
     if min_tokens < 1:
         raise SiloError(f"min_tokens must be positive, got {min_tokens}")
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenize_text(tok, text, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     index = store.index_for(policy)
     out = []

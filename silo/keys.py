@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from silo.tokenizer import text_ids
+
 KEY_TYPES = ("ffn_input", "final")
 
 
@@ -118,7 +120,7 @@ def text_keys(model, tok, texts: list[str], key_type: str = "ffn_input"):
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
     with capture_keys(model, key_type) as box:
         for text in texts:
-            ids = (bos + tok(text, add_special_tokens=False)["input_ids"])[-max_pos:]
+            ids = (bos + text_ids(tok, text))[-max_pos:]
             model(input_ids=torch.tensor([ids], device=device))
             out.append(box["keys"][0, -1].float().cpu().numpy())
     return np.stack(out)

@@ -29,7 +29,7 @@ from datastore.store import Datastore
 from silo.errors import SiloError
 from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys
-from silo.tokenizer import StreamDecoder
+from silo.tokenizer import StreamDecoder, text_ids
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ def generate_mixed(model, tok, prompt: str, mix: Mixer, max_new_tokens: int = 32
     if not prompt:
         raise SiloError("empty prompt")
     device = next(model.parameters()).device
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + text_ids(tok, prompt)
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
     ids = ids[-max(1, max_pos - max_new_tokens):]
     gen = torch.Generator().manual_seed(seed)

@@ -30,7 +30,7 @@ from silo.embed import passage_search
 from silo.errors import SiloError
 from silo.evaluate import batched, pad_batch
 from silo.knnlm import GeneratedToken, sample_token
-from silo.tokenizer import StreamDecoder
+from silo.tokenizer import StreamDecoder, text_ids
 
 RETRIEVERS = ("bm25", "dense")
 
@@ -109,7 +109,7 @@ def ric_score_documents(model, tok, store, docs: list[list[int]], window: int = 
             b.passage_ids, b.passage_scores = i[i >= 0], s[i >= 0]
     used = np.unique(np.concatenate([b.passage_ids for b in blocks])) if blocks else np.zeros(0, np.int64)
     texts = store.passage_text(used) if len(used) else []
-    ptoks = {int(pid): tok(t, add_special_tokens=False)["input_ids"][: p.max_passage_tokens]
+    ptoks = {int(pid): text_ids(tok, t)[: p.max_passage_tokens]
              for pid, t in zip(used, texts, strict=True)}
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -151,7 +151,7 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
     device = next(model.parameters()).device
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    ids = bos + tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = bos + text_ids(tok, prompt)
     gen = torch.Generator().manual_seed(seed)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generated, text_so_far, past, attribution, since = [], "", None, [], p.stride
@@ -167,7 +167,7 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
                 pids, scores = pids[0][keep], scores[0][keep]
                 if len(pids):
                     texts = store.passage_text(pids)
-                    ptoks = [tok(t, add_special_tokens=False)["input_ids"][: p.max_passage_tokens] for t in texts]
+                    ptoks = [text_ids(tok, t)[: p.max_passage_tokens] for t in texts]
                     prefix = _prefix(ptoks, bos, eos, max(window // 2, 1))
                     attribution = store.attribute(pids, scores)
                     for h in attribution:

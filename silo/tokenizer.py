@@ -55,14 +55,12 @@ def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, vocab_size: in
     if not chunks:
         raise SiloError("no text to train a tokenizer on")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(chunks), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=True, add_dummy_prefix=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, character_coverage=0.9995,
-        max_sentence_length=CHUNK_CHARS * 4, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1, minloglevel=2, hard_vocab_limit=False,
-    )
+    try:
+        _train_sentencepiece(chunks, model, vocab_size)
+    except RuntimeError as e:  # SentencePiece's own checks (e.g. a vocabulary too small for the text's characters)
+        why = str(e).rsplit("]", 1)[-1].split(" Increase ")[0].strip()
+        hint = "; train with a larger vocabulary (--vocab-size)" if "smaller than required_chars" in why else ""
+        raise SiloError(f"tokenizer training failed: {why}{hint}") from e
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +70,17 @@ def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, vocab_size: in
     tok.save_pretrained(out)
     (out / "tokenizer.model").write_bytes(model.getvalue())
     return tok
+
+
+def _train_sentencepiece(chunks: list[str], model: io.BytesIO, vocab_size: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(chunks), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, add_dummy_prefix=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, character_coverage=0.9995,
+        max_sentence_length=CHUNK_CHARS * 4, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1, minloglevel=2, hard_vocab_limit=False,
+    )
 
 
 def train_tokenizer_on_corpus(corpus: str | os.PathLike, out: str | os.PathLike, tiers: Iterable[str],
@@ -97,9 +106,22 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
+def tokenize_text(tok, text: str, **kwargs):
+    """`tok(text)` for text from a document or a client: no special tokens added, and none
+    parsed out of the text. A literal "</s>" or "<s>" in a text is those characters, never
+    a document separator: a client cannot end a document inside its query (and so make a
+    match span two documents), and a document cannot end itself early in a store."""
+    return tok(text, add_special_tokens=False, split_special_tokens=True, **kwargs)
+
+
+def text_ids(tok, text: str) -> list[int]:
+    """Token ids of `text` as plain text (`tokenize_text`)."""
+    return tokenize_text(tok, text)["input_ids"]
+
+
 def encode_document(tok, text: str) -> list[int]:
     """Token ids of one document framed as <s> … </s> (the document separators)."""
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = text_ids(tok, text)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     return bos + ids + eos

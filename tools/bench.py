@@ -49,6 +49,7 @@ from silo.evaluate import (  # noqa: E402
 )
 from silo.knnlm import DocNeighbours, KNNParams, generate, retrieve_neighbours  # noqa: E402
 from silo.lm import load_causal_lm  # noqa: E402
+from silo.tokenizer import text_ids  # noqa: E402
 
 BENCHMARKS: dict[str, Callable] = {}
 ALL_TIERS = ("pd", "sw", "by", "restricted")
@@ -920,10 +921,10 @@ def bench_infgram(ctx: Context) -> list[dict]:
     texts = {"held-out text": _text_of_tokens(ctx, 256)}
     long_docs = np.flatnonzero(store.docs.n_tokens >= 300)
     if len(long_docs):  # a stored document's first 256 tokens: long verbatim spans
-        ids = tok(store.docs.text(int(long_docs[0])), add_special_tokens=False)["input_ids"]
+        ids = text_ids(tok, store.docs.text(int(long_docs[0])))
         texts["text copied from the store"] = tok.decode(ids[:256], skip_special_tokens=True)
     for label, text in texts.items():
-        n_ids = len(tok(text, add_special_tokens=False)["input_ids"])
+        n_ids = len(text_ids(tok, text))
         trace(store, tok, text)  # warm
         times = [best_of(1, lambda text=text: trace(store, tok, text)) for _ in range(10 * ctx.args.repeat)]
         spans = trace(store, tok, text)

@@ -12,3 +12,8 @@ class FingerprintMismatch(StoreError):
 
 class StoreLocked(StoreError):
     """Another process holds the store's lock (a build, compaction or ingest is running)."""
+
+
+class TooMuchWork(StoreError):
+    """A request's total work is over one of the caps that bound it, checked before any
+    allocation (RESOURCE_EXHAUSTED over gRPC); the message names the cap and its value."""

@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from datastore.compact import compact
-from datastore.errors import FingerprintMismatch, StoreError, StoreLocked
+from datastore.errors import FingerprintMismatch, StoreError, StoreLocked, TooMuchWork
 from datastore.manifest import model_fingerprint
 from datastore.optout import CorruptLog
 from datastore.removal import LargeRemoval, PermissionDenied, find_record, remove, status
@@ -158,6 +158,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StoreLocked, grpc.StatusCode.FAILED_PRECONDITION),
     (ShardUnavailable, grpc.StatusCode.UNAVAILABLE),
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooMuchWork, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (SiloError, grpc.StatusCode.INVALID_ARGUMENT),
     (StoreError, grpc.StatusCode.FAILED_PRECONDITION),

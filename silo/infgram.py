@@ -13,6 +13,10 @@ Scoring runs the LM once (the same windows as LM-only, so every mode scores the 
 tokens) and queries the engine per position; the longest match can grow by at most one
 token per position, so each query looks only at that many trailing tokens.
 
+Generation takes the store's index at every step (a tombstone-version compare when nothing
+changed): a removal acknowledged while a generation streams holds from its next token on,
+for the distribution and for the attribution alike.
+
 Tracing (`trace`): the maximal spans of a text that occur verbatim in the store, each
 with its documents — OLMoTrace's idea — longest and rarest first, opted-out documents
 never shown.
@@ -147,11 +151,13 @@ def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_token
     the store holds nothing), each with its attribution: the matched suffix's length and
     count, and documents that continue it with the chosen token."""
     p_ = (params or InfgramParams.merged(store.manifest.defaults)).validate()
-    index = store.index_for(policy)
+    store.index_for(policy)  # refused before the first token if the policy's view is over its cap
     pending: dict = {}  # the step's match, for attributing the token once it is chosen
 
     def mix(ids: list[int], lm_p: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-        sl, count, nxt = index.next_tokens(ids[-MAX_CONTEXT:], max_support)
+        # taken per step (a tombstone version compare when nothing changed): a removal
+        # acknowledged while the generation streams holds from the next token on
+        sl, count, nxt = store.index_for(policy).next_tokens(ids[-MAX_CONTEXT:], max_support)
         pending.clear()
         if count <= 0 or not nxt:
             return lm_p, []
@@ -168,7 +174,7 @@ def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_token
     for t in generate_mixed(model, tok, prompt, mix, max_new_tokens, temperature, top_p, seed, stop):
         m = pending
         if m and m["lam"] > 0 and m["sl"] > 0 and m["nxt"].get(t.token_id):
-            docs = index.documents([*m["context"], t.token_id], attribution_top)
+            docs = store.index_for(policy).documents([*m["context"], t.token_id], attribution_top)
             share = m["lam"] * m["nxt"][t.token_id] / max(sum(m["nxt"].values()), 1) / max(len(docs), 1)
             t.attribution = [{"entry_id": int(store.docs.first_entry[d]), **store.doc_provenance(d),
                               "sentence_index": 0, "sentence": "", "position": 0,

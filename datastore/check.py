@@ -2,7 +2,8 @@
 
 Checks, in order: the manifest; the opt-out log line by line (a torn last line is a crash
 before an acknowledgement and harmless; a corrupt complete line stops the store from
-serving); every file the manifest names (opening the store reads each index and entry
+serving); the removal ledger the manifest names (`datastore.ledger`), the same way — a
+missing one stops the store; every file the manifest names (opening the store reads each index and entry
 file and compares counts); folders no manifest names (a crashed build, compaction or
 ingest). With `repair` (under the store's lock, with its servers stopped): the log is
 rewritten without a torn tail and with corrupt lines moved to `optout.quarantine` —
@@ -16,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from datastore.errors import StoreError
+from datastore.ledger import ledger_log
 from datastore.lock import StoreLock, lock_holder
 from datastore.manifest import Manifest
 from datastore.optout import QUARANTINE_NAME, OptOutLog
@@ -42,15 +44,26 @@ def check_store(path: str | os.PathLike, repair: bool = False) -> dict:
     lines.append(f"manifest: {m.kind} store, {m.documents:,} documents, {m.entries:,} entries, {len(m.shards)} shards")
     log = OptOutLog(path)
     report = log.check()
-    lines.append(f"opt-out log: {report['records']} records"
-                 + (f", {report['legacy_unchecked']} without checksum (older format)" if report["legacy_unchecked"]
-                    else ""))
+    lines.append(f"opt-out log: {report['records']} records")
     if report["torn_tail_bytes"]:
         lines.append(f"  a torn last line ({report['torn_tail_bytes']} bytes): a write cut short by a crash, never "
                      "acknowledged; the next opt-out (or --repair) cuts it off")
     for c in report["corrupt"]:
         errors.append(f"opt-out log line {c['line']} is corrupt ({c['reason']})")
         lines.append(f"  line {c['line']}: CORRUPT ({c['reason']}): {c['bytes'][:120]!r}")
+    ledger = None
+    if m.ledger:
+        try:
+            ledger = ledger_log(m.ledger, path)
+        except StoreError as e:
+            errors.append(str(e))
+            lines.append(f"removal ledger: {e}")
+    ledger_report = ledger.check() if ledger is not None else None
+    if ledger_report is not None:
+        lines.append(f"removal ledger {ledger.path}: {ledger_report['records']} records")
+        for c in ledger_report["corrupt"]:
+            errors.append(f"removal ledger line {c['line']} is corrupt ({c['reason']})")
+            lines.append(f"  line {c['line']}: CORRUPT ({c['reason']}): {c['bytes'][:120]!r}")
     unnamed = _unnamed(path, m)
     if unnamed:
         lines.append(f"unfinished or replaced folders/files no manifest names: {', '.join(unnamed)}")
@@ -62,13 +75,17 @@ def check_store(path: str | os.PathLike, repair: bool = False) -> dict:
                 log.repair()
                 lines.append(f"repaired the log: {len(report['corrupt'])} corrupt line(s) moved to "
                              f"{path / QUARANTINE_NAME} — issue those removals again")
+            if ledger_report is not None and (ledger_report["corrupt"] or ledger_report["torn_tail_bytes"]):
+                ledger.repair()
+                lines.append(f"repaired the removal ledger: {len(ledger_report['corrupt'])} corrupt line(s) moved "
+                             f"to {ledger.quarantine} — issue those removals again")
             if unnamed:
                 sweep_orphans(path)
                 for work in ("build", ".ingest"):
                     shutil.rmtree(path / work, ignore_errors=True)
                 lines.append(f"deleted {len(unnamed)} unnamed folder(s)/file(s)")
         repaired = True
-        errors = [e for e in errors if not e.startswith("opt-out log")]
+        errors = [e for e in errors if not e.startswith(("opt-out log", "removal ledger line"))]
     if not errors or repaired:
         try:
             store = Datastore.open(path, load_index=True)

@@ -10,7 +10,8 @@ into a new folder beside the old one (`NNNNN-cG`, G the compaction's generation)
 - the documents' text and sentence offsets dropped, and `removed` set in `docs.parquet`
   (the document keeps its id, source and license, so a status request can still answer);
 - passage stores: BM25 re-indexed without the removed text in *every* shard, because
-  BM25 statistics are store-wide; ∞-gram stores: the shard's suffix array rebuilt.
+  BM25 statistics are store-wide (they leave the removed passages out, and the manifest
+  records them: `build.bm25`); ∞-gram stores: the shard's suffix array rebuilt.
 
 Then the manifest — the one file that says which folders are the store — is replaced
 atomically (write, fsync, rename), and only after that are the old folders deleted. A
@@ -118,8 +119,9 @@ def _compact(path: Path, only_shards: set[int] | None) -> dict:
     if any(rewrite) and "bm25" in m.retrievers:
         # BM25 scores carry store-wide statistics: every shard is re-indexed without the removed text
         rewrite = [True] * len(store.shards)
-        texts = passage_texts(store, store.dead_docs)
+        texts = passage_texts(store, store.dead_docs | docs.removed)
         bm25 = (write_bm25, texts, bm25_statistics(texts))
+        m.build["bm25"] = {**m.build.get("bm25", {}), "passages": bm25[2]["passages"], "avg_len": bm25[2]["avg_len"]}
     new_shards, rewritten, removed_entries = [], [], 0
     for no, s in enumerate(store.shards):
         if not rewrite[no]:

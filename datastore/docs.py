@@ -59,6 +59,16 @@ class ShardText:
         a, b = int(self.text_offsets[local]), int(self.text_offsets[local + 1])
         return self.text[a:b].decode("utf-8")
 
+    def slice_of(self, local: int, start: int, end: int) -> str:
+        """Characters [start, end) of a document, decoding only its first 4·end bytes (a
+        UTF-8 character takes 1 to 4), not the whole text: an attribution reads one
+        sentence or passage, whatever the size of its document."""
+        a, b = int(self.text_offsets[local]), int(self.text_offsets[local + 1])
+        cut = min(b, a + 4 * max(end, 0))
+        while a < cut < b and self.text[cut] & 0xC0 == 0x80:  # never cut inside a character
+            cut -= 1
+        return self.text[a:cut].decode("utf-8")[start:end]
+
     def sentence_starts(self, local: int) -> np.ndarray:
         return np.asarray(self.sentences[int(self.sentence_offsets[local]) : int(self.sentence_offsets[local + 1])])
 
@@ -138,6 +148,11 @@ class Documents:
     def text(self, d: int) -> str:
         text, local = self._locate(d)
         return text.text_of(local)
+
+    def text_slice(self, d: int, start: int, end: int) -> str:
+        """Characters [start, end) of document `d` (`ShardText.slice_of`)."""
+        text, local = self._locate(d)
+        return text.slice_of(local, start, end)
 
     def sentence_starts(self, d: int) -> np.ndarray:
         text, local = self._locate(d)

@@ -104,6 +104,7 @@ class Manifest:
     build: dict = field(default_factory=dict)  # settings and timings of the build
     compactions: list[dict] = field(default_factory=list)  # what each compaction removed
     ingests: list[dict] = field(default_factory=list)  # what each live ingest added
+    ledger: str | None = None  # the removal ledger this store honours (datastore.ledger); None: its own log only
     format_version: int = FORMAT_VERSION
 
     def save(self, store: str | os.PathLike) -> None:

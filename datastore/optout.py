@@ -7,7 +7,10 @@
      "made_by": "admin" | "owner:NAME", "reason": "…", "check": "<sha256 prefix>"}
 
 `check` is the first 16 hex digits of the SHA-256 of the record's canonical JSON without
-it, so a flipped byte is caught. `scope_owner` limits a removal made with an owner's
+it, so a flipped byte is caught; a record without `check` is corrupt too (a flipped byte in
+the key itself must not turn a record into an unchecked one). Records may also carry
+`fingerprints` (`datastore.ledger`: content hashes of the removed text, so the same text
+under another id is refused by builds and ingest). `scope_owner` limits a removal made with an owner's
 credential to that owner's documents: an owner opting out a source or a span never
 removes anyone else's text, now or in a later rebuild.
 
@@ -15,12 +18,20 @@ Crash safety. A removal is acknowledged only after its line is written and fsync
 (and, for a new log, the folder too). A crash can leave at most a torn *last* line
 (never acknowledged): readers ignore it, and `OptOutLog.append` first truncates it away
 (and fsyncs) under an exclusive `flock`, so a new record never lands on a fragment.
+The write is looped until every byte is written (a short `write` is never acknowledged).
+An append that cuts a torn tail pads its line with spaces if needed so that the log ends
+up longer than it ever was: readers compare sizes (below), and a log that returned to a
+size a reader had already consumed would hide the new record from it.
 A complete line that does not parse or fails its checksum anywhere is a `CorruptLog`
 naming the line: the store refuses to serve rather than serve opted-out text, and
 `silo datastore check STORE --repair` quarantines the bad lines for a human to re-issue.
 
 Reading is incremental (`OptOutLog.read_new`): the log only grows, so a process keeps the
-byte offset of the last complete line it applied and reads only what follows.
+byte offset of the last complete line it applied and reads only what follows, and the
+bytes it has *consumed* (`consumed`, a torn tail it has seen included): a reader whose
+size check finds exactly that many bytes knows nothing new is there, torn tail or not.
+The same class reads and writes the corpus's removal ledger (`datastore.ledger`), which
+has this format under another name.
 `Removals.matches` answers "is this document opted out?" for rebuilds and ingest.
 """
 
@@ -46,13 +57,14 @@ _REQUIRED = {"receipt": str, "time": str, "by": str, "values": list, "doc_ids": 
 
 
 class CorruptLog(StoreError):
-    """A complete line of the opt-out log is unreadable: the store will not serve until
-    an operator repairs it (`silo datastore check STORE --repair`)."""
+    """A complete line of the opt-out log (or of a removal ledger) is unreadable: the store
+    will not serve until an operator repairs it (`silo datastore check STORE --repair`)."""
 
-    def __init__(self, path: Path, line_no: int, reason: str):
-        super().__init__(f"{path}: line {line_no} of the opt-out log is corrupt ({reason}); the store refuses "
+    def __init__(self, path: Path, line_no: int, reason: str, store: Path | None = None):
+        what = "opt-out log" if path.name == LOG_NAME else "removal ledger"
+        super().__init__(f"{path}: line {line_no} of the {what} is corrupt ({reason}); the store refuses "
                          f"to serve rather than risk serving removed text. Run `silo datastore check "
-                         f"{path.parent} --repair` to quarantine the line, then re-issue that removal.")
+                         f"{store or path.parent} --repair` to quarantine the line, then re-issue that removal.")
         self.path, self.line_no, self.reason = path, line_no, reason
 
 
@@ -77,9 +89,36 @@ def parse_line(raw: bytes) -> dict:
             raise ValueError(f"field {key!r} missing or not a {typ.__name__}")
     if rec["by"] not in REMOVAL_KINDS:
         raise ValueError(f"unknown removal kind {rec['by']!r}")
-    # records written before checksums existed (format 1) carry none; every later one must match
-    if "check" in rec and rec["check"] != checksum(rec):
+    if not isinstance(rec.get("check"), str):  # never "unchecked": a flipped key must not skip the check
+        raise ValueError("no checksum")
+    if rec["check"] != checksum(rec):
         raise ValueError("checksum mismatch")
+    return rec
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """`os.write` until every byte is written: a short write (a full disk, a file size
+    limit) raises instead of leaving half a record that someone acknowledges."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(f"write returned {n}: the record was not written")
+        view = view[n:]
+
+
+def new_record(by: str, values: list[str], doc_ids: Iterable[str], scope_owner: str | None = None,
+               made_by: str = "admin", reason: str = "", fingerprints: list[dict] | None = None,
+               receipt: str | None = None) -> dict:
+    """A checksummed removal record (one receipt, appended unchanged to every log it goes to)."""
+    if by not in REMOVAL_KINDS:
+        raise ValueError(f"unknown removal kind {by!r}; expected one of {', '.join(REMOVAL_KINDS)}")
+    rec = {"receipt": receipt or uuid.uuid4().hex, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "by": by, "values": list(values), "doc_ids": sorted(set(doc_ids)), "scope_owner": scope_owner,
+           "made_by": made_by, "reason": reason}
+    if fingerprints:
+        rec["fingerprints"] = fingerprints
+    rec["check"] = checksum(rec)
     return rec
 
 
@@ -92,8 +131,12 @@ class Removals:
     sources: set[tuple[str | None, str]] = field(default_factory=set)  # (scope owner, source)
     spans: list[tuple[str | None, str]] = field(default_factory=list)  # (scope owner, span)
     records: list[dict] = field(default_factory=list)
+    receipts: set[str] = field(default_factory=set)
 
     def add(self, rec: dict) -> None:
+        if rec["receipt"] in self.receipts:  # the same removal read from a store's log and from a ledger
+            return
+        self.receipts.add(rec["receipt"])
         self.records.append(rec)
         self.doc_ids.update(rec["doc_ids"])
         scope, kind, values = rec.get("scope_owner"), rec["by"], rec["values"]
@@ -107,7 +150,8 @@ class Removals:
             self.spans.extend((scope, v) for v in values)
 
     def matches(self, doc: dict) -> bool:
-        """Is this document (doc_id, owner, source, text) removed by the log?"""
+        """Is this document (doc_id, owner, source, text) removed by the log, by id, owner,
+        source or span? (Copies of removed text: `datastore.ledger.CopyFinder`.)"""
         owner = doc.get("owner") or None
         if doc.get("doc_id") in self.doc_ids or owner in self.owners:
             return True
@@ -115,6 +159,14 @@ class Removals:
             return True
         text = doc.get("text") or ""
         return any(sp in text and (scope is None or scope == owner) for scope, sp in self.spans)
+
+    def receipt_for(self, doc: dict) -> str | None:
+        """The receipt of a record that removes this document (for reports), or None."""
+        text = doc.get("text")
+        for rec in reversed(self.records):
+            if record_matches(rec, doc.get("doc_id"), doc.get("owner") or None, doc.get("source"), text):
+                return rec["receipt"]
+        return None
 
 
 def record_matches(rec: dict, doc_id: str, owner: str | None, source: str | None, text: str | None) -> bool:
@@ -148,11 +200,30 @@ def _last_newline(fd: int, size: int) -> int:
 
 
 class OptOutLog:
-    """The log of one store folder: durable appends, incremental tolerant reads."""
+    """One log file (a store's `optout.log`, or a removal ledger): durable appends,
+    incremental tolerant reads."""
 
-    def __init__(self, store: str | os.PathLike):
-        self.path = Path(store) / LOG_NAME
-        self.offset = 0  # end of the last complete line applied by `read_new`
+    def __init__(self, store: str | os.PathLike, name: str = LOG_NAME, repair_hint: Path | None = None):
+        self.path = Path(store) / name
+        self.repair_hint = repair_hint  # the folder `silo datastore check --repair` takes
+        self.offset = 0  # end of the last complete line read by `read_new`
+        self.consumed = 0  # bytes seen by `read_new`, a torn tail included
+
+    @classmethod
+    def at(cls, path: str | os.PathLike, repair_hint: Path | None = None) -> OptOutLog:
+        path = Path(path)
+        return cls(path.parent, path.name, repair_hint)
+
+    @property
+    def quarantine(self) -> Path:
+        return self.path.parent / (QUARANTINE_NAME if self.path.name == LOG_NAME
+                                   else self.path.stem + ".quarantine")
+
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def read_new(self) -> list[dict]:
         """Records appended since the last call (all of them the first time). A torn last
@@ -160,12 +231,14 @@ class OptOutLog:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
+            self.offset = self.consumed = 0
             return []
         try:
             size = os.fstat(fd).st_size
             if size < self.offset:  # rewritten by an offline repair: read it all again (callers merge)
                 self.offset = 0
             if size == self.offset:
+                self.consumed = size
                 return []
             data = os.pread(fd, size - self.offset, self.offset)
         finally:
@@ -177,8 +250,9 @@ class OptOutLog:
             try:
                 out.append(parse_line(raw))
             except ValueError as e:
-                raise CorruptLog(self.path, first_line + i, str(e)) from None
+                raise CorruptLog(self.path, first_line + i, str(e), self.repair_hint) from None
         self.offset += end
+        self.consumed = self.offset + len(data) - end
         return out
 
     def _line_no(self, offset: int) -> int:
@@ -189,40 +263,42 @@ class OptOutLog:
 
     def read_all(self) -> Removals:
         rem = Removals()
-        for rec in OptOutLog(self.path.parent).read_new():
+        for rec in OptOutLog(self.path.parent, self.path.name, self.repair_hint).read_new():
             rem.add(rec)
         return rem
 
     def append(self, by: str, values: list[str], doc_ids: Iterable[str], scope_owner: str | None = None,
-               made_by: str = "admin", reason: str = "") -> dict:
+               made_by: str = "admin", reason: str = "", fingerprints: list[dict] | None = None) -> dict:
         """Append one removal durably and return its record (the receipt): only then may
         the caller acknowledge it."""
-        if by not in REMOVAL_KINDS:
-            raise ValueError(f"unknown removal kind {by!r}; expected one of {', '.join(REMOVAL_KINDS)}")
-        rec = {"receipt": uuid.uuid4().hex, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "by": by, "values": list(values), "doc_ids": sorted(set(doc_ids)), "scope_owner": scope_owner,
-               "made_by": made_by, "reason": reason}
-        rec["check"] = checksum(rec)
-        line = (json.dumps(rec, ensure_ascii=True) + "\n").encode("ascii")
+        rec = new_record(by, values, doc_ids, scope_owner, made_by, reason, fingerprints)
+        self.append_record(rec)
+        return rec
+
+    def append_record(self, rec: dict) -> None:
+        """Append a record made by `new_record` durably (fsync'd; the folder too for a new log)."""
+        line = json.dumps(rec, ensure_ascii=True).encode("ascii")
         new = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # one appender at a time, across processes
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn tail from a crash: cut it off first
-                os.ftruncate(fd, _last_newline(fd, size))
+                end = _last_newline(fd, size)
+                os.ftruncate(fd, end)
                 os.fsync(fd)
-            os.write(fd, line)
+                # end longer than the torn log was: a reader that consumed `size` bytes must see a change
+                line += b" " * max(0, size - end - len(line))
+            write_all(fd, line + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)  # releases the flock
         if new:
             fsync_path(self.path.parent)
-        return rec
 
     def check(self) -> dict:
         """Every complete line checked: counts, corrupt lines (number, reason), torn tail bytes."""
-        report = {"records": 0, "corrupt": [], "torn_tail_bytes": 0, "legacy_unchecked": 0}
+        report = {"records": 0, "corrupt": [], "torn_tail_bytes": 0}
         if not self.path.is_file():
             return report
         data = self.path.read_bytes()
@@ -230,18 +306,17 @@ class OptOutLog:
         report["torn_tail_bytes"] = len(data) - end
         for i, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
             try:
-                rec = parse_line(raw)
+                parse_line(raw)
             except ValueError as e:
                 report["corrupt"].append({"line": i, "reason": str(e), "bytes": raw[:200].decode("latin-1")})
                 continue
             report["records"] += 1
-            report["legacy_unchecked"] += "check" not in rec
         return report
 
     def repair(self) -> dict:
         """Rewrite the log without a torn tail and without corrupt lines (moved, with their
-        line numbers, to `optout.quarantine` for a human to re-issue); atomic and fsync'd.
-        Run it with every server of the store stopped."""
+        line numbers, to the quarantine file beside it for a human to re-issue); atomic and
+        fsync'd. Run it with every server of the store stopped."""
         report = self.check()
         if not report["corrupt"] and not report["torn_tail_bytes"]:
             return report
@@ -255,11 +330,11 @@ class OptOutLog:
             except ValueError as e:
                 bad.append(f"# line {i}: {e}\n".encode() + raw + b"\n")
         if bad:
-            with open(self.path.parent / QUARANTINE_NAME, "ab") as q:
+            with open(self.quarantine, "ab") as q:
                 q.write(b"".join(bad))
                 q.flush()
                 os.fsync(q.fileno())
-        tmp = self.path.with_suffix(".log.repair")
+        tmp = self.path.with_name(self.path.name + ".repair")
         with open(tmp, "wb") as f:
             f.write(b"".join(good))
             f.flush()

@@ -11,7 +11,17 @@ BM25 is In-Context RALM's (Lucene variant, k1 0.9, b 0.4, bm25s's word tokenizer
 lowercase, English stopwords). Every shard is scored with the statistics of the *whole*
 store (passage count, document frequencies, average length), so a passage scores the
 same whatever the sharding and the merged top-k is exactly one big index's; compaction
-therefore re-indexes every shard. Dense search takes query vectors from the caller's
+therefore re-indexes every shard, with statistics that leave removed passages out.
+
+Between an opt-out and the compaction, the removed passages must not shape scores either
+(through idf or the average length; that would also leak that their words existed). So
+each shard's BM25 folder also keeps the term frequencies (`tf_*.npy`, the same postings
+as bm25s's score matrix) and passage lengths (`lengths.npy`): while passages are
+tombstoned but still in the files, the query's terms are scored exactly with the live
+statistics — passages, document frequencies and total length minus the removed passages'
+(read from those postings, so it costs what scoring costs). The store-wide statistics the
+files were written with are in the manifest (`build.bm25`). Stores written before these
+files existed keep their build statistics until their next compaction. Dense search takes query vectors from the caller's
 embedder (`embed`), since the engine knows no model.
 
 Retrieval policy and opt-out tombstones are applied inside the search (`weight_mask` for
@@ -21,6 +31,7 @@ and results are post-filtered against the same bitmap.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -99,37 +110,52 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 def bm25_statistics(text_batches) -> dict:
     """Passage count, document frequency per term and average length (in BM25 tokens) over
-    every passage of a store, given as batches of texts ('' for a removed passage)."""
+    every passage of a store, given as batches of texts (None for a removed passage, which
+    does not count)."""
     df: Counter[str] = Counter()
     n = total = 0
     for batch in text_batches:
-        for toks in bm25_tokens(batch):
+        for toks in bm25_tokens([t for t in batch if t is not None]):
             df.update(set(toks))
             total += len(toks)
             n += 1
     return {"passages": n, "avg_len": total / n if total else 1.0, "df": dict(df)}
 
 
-def write_bm25(texts: list[str], stats: dict, folder: Path) -> None:
+TF_FILES = ("tf_indptr", "tf_indices", "tf_data", "lengths")
+
+
+def write_bm25(texts: list[str | None], stats: dict, folder: Path) -> None:
     """One shard's BM25 index over `texts`, scored with the store-wide `stats`, saved by
-    bm25s (npy arrays without pickle + json). Compaction can rebuild a shard with this,
-    giving removed passages '' (no postings, and their words leave the vocabulary)."""
+    bm25s (npy arrays without pickle + json), with its term frequencies and passage
+    lengths beside it. Compaction rebuilds a shard with this, giving removed passages None
+    (no postings, and their words leave the vocabulary)."""
     vocab: dict[str, int] = {}
-    ids = [[vocab.setdefault(t, len(vocab)) for t in q] for q in bm25_tokens(texts)]
+    ids = [[vocab.setdefault(t, len(vocab)) for t in q] for q in bm25_tokens(["" if t is None else t for t in texts])]
     bm = _StoreStatsBM25(stats["passages"], stats["avg_len"], stats["df"], vocab, **BM25_PARAMS)
     bm.index((ids, vocab), create_empty_token=False, show_progress=False)
     bm.save(folder, show_progress=False)
+    n = len(ids)
+    lengths = np.array([len(q) for q in ids], dtype=np.int64)
+    cols = np.concatenate([np.asarray(q, dtype=np.int64) for q in ids]) if lengths.sum() else np.zeros(0, np.int64)
+    keys, tf = np.unique(cols * max(n, 1) + np.repeat(np.arange(n), lengths), return_counts=True)
+    term, row = keys // max(n, 1), keys % max(n, 1)
+    arrays = {"tf_indptr": np.searchsorted(term, np.arange(len(vocab) + 1)).astype(np.int64),
+              "tf_indices": row.astype(np.int32), "tf_data": tf.astype(np.int32), "lengths": lengths.astype(np.int32)}
+    for name, arr in arrays.items():
+        np.save(folder / f"{name}.npy", arr)
 
 
-def passage_texts(store: Datastore, dead_docs: np.ndarray | None = None) -> list[list[str]]:
-    """Every shard's passage texts, '' for passages of `dead_docs` (for BM25 re-indexing)."""
+def passage_texts(store: Datastore, dead_docs: np.ndarray | None = None) -> list[list[str | None]]:
+    """Every shard's passage texts, None for passages of `dead_docs` or compacted ones (for
+    BM25 re-indexing)."""
     out = []
     for s in store.shards:
         cols = {c: np.asarray(s.columns[c]) for c in ("doc", "char_start", "char_end")}
         texts, cache = [], {}
         for d, a, b in zip(cols["doc"], cols["char_start"], cols["char_end"], strict=True):
             if d < 0 or a < 0 or (dead_docs is not None and dead_docs[d]):
-                texts.append("")
+                texts.append(None)
                 continue
             if d not in cache:
                 cache.clear()
@@ -145,7 +171,9 @@ class PassageStore(Datastore):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.bm25: list[bm25s.BM25 | None] = [None] * len(self.shards)
+        self.bm25_tf: list[dict[str, np.ndarray] | None] = [None] * len(self.shards)  # TF_FILES, mapped
         self._bits: tuple[np.ndarray, np.ndarray] | None = None
+        self._gone: tuple[int, np.ndarray, int, int] | None = None  # (version, passages, count, length)
 
     @classmethod
     def open(cls, path: str | os.PathLike, load_index: bool = True, only_shards: set[int] | None = None,
@@ -167,6 +195,9 @@ class PassageStore(Datastore):
                     raise StoreError(f"{d}: BM25 index has {bm.scores['num_docs']} passages, "
                                      f"manifest says {shard.info.entries}")
                 store.bm25[no] = bm
+                if all((d / f"{f}.npy").is_file() for f in TF_FILES):
+                    store.bm25_tf[no] = {f: np.load(d / f"{f}.npy", mmap_mode="r", allow_pickle=False)
+                                         for f in TF_FILES}
         return store
 
     # ------------------------------------------------------------------ metadata
@@ -178,7 +209,7 @@ class PassageStore(Datastore):
     def passage_text(self, ids) -> list[str]:
         """The text of each passage (its character span of the document); '' for -1."""
         ent = self.passages(np.asarray(ids, dtype=np.int64).ravel())
-        return [self.doc_text(int(d))[a:b] if d >= 0 and a >= 0 else ""
+        return [self.docs.text_slice(int(d), int(a), int(b)) if d >= 0 and a >= 0 else ""
                 for d, a, b in zip(ent["doc"], ent["char_start"], ent["char_end"], strict=True)]
 
     def attribute(self, ids: np.ndarray, scores: np.ndarray | None = None) -> list[dict]:
@@ -227,7 +258,8 @@ class PassageStore(Datastore):
         allowed = self.allowed_bitmap(policy)
         bits = self._unpacked(allowed)
         tokens = bm25_tokens(queries)
-        results = [self._bm25_shard(no, tokens, k, bits) for no in range(len(self.shards))]
+        live = self._live_idf(tokens)
+        results = [self._bm25_shard(no, tokens, k, bits, live) for no in range(len(self.shards))]
         if not results:
             return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
         scores = np.concatenate([r[0] for r in results], axis=1)
@@ -255,8 +287,64 @@ class PassageStore(Datastore):
             self._bits = cached
         return cached[1]
 
+    def _removed_passages(self) -> tuple[np.ndarray, int, int] | None:
+        """Passages tombstoned but still in the files (bool over entries), their count and
+        BM25 length; None if there are none, or the files lack term frequencies."""
+        version = self.tombstone_version
+        cached = self._gone
+        if cached is None or cached[0] != version:
+            pending = self.dead_docs & ~self.docs.removed
+            gone = np.repeat(pending, self.entries_per_doc)
+            length = 0
+            if gone.any() and all(tf is not None for tf in self.bm25_tf):
+                for s, tf in zip(self.shards, self.bm25_tf, strict=True):
+                    a = s.info.first_entry
+                    length += int(np.asarray(tf["lengths"])[gone[a : a + s.info.entries]].sum())
+            cached = (version, gone, int(gone.sum()), length)
+            self._gone = cached
+        if not cached[2] or any(tf is None for tf in self.bm25_tf):
+            return None
+        return cached[1], cached[2], cached[3]
+
+    def _live_idf(self, tokens: list[list[str]]) -> dict | None:
+        """Live statistics for the query terms (idf per term, average length), or None when
+        the files' statistics are the live ones."""
+        removed = self._removed_passages()
+        stats = self.manifest.build.get("bm25") or {}
+        if removed is None or "passages" not in stats:
+            return None
+        gone, n_gone, len_gone = removed
+        n_files = int(stats["passages"])
+        total = round(n_files * float(stats["avg_len"])) - len_gone
+        n = n_files - n_gone
+        idf = {}
+        for t in {t for q in tokens for t in q}:
+            df = 0
+            for s, bm, tf in zip(self.shards, self.bm25, self.bm25_tf, strict=True):
+                j = bm.vocab_dict.get(t)
+                if j is not None:
+                    lo, hi = int(tf["tf_indptr"][j]), int(tf["tf_indptr"][j + 1])
+                    rows = np.asarray(tf["tf_indices"][lo:hi]) + s.info.first_entry
+                    df += hi - lo - int(gone[rows].sum())
+            idf[t] = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        return {"idf": idf, "avg_len": total / n if total > 0 and n > 0 else 1.0}
+
+    def _exact_scores(self, no: int, q: list[str], live: dict) -> np.ndarray:
+        """BM25 (Lucene) of every passage of shard `no` for query terms `q`, with live statistics."""
+        tf, vocab = self.bm25_tf[no], self.bm25[no].vocab_dict
+        k1, b = BM25_PARAMS["k1"], BM25_PARAMS["b"]
+        scores = np.zeros(self.shards[no].info.entries, dtype=np.float64)
+        for t in q:  # a repeated word counts again, as in bm25s
+            j = vocab[t]
+            lo, hi = int(tf["tf_indptr"][j]), int(tf["tf_indptr"][j + 1])
+            rows = np.asarray(tf["tf_indices"][lo:hi])
+            f = np.asarray(tf["tf_data"][lo:hi], dtype=np.float64)
+            norm = k1 * ((1 - b) + b * np.asarray(tf["lengths"])[rows] / live["avg_len"])
+            scores[rows] += live["idf"][t] * f / (f + norm)
+        return scores.astype(np.float32)
+
     def _bm25_shard(self, no: int, tokens: list[list[str]], k: int,
-                    bits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                    bits: np.ndarray | None, live: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         shard, bm = self.shards[no], self.bm25[no]
         first, n = shard.info.first_entry, shard.info.entries
         kk = min(k, n)
@@ -270,7 +358,10 @@ class PassageStore(Datastore):
             q = [t for t in q if t in vocab]
             if not q:  # no word of the query occurs in this shard
                 continue
-            s = bm.get_scores(q, weight_mask=mask)  # policy + tombstones inside the scoring
+            if live is not None:  # passages tombstoned, not yet compacted: the live statistics
+                s = self._exact_scores(no, q, live) * (1 if mask is None else mask)
+            else:
+                s = bm.get_scores(q, weight_mask=mask)  # policy + tombstones inside the scoring
             top = _top_k(s, kk)
             scores[qi, : len(top)] = s[top]
             ids[qi, : len(top)] = first + top

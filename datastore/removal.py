@@ -9,8 +9,15 @@
 3. refuse a large removal (more than `max_docs` documents, or more than `max_fraction`
    of a store) unless confirmed — a typo must not empty a store;
 4. on a dry run, stop and say what would go;
-5. otherwise append the record to every store's log (fsync'd; every store, so a rebuild of
-   any of them never ingests the text), tombstone, and only then return the receipt.
+5. check that the record can be logged everywhere: every store the caller serves, and the
+   stores it was started with but cannot serve now (`unopened`, e.g. a corrupt log) — if
+   one cannot take it, refuse (`NotLoggedEverywhere`) before anything is written;
+6. otherwise make one record (one receipt, with content fingerprints of the removed
+   text: `datastore.ledger`), append it to every removal ledger the stores name (the
+   corpus's record, which outlives the stores: rebuilds into new folders, ingest and
+   other stores of the corpus read it), then to every store's own log (fsync'd), tombstone,
+   and only then return the receipt. A crash in between loses nothing acknowledged: a
+   store whose log missed the record reads it from the ledger when it opens.
 
 `status` proves a removal: its log record (checksum verified on read), and per store
 whether its documents are tombstoned in the open store and compacted out of the files.
@@ -18,10 +25,12 @@ whether its documents are tombstoned in the open store and compacted out of the 
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from datastore.errors import StoreError
-from datastore.optout import record_matches
+from datastore.ledger import ledger_log
+from datastore.optout import new_record, record_matches
 from datastore.store import Datastore, UnknownDocuments
 
 REMOVAL_KINDS = ("doc_ids", "owner", "source", "span")
@@ -33,6 +42,11 @@ class PermissionDenied(StoreError):
 
 class LargeRemoval(StoreError):
     """The removal is larger than the configured limits and was not confirmed."""
+
+
+class NotLoggedEverywhere(StoreError):
+    """A store the removal must reach cannot take it (its log is corrupt, its ledger is
+    missing): nothing was written, nothing is acknowledged."""
 
 
 @dataclass
@@ -57,10 +71,11 @@ class StoreProof:
 class RemovalStatus:
     record: dict | None
     stores: list[StoreProof] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # stores the server was started with but cannot open
 
     @property
     def tombstoned(self) -> bool:
-        return self.record is not None and all(p.tombstoned for p in self.stores)
+        return self.record is not None and not self.missing and all(p.tombstoned for p in self.stores)
 
     @property
     def compacted(self) -> bool:
@@ -69,9 +84,10 @@ class RemovalStatus:
 
 def remove(stores: list[Datastore], by: str, values: list[str], owner: str | None = None, made_by: str = "admin",
            reason: str = "", confirm_large: bool = False, dry_run: bool = False, max_docs: int = 1000,
-           max_fraction: float = 0.01) -> RemovalResult:
+           max_fraction: float = 0.01, unopened: dict[str, str] | None = None) -> RemovalResult:
     """Remove documents from every store (see the module docstring). `owner` is the owner
-    the caller acts for (None: an admin, unscoped)."""
+    the caller acts for (None: an admin, unscoped). `unopened` maps stores the caller was
+    started with but could not open to why: the removal cannot reach them, so it is refused."""
     if by not in REMOVAL_KINDS:
         raise ValueError(f"unknown removal kind {by!r}; expected one of {', '.join(REMOVAL_KINDS)}")
     values = list(dict.fromkeys(v for v in values if v))
@@ -103,11 +119,32 @@ def remove(stores: list[Datastore], by: str, values: list[str], owner: str | Non
     doc_ids = list(new)
     if dry_run:
         return RemovalResult("", "", doc_ids, sum(st.entries_of(doc_ids) for st in stores), True)
-    record, entries = None, 0
+    if unopened:
+        name, why = next(iter(unopened.items()))
+        raise NotLoggedEverywhere(
+            f"store {name} cannot record this removal ({why}); nothing was removed anywhere, so that no store "
+            f"serves the text once it is back. Repair it (`silo datastore check {name} --repair`), restart "
+            "the server, and opt out again.")
+    ledgers = {}
     for st in stores:
-        record, removed, n = st.opt_out(by, values, scope_owner=owner, made_by=made_by, reason=reason,
-                                        require_known=False)
-        entries += n
+        if st.ledger_path is not None:
+            ledgers.setdefault(st.ledger_path.resolve(), st.path)
+    logs = [ledger_log(path, store) for path, store in ledgers.items()]  # each readable, or refused here
+    hits = [st.match_docs(by, values, owner) for st in stores]
+    fingerprints, seen = [], set()
+    for st, hit in zip(stores, hits, strict=True):
+        for fp in st.fingerprints(hit):
+            if fp["doc_id"] not in seen:
+                seen.add(fp["doc_id"])
+                fingerprints.append(fp)
+    all_ids = sorted({d for st, hit in zip(stores, hits, strict=True) for d in st.doc_ids_of(hit)})
+    record = new_record(by, values, all_ids, owner, made_by, reason, fingerprints, receipt=uuid.uuid4().hex)
+    for log in logs:  # the corpus's record first: it outlives every store
+        log.append_record(record)
+    entries = sum(st.entries_of(doc_ids) for st in stores)  # before: the ledger append tombstones them
+    for st in stores:
+        st.opt_out(by, values, scope_owner=owner, made_by=made_by, reason=reason, require_known=False,
+                   record=record)
     return RemovalResult(record["receipt"], record["time"], doc_ids, entries, False)
 
 
@@ -130,9 +167,10 @@ def find_record(stores: list[Datastore], receipt: str | None = None, doc_id: str
     return None
 
 
-def status(stores: list[Datastore], record: dict) -> RemovalStatus:
-    """Per store: which of its documents the record covers, tombstoned? compacted?"""
-    out = RemovalStatus(record)
+def status(stores: list[Datastore], record: dict, unopened: list[str] | None = None) -> RemovalStatus:
+    """Per store: which of its documents the record covers, tombstoned? compacted?
+    `unopened` (stores the server cannot open) are listed as missing: no proof for them."""
+    out = RemovalStatus(record, missing=list(unopened or []))
     for st in stores:
         docs = [d for d in (st.doc_index(x) for x in record["doc_ids"]) if d is not None]
         if not docs:

@@ -18,6 +18,11 @@ Each search carries a bitmap of the entries this call may see (policy ∧ not op
 as an `IDSelectorBitmap`; results are post-filtered against the same bitmap, and against
 tombstones added while the search ran, because some FAISS paths ignore selectors
 (`IndexShardsIVF`). Nothing disallowed ever leaves here.
+
+Tombstones come from two logs: the store's own `optout.log`, and the removal ledger its
+manifest names (`datastore.ledger`: the corpus's record of removals, shared by every
+store built from it). Both are read on open and re-checked (one `stat` each) before every
+search; a ledger that cannot be read refuses the open (`LedgerMissing`).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ import numpy as np
 from datastore import index as ix
 from datastore.docs import CODED, Documents, read_shard_docs
 from datastore.errors import FingerprintMismatch, StoreError
+from datastore.ledger import fingerprint, ledger_log
 from datastore.manifest import Manifest, ShardInfo, model_fingerprint
-from datastore.optout import LOG_NAME, OptOutLog
+from datastore.optout import OptOutLog, new_record
 from datastore.policy import RetrievalPolicy
 from datastore.writer import ENTRY_COLUMNS, sentinel
 
@@ -164,10 +170,16 @@ class Datastore:
         # older tombstone set can never be served from the cache after a newer one exists.
         self.dead_docs = np.zeros(docs.n, dtype=bool)
         self.tombstone_version = 0
-        self.removal_records: list[dict] = []  # every log record applied, in log order
+        self.removal_records: list[dict] = []  # every log record applied, in log order (once per receipt)
+        self._receipts: set[str] = set()
         self._optout_lock = threading.Lock()
         self._log = OptOutLog(self.path)
-        self._applied_bytes = 0  # log bytes whose records are tombstoned (set only after `_apply`)
+        # the corpus's removal ledger, if the store was built with one: unreadable -> refused
+        self._ledger = ledger_log(manifest.ledger, self.path) if manifest.ledger else None
+        self._logs = [self._log] + ([self._ledger] if self._ledger is not None else [])
+        # per log, the bytes consumed (a torn tail seen included) whose records are tombstoned
+        # (set only after `_tombstone`): a search whose `stat` finds these sizes skips the lock
+        self._applied = [0] * len(self._logs)
         self.open_options: dict = {}  # how this store was opened (`reopen` repeats it)
         self.opened_stamp = self._manifest_stamp()
         self.remotes: list = []  # remote shard groups (server.remote), searched beside local shards
@@ -282,36 +294,40 @@ class Datastore:
         return mask
 
     def maybe_reload_optouts(self) -> None:
-        """Apply what other processes appended to the log (a stat, and a read of the new
-        bytes only, per search). The fast path compares with the bytes *applied*, not read:
-        a reload in another thread reads new records before it tombstones them, and a
-        search that skipped the lock in between would miss an acknowledged removal."""
-        if self._log_size() != self._applied_bytes:
+        """Apply what other processes appended to the log and the ledger (a stat each, and
+        a read of the new bytes only, per search). The fast path compares with the bytes
+        *applied*, not read: a reload in another thread reads new records before it
+        tombstones them, and a search that skipped the lock in between would miss an
+        acknowledged removal. A torn tail counts as applied once seen (it is never a
+        record), so it does not send every search down the locked path; an append that
+        cuts it leaves the log longer than it was (`OptOutLog.append_record`), so it is seen."""
+        if any(log.size() != applied for log, applied in zip(self._logs, self._applied, strict=True)):
             with self._optout_lock:
-                self._apply(self._log.read_new())
+                self._sync()
 
-    def _log_size(self) -> int:
+    def _sync(self) -> None:
+        """Read every log's new records and tombstone them (caller holds `_optout_lock`).
+        If anything fails, every log is read again from where it was: none is skipped."""
+        offsets = [(log.offset, log.consumed) for log in self._logs]
         try:
-            return (self.path / LOG_NAME).stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def _apply(self, records: list[dict]) -> None:
-        """Tombstone what `records` remove (caller holds `_optout_lock`). Merges, never replaces."""
-        try:
+            records = [rec for log in self._logs for rec in log.read_new()]
             self._tombstone(records)
         except BaseException:
-            self._log.offset = self._applied_bytes  # read them again next time: none is skipped
+            for log, (offset, consumed) in zip(self._logs, offsets, strict=True):
+                log.offset, log.consumed = offset, consumed
             raise
-        self._applied_bytes = self._log.offset
+        self._applied = [log.consumed for log in self._logs]
 
     def _tombstone(self, records: list[dict]) -> None:
+        """Mark what `records` remove. Merges, never replaces."""
+        records = [r for r in records if r["receipt"] not in self._receipts]  # a record in log and ledger
         if not records:
             return
         dead = self.dead_docs.copy()
         for rec in records:
             dead |= self.match_docs(rec["by"], rec["values"], rec.get("scope_owner"))
             dead |= self.docs.indexes_of(rec["doc_ids"])
+        self._receipts.update(r["receipt"] for r in records)
         self.removal_records.extend(records)
         if (dead != self.dead_docs).any():
             self.dead_docs = dead
@@ -337,34 +353,60 @@ class Datastore:
             hit &= docs.where("owner", [scope_owner], glob=False)
         return hit
 
+    def fingerprints(self, mask: np.ndarray) -> list[dict]:
+        """Content fingerprints (`datastore.ledger.fingerprint`) of the documents in `mask`
+        whose text is still in the files (opened with text)."""
+        out = []
+        for d in np.flatnonzero(mask):
+            if self.docs.removed[d]:
+                continue
+            try:
+                fp = fingerprint(self.doc_id(d), self.doc_text(d))
+            except (StoreError, ValueError, AttributeError):  # opened without text: ids still remove it
+                continue
+            if fp is not None:
+                out.append(fp)
+        return out
+
+    @property
+    def ledger_path(self) -> Path | None:
+        return None if self._ledger is None else self._ledger.path
+
     def opt_out(self, by: str, values: list[str], scope_owner: str | None = None, made_by: str = "admin",
-                reason: str = "", require_known: bool = True) -> tuple[dict, list[str], int]:
-        """Remove documents durably: resolve, append to the log (fsync'd), tombstone.
+                reason: str = "", require_known: bool = True, record: dict | None = None
+                ) -> tuple[dict, list[str], int]:
+        """Remove documents durably: resolve, append to the ledger and the log (fsync'd), tombstone.
 
         Returns (log record, newly removed doc ids, their entries). Unknown doc ids raise
         `UnknownDocuments` and nothing is logged (unless `require_known` is False: a server
         logs a removal in every store, so no rebuild of any of them ingests the text); an
-        owner, source or span that matches nothing here is still logged, for the same reason."""
+        owner, source or span that matches nothing here is still logged, for the same reason.
+        `record` (from `datastore.removal.remove`, which has already appended it to every
+        ledger) is appended to this store's log unchanged: one receipt everywhere."""
         values = [v for v in values if v]
         if not values:
             raise ValueError("an opt-out needs at least one non-empty value")
         with self._optout_lock:
-            self._apply(self._log.read_new())
+            self._sync()
             if by == "doc_ids" and require_known:
                 unknown = [v for v in values if self.doc_index(v) is None]
                 if unknown:
                     raise UnknownDocuments(f"unknown doc id(s) in {self.path.name}: {', '.join(unknown[:20])}")
             hit = self.match_docs(by, values, scope_owner)
             removed = self.doc_ids_of(hit & ~self.dead_docs)
-            record = self._log.append(by, values, self.doc_ids_of(hit), scope_owner=scope_owner,
-                                      made_by=made_by, reason=reason)
-            self._apply(self._log.read_new())  # our own record (and any that raced in), in log order
+            if record is None:
+                record = new_record(by, values, self.doc_ids_of(hit), scope_owner, made_by, reason,
+                                    self.fingerprints(hit))
+                if self._ledger is not None:
+                    self._ledger.append_record(record)  # the corpus's record first: it outlives this store
+            self._log.append_record(record)
+            self._sync()  # our own record (and any that raced in), in log order
         return record, removed, self.entries_of(removed)
 
     def reload_optouts(self) -> None:
-        """Tombstone every document the opt-out log removes (doc id, owner, source, span)."""
+        """Tombstone every document the opt-out log and the ledger remove (doc id, owner, source, span)."""
         with self._optout_lock:
-            self._apply(self._log.read_new())
+            self._sync()
 
     # ------------------------------------------------------------------ documents
 
@@ -534,17 +576,16 @@ class Datastore:
         """Who and what each entry is: doc_id, source, license, tier, owner, sentence text."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         ent = self.entries(ids, ("doc", "sentence", "position"))
-        out = []
+        out, sentences = [], {}  # (doc, sentence) -> text: read once per call, never the whole document
         for j, eid in enumerate(ids):
             if eid < 0 or ent["doc"][j] < 0:
                 continue
-            d = int(ent["doc"][j])
-            text = self.doc_text(d)
-            starts = self.docs.sentence_starts(d)
-            s = int(ent["sentence"][j])
-            end = int(starts[s + 1]) if s + 1 < len(starts) else len(text)
-            hit = {"entry_id": int(eid), **self.doc_provenance(d),
-                   "sentence_index": s, "sentence": text[int(starts[s]):end].strip() if len(starts) else "",
+            d, s = int(ent["doc"][j]), int(ent["sentence"][j])
+            if (d, s) not in sentences:
+                starts = self.docs.sentence_starts(d)
+                end = int(starts[s + 1]) if s + 1 < len(starts) else 1 << 62
+                sentences[d, s] = self.docs.text_slice(d, int(starts[s]), end).strip() if len(starts) else ""
+            hit = {"entry_id": int(eid), **self.doc_provenance(d), "sentence_index": s, "sentence": sentences[d, s],
                    "position": int(ent["position"][j])}
             if scores is not None:
                 hit["score"] = float(np.asarray(scores).ravel()[j])
@@ -561,6 +602,8 @@ class Datastore:
             docs = np.bincount(codes[live], minlength=len(values))
             entries = np.bincount(codes[live], weights=per_doc[live], minlength=len(values))
             for i in np.argsort(values.astype(str)):
+                if not docs[i]:  # only removed documents have it: naming it would leak what was removed
+                    continue
                 groups[group][str(values[i])] = {"documents": int(docs[i]), "entries": int(entries[i])}
         return {
             "kind": self.manifest.kind, "documents": self.n_documents, "live_documents": int(live.sum()),

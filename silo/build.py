@@ -6,7 +6,12 @@ same shard job serves a local build, worker processes and Ray (`silo.parallel`),
 ingest (`silo.ingest`).
 
 1. plan: the chosen documents (tiers, split, minus opted-out and excluded ones) are
-   tokenized once into `build/` (token ids and the character offset of every token, for
+   tokenized once. "Opted out" is what the corpus's removal ledger (`datastore.ledger`,
+   `CORPUS/removals.log` unless `ledger` names another; created by the first build) and
+   the output folder's own log remove — by id, owner, source, span, or as a copy of removed
+   text (its content fingerprint), each refused document reported with the receipt that
+   removed it. The store's manifest records the ledger, so the store honours it from then on.
+   The rest are tokenized once into `build/` (token ids and the character offset of every token, for
    sentence attribution; metadata and text in `build/docs.parquet`); each document gets
    its global entry range — entry ids are dense, in (document, position) order, so every
    shard knows its ids before any key is computed and shard jobs are independent.
@@ -41,6 +46,7 @@ from tqdm import tqdm
 from datastore.errors import StoreError
 from datastore.index import choose_factory, is_ivf, new_index, train_size
 from datastore.infgram import SA_DIR, token_dtype, write_suffix_array
+from datastore.ledger import CopyFinder, default_ledger, ensure_ledger, read_ledger
 from datastore.lock import StoreLock
 from datastore.manifest import Manifest, ShardInfo, model_fingerprint, tokenizer_fingerprint
 from datastore.optout import Removals, read_log
@@ -92,6 +98,7 @@ class BuildArgs:
     passage_tokens: int = 256  # passage stores
     retrievers: tuple[str, ...] = ("bm25",)  # passage stores: bm25, dense or both
     embedder: str | None = None  # dense passages: None = the LM's hidden states, "minilm", or a folder
+    ledger: str | None = None  # the removal ledger (default: CORPUS/removals.log), shared by every store of it
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -129,9 +136,13 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
                    max_tokens: int | None = None, progress: bool = False) -> dict:
     """Tokenize documents into `work/` (tokens.bin, chars.bin, docs.parquet, plan.json).
     Opted-out documents (`removals`) are skipped and counted, never tokenized;
-    `existing(doc_id) -> bool` refuses ids a store already holds (live ingest)."""
+    `existing(doc_id) -> bool` refuses ids a store already holds (live ingest). A copy of
+    removed text under another id (`datastore.ledger.CopyFinder`) is refused as opted out,
+    and reported with the original's doc id and the receipt that removed it."""
     work.mkdir(parents=True, exist_ok=True)
-    counts = {"documents": 0, "tokens": 0, "skipped_optout": 0, "skipped_duplicate": 0, "skipped_empty": 0}
+    counts = {"documents": 0, "tokens": 0, "skipped_optout": 0, "skipped_copy": 0, "skipped_duplicate": 0,
+              "skipped_empty": 0}
+    copies = CopyFinder(removals)
     n_tokens: list[int] = []
     refused: list[dict] = []
     seen: set[str] = set()
@@ -146,7 +157,17 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
                 continue
             if removals.matches(doc):
                 counts["skipped_optout"] += 1
-                refused.append({"doc_id": doc["doc_id"], "reason": "opted out"})
+                receipt = removals.receipt_for(doc)
+                refused.append({"doc_id": doc["doc_id"], "reason": "opted out" + (f" (receipt {receipt})"
+                                                                                 if receipt else "")})
+                continue
+            copy = copies.find(doc["text"]) if copies else None
+            if copy is not None:
+                counts["skipped_optout"] += 1
+                counts["skipped_copy"] += 1
+                refused.append({"doc_id": doc["doc_id"], "original": copy["original"], "receipt": copy["receipt"],
+                                "reason": f"a copy of opted-out document {copy['original']} (receipt "
+                                          f"{copy['receipt']}): {copy['how']}"})
                 continue
             if doc["doc_id"] in seen or (existing is not None and existing(doc["doc_id"])):
                 counts["skipped_duplicate"] += 1
@@ -405,11 +426,13 @@ def _build(args: BuildArgs) -> Manifest:
     if args.kind == "infgram" and token_dtype(len(tok)) != "u16":  # before tokenizing the corpus for nothing
         raise StoreError(f"{args.model}: a vocabulary of {len(tok):,} tokens needs a u32 suffix array, whose builder "
                          "allocates 32 GiB at once; ∞-gram stores are built for vocabularies under 65,535 tokens")
+    ledger = ensure_ledger(args.ledger or default_ledger(args.corpus))
     if (build / "plan.json").is_file():
         plan = json.loads((build / "plan.json").read_text())
     else:
         docs_in = iter_documents(args.corpus, tiers=args.tiers, split=args.split)
-        plan = plan_documents(docs_in, tok, build, read_log(out), args.kind, args.passage_tokens, args.shards,
+        removals = read_ledger(ledger, into=read_log(out))
+        plan = plan_documents(docs_in, tok, build, removals, args.kind, args.passage_tokens, args.shards,
                               set(args.exclude_doc_ids), max_docs=args.max_docs, max_tokens=args.max_tokens,
                               progress=args.progress)
     if plan["documents"] == 0:
@@ -466,7 +489,9 @@ def _build(args: BuildArgs) -> Manifest:
                                            progress=args.progress and len(jobs) == 1)
     shard_infos = [infos[s] for s in range(len(plan["doc_ranges"]))]
     build_info = {"factory": factory, "window": args.window, "stride": args.stride,
-                  "skipped_optout": plan["skipped_optout"], "seconds": round(time.perf_counter() - t0, 1),
+                  "skipped_optout": plan["skipped_optout"], "skipped_copy": plan.get("skipped_copy", 0),
+                  "refused": [r for r in plan["refused"] if r["reason"] != "duplicate doc id"][:100],
+                  "seconds": round(time.perf_counter() - t0, 1),
                   "excluded_doc_ids": len(args.exclude_doc_ids), "tokens": plan["tokens"]}
     if bm25_stats is not None:
         build_info["bm25"] = {**BM25_PARAMS, "stopwords": BM25_STOPWORDS, "passages": bm25_stats["passages"],
@@ -486,7 +511,7 @@ def _build(args: BuildArgs) -> Manifest:
         documents=plan["documents"], entries=plan["entries"], index=factory,
         value_dtype=value_dtype(len(tok)) if args.kind == "token" else None, keep_keys=args.keep_keys,
         passage_tokens=args.passage_tokens if args.kind == "passage" else None,
-        retrievers=list(args.retrievers) if args.kind == "passage" else [], build=build_info)
+        retrievers=list(args.retrievers) if args.kind == "passage" else [], build=build_info, ledger=str(ledger))
     manifest.save(out)
     shutil.rmtree(build, ignore_errors=True)
     return manifest

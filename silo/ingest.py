@@ -2,10 +2,12 @@
 
 `add_documents(store, docs)` — behind `silo datastore add` and the gRPC `AddDocuments`:
 
-1. under the store's lock (one writer at a time), read the opt-out log and the store's
-   document ids: a document already opted out (by id, owner, source or a span it
-   contains) is refused and reported, never tokenized; a doc id the store already holds
-   (or that repeats in the input) is refused;
+1. under the store's lock (one writer at a time), read the opt-out log, the removal
+   ledger the manifest names (`datastore.ledger`: the corpus's removals, from every store
+   of it) and the store's document ids: a document already opted out (by id, owner,
+   source, a span it contains, or as a copy of removed text under another id) is refused
+   and reported with the receipt that removed it, never tokenized; a doc id the store
+   already holds (or that repeats in the input) is refused;
 2. tokenize and encode the rest with the store's own model (its fingerprint is checked)
    and add them to a copy of the store's trained index — no retraining, same codes;
 3. write the shard through a `StoreWriter` (fsync'd, renamed into place), then add it to
@@ -26,6 +28,7 @@ from pathlib import Path
 import faiss
 
 from datastore.errors import FingerprintMismatch, StoreError
+from datastore.ledger import read_ledger
 from datastore.lock import StoreLock
 from datastore.manifest import Manifest, model_fingerprint
 from datastore.optout import read_log
@@ -74,7 +77,8 @@ def add_documents(store_dir: str | Path, docs: Iterable[dict], model_dir: str | 
         needs_model = m.kind == "token" or not b.get("embedder")
         if tok is None or (needs_model and model is None):
             model, tok = load_causal_lm(model_dir) if needs_model else (None, load_tokenizer(model_dir))
-        plan = plan_documents(docs, tok, work, read_log(store_dir), m.kind, args.passage_tokens, 1,
+        removals = read_ledger(m.ledger, into=read_log(store_dir))  # a missing ledger: refused, loudly
+        plan = plan_documents(docs, tok, work, removals, m.kind, args.passage_tokens, 1,
                               existing=lambda d: store.doc_index(d) is not None, progress=progress)
         report = {"added_documents": 0, "added_entries": 0, "refused": plan["refused"],
                   "skipped_empty": plan["skipped_empty"], "shard": None}

@@ -96,3 +96,20 @@ def tiny_model(tmp_path_factory, corpus_dir) -> Path:
     train(TrainArgs(corpus=str(corpus_dir), out=str(out), config="tiny", vocab_size=512, steps=40,
                     progress=False, checkpoint_every=20))
     return out
+
+
+def _empty_ledger(corpus: Path | None) -> None:
+    ledger = None if corpus is None else corpus / "removals.log"
+    if ledger is not None and ledger.is_file():
+        ledger.write_bytes(b"")
+
+
+@pytest.fixture(autouse=True)
+def fresh_corpus_ledger(request):
+    """Every store built from the shared corpus honours the corpus's removal ledger
+    (`CORPUS/removals.log`, datastore.ledger), and every opt-out is recorded there: empty it
+    around each test, so that no test (or module-scoped store) sees another test's removals."""
+    corpus = request.getfixturevalue("corpus_dir") if "corpus_dir" in request.fixturenames else None
+    _empty_ledger(corpus)
+    yield
+    _empty_ledger(corpus)

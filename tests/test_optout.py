@@ -99,6 +99,7 @@ def test_every_torn_tail_is_ignored_then_repaired_by_the_next_append(tmp_path):
 def test_a_torn_multibyte_character_in_an_older_utf8_log_is_tolerated(tmp_path):
     legacy = {"receipt": "r1", "time": "2026-01-01T00:00:00Z", "by": "span", "values": ["café Zürich"],
               "doc_ids": []}
+    legacy["check"] = checksum(legacy)  # records without a checksum are corrupt (test_ledger.py)
     line = (json.dumps(legacy, ensure_ascii=False) + "\n").encode("utf-8")
     torn = json.dumps({**legacy, "receipt": "r2", "values": ["naïve"]}, ensure_ascii=False).encode()
     cut = torn.index("ï".encode()) + 1  # in the middle of a two-byte character

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from silo.errors import SiloError
 from silo.licenses import TIERS, classify_license, stricter
+from silo.progress import bar as progress_bar
 from silo.sentences import segment
 
 FORMAT_VERSION = 1
@@ -310,7 +310,7 @@ def import_files(paths: Iterable[str | os.PathLike], out: str | os.PathLike, *, 
     """`silo corpus import`: JSONL/parquet files -> corpus folder."""
     with CorpusWriter(out, overwrite=overwrite) as writer:
         records = read_records(paths, writer.stats, skip_invalid)
-        for record in tqdm(records, desc="import", unit="doc", disable=not progress):
+        for record in progress_bar(records, desc="import", unit="doc", progress=progress):
             writer.add(record)
     return writer.stats
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from silo.corpus import iter_documents
 from silo.errors import SiloError
 from silo.lm import load_causal_lm
+from silo.progress import bar as progress_bar
 from silo.tokenizer import encode_document
 
 
@@ -75,7 +75,7 @@ def score_documents(model, docs: list[list[int]], window: int = 512, stride: int
     wins = [w for i, d in enumerate(docs) for w in windows_for(len(d), window, stride, i)]
     wins.sort(key=lambda w: w.end - w.begin)  # similar lengths together: little padding
     out = [np.zeros(max(len(d) - 1, 0), dtype=np.float64) for d in docs]
-    for batch in tqdm(list(batched(wins, batch_size)), desc="score", unit="batch", disable=not progress):
+    for batch in progress_bar(list(batched(wins, batch_size)), desc="score", unit="batch", progress=progress):
         ids, mask = pad_batch([docs[w.doc][w.begin : w.end] for w in batch], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits, dim=-1)

@@ -64,9 +64,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from debian import copyright as dep5
-from tqdm import tqdm
 
 from silo.corpus import CorpusWriter
+from silo.progress import bar as progress_bar
 
 # python-debian logs a warning for each deviation it tolerates ("Fixing Format URL",
 # "format not known" for an old DEP-5 draft): advice to the package's maintainer, printed
@@ -539,7 +539,7 @@ def harvest_corpus(out: str | os.PathLike, limit_bytes: int | None = None, *, py
     """`silo corpus harvest` (and the demo's first stage): this machine's text into a corpus
     folder, written atomically; returns the corpus writer's statistics."""
     with CorpusWriter(out, overwrite=overwrite) as writer:
-        bar = tqdm(desc="harvest", unit="B", unit_scale=True, total=limit_bytes, disable=not progress)
+        bar = progress_bar(desc="harvest", unit="B", unit_scale=True, total=limit_bytes, progress=progress)
         for record in iter_harvest(limit_bytes, python=python, system=system):
             writer.add(record)
             bar.update(len(record["text"].encode("utf-8", "surrogatepass")))

@@ -23,7 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+
+from silo.progress import bar as progress_bar
 
 BACKENDS = ("local", "ray")
 JobFn = Callable[[dict, int, tuple[int, int], dict], dict]  # (settings, shard, doc range, worker cache) -> info
@@ -57,8 +58,8 @@ def run_jobs(jobs: list[ShardJob], settings: dict, backend: str = "local", worke
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if workers < 1:
         raise ValueError(f"workers must be ≥ 1, got {workers}")
-    bar = tqdm(total=sum(j.entries for j in jobs), desc=f"build {len(jobs)} shards ({backend}, {workers} workers)",
-               unit="tok", unit_scale=True, disable=not progress)
+    bar = progress_bar(total=sum(j.entries for j in jobs), desc=f"build {len(jobs)} shards ({backend}, {workers} "
+                       "workers)", unit="tok", unit_scale=True, progress=progress)
     results: dict[int, dict] = {}
 
     def done(job: ShardJob, info: dict) -> None:

@@ -20,8 +20,9 @@ from pathlib import Path
 import sentencepiece as spm
 from transformers import AutoTokenizer, LlamaTokenizer
 
-from silo.corpus import iter_documents, tier_guard
+from silo.corpus import iter_documents, open_corpus, tier_guard
 from silo.errors import SiloError
+from silo.progress import bar as progress_bar
 
 CHUNK_CHARS = 4096  # SentencePiece trains on "sentences": feed documents in line-aligned chunks
 
@@ -39,15 +40,20 @@ def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, vocab_size: int = 8192,
-                    max_chars: int = 50_000_000):
-    """Train SentencePiece (BPE) on `texts` (at most `max_chars`), save a HF tokenizer folder."""
+                    max_chars: int = 50_000_000, progress: bool = True, expected_chars: int | None = None):
+    """Train SentencePiece (BPE) on `texts` (at most `max_chars`; `expected_chars`, when
+    known, is the progress bar's total), save a HF tokenizer folder."""
     def limited() -> Iterator[str]:
         total = 0
-        for chunk in _chunks(texts, CHUNK_CHARS):
-            if total >= max_chars:
-                return
-            total += len(chunk)
-            yield chunk
+        with progress_bar(desc="tokenizer: read text", total=min(max_chars, expected_chars or max_chars), unit="char",
+                          unit_scale=True,
+                          progress=progress) as bar:
+            for chunk in _chunks(texts, CHUNK_CHARS):
+                if total >= max_chars:
+                    return
+                total += len(chunk)
+                bar.update(len(chunk))
+                yield chunk
 
     # Materialised (≤ max_chars) so errors from `texts`, e.g. the tier guard, surface as
     # themselves instead of being wrapped by SentencePiece's C++ trainer.
@@ -94,7 +100,9 @@ def train_tokenizer_on_corpus(corpus: str | os.PathLike, out: str | os.PathLike,
             tier_guard(doc, tiers, allow_restricted)
             yield doc["text"]
 
-    return train_tokenizer(texts(), out, vocab_size=vocab_size, max_chars=max_chars)
+    # the corpus manifest's bytes of these tiers bound the text read (all splits; characters ≤ bytes)
+    expected = sum(open_corpus(corpus).get("bytes", {}).get(t, 0) for t in tiers) or None
+    return train_tokenizer(texts(), out, vocab_size=vocab_size, max_chars=max_chars, expected_chars=expected)
 
 
 def load_tokenizer(path: str | os.PathLike):

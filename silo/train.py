@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from silo.corpus import RestrictedTextError, iter_documents, tier_guard
 from silo.errors import SiloError
 from silo.lm import CONFIGS, build_model
+from silo.progress import bar as progress_bar
 from silo.tokenizer import encode_document, load_tokenizer, train_tokenizer_on_corpus
 
 
@@ -91,7 +91,7 @@ def tokenize_split(corpus: str, tok, tiers: tuple[str, ...], split: str, out: Pa
     with open(tmp, "wb") as f:
         docs = iter_documents(corpus, tiers=tiers, split=split,
                               columns=["text", "source", "license", "license_classifiers"])
-        for doc in tqdm(docs, desc=f"tokenize {split}", unit="doc", disable=not progress):
+        for doc in progress_bar(docs, desc=f"tokenize {split}", unit="doc", progress=progress):
             tier_guard(doc, tiers, allow_restricted)
             ids = np.asarray(encode_document(tok, doc["text"]), dtype=dtype)
             f.write(ids.tobytes())
@@ -242,7 +242,8 @@ def train(args: TrainArgs) -> dict:
 
     model.train()
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {args.config}", disable=not args.progress)
+    bar = progress_bar(range(start, steps), initial=start, total=steps, desc=f"train {args.config}",
+                       progress=args.progress)
     step = start
     for step in bar:
         for g in opt.param_groups:

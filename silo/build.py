@@ -41,7 +41,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from datastore.errors import StoreError
 from datastore.index import choose_factory, is_ivf, new_index, train_size
@@ -59,6 +58,7 @@ from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys, key_dim
 from silo.lm import load_causal_lm
 from silo.parallel import ShardJob, run_jobs
+from silo.progress import bar as progress_bar
 from silo.tokenizer import load_tokenizer, tokenize_text
 
 KINDS = ("token", "passage", "infgram")
@@ -152,7 +152,7 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
     # (an ∞-gram index marks a document's end with its separator: EOS inside would break its counts)
     with (pq.ParquetWriter(work / "docs.parquet.tmp", PLAN_SCHEMA) as writer,
           open(work / "tokens.bin.tmp", "wb") as tokens_f, open(work / "chars.bin.tmp", "wb") as chars_f):
-        for doc in tqdm(docs, desc="plan: tokenize", unit="doc", disable=not progress):
+        for doc in progress_bar(docs, desc="plan: tokenize", unit="doc", progress=progress):
             if doc["doc_id"] in exclude:
                 continue
             if removals.matches(doc):
@@ -319,9 +319,11 @@ def write_shard(a: BuildArgs, model, tok, docs: DocTokens, shard_no: int, doc_ra
         extra = None
         if a.kind == "token":
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            for keys, cols in tqdm(iter_keys(model, docs, range(lo, hi), a.window, a.stride, a.batch_size,
-                                             a.key_type, pad), desc=f"shard {shard_no}", disable=not progress):
-                writer.add(keys, cols)
+            with progress_bar(desc=f"shard {shard_no}", total=n, unit="tok", unit_scale=True, progress=progress) as bar:
+                for keys, cols in iter_keys(model, docs, range(lo, hi), a.window, a.stride, a.batch_size, a.key_type,
+                                            pad):
+                    writer.add(keys, cols)
+                    bar.update(len(keys))
         elif a.kind == "infgram":
             dtype = token_dtype(len(tok))
 
@@ -391,9 +393,13 @@ def train_index(a: BuildArgs, model, tok, docs: DocTokens, factory: str, dim: in
     sample.sort()
     if a.kind == "token":
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        vecs = np.concatenate([k for k, _ in tqdm(iter_keys(model, docs, sample, a.window, a.stride, a.batch_size,
-                                                               a.key_type, pad), desc="train: sample keys",
-                                                    disable=not a.progress)])
+        with progress_bar(desc="train: sample keys", total=int(docs.n_entries[sample].sum()), unit="tok",
+                          unit_scale=True, progress=a.progress) as bar:
+            parts = []
+            for k, _ in iter_keys(model, docs, sample, a.window, a.stride, a.batch_size, a.key_type, pad):
+                parts.append(k)
+                bar.update(len(k))
+            vecs = np.concatenate(parts)
     else:
         parts = []
         for d in sample:
@@ -459,7 +465,8 @@ def _build(args: BuildArgs) -> Manifest:
             bm25_stats = json.loads(stats_path.read_text())
         else:
             def batches():
-                for a in tqdm(range(0, len(docs), 256), desc="bm25: statistics", disable=not args.progress):
+                for a in progress_bar(range(0, len(docs), 256), desc="bm25: statistics", unit="batch",
+                                      progress=args.progress):
                     yield _passages_of(docs, docs.rows(a, min(a + 256, len(docs))), a, args.passage_tokens)[1]
             bm25_stats = bm25_statistics(batches())
             stats_path.with_suffix(".tmp").write_text(json.dumps(bm25_stats))
@@ -483,7 +490,7 @@ def _build(args: BuildArgs) -> Manifest:
         if args.backend != "local" or args.workers > 1:
             raise StoreError(f"{args.kind} stores are built in this process: --backend ray and --workers build "
                              "token stores")
-        for job in tqdm(jobs, desc="shards", disable=not args.progress or len(jobs) < 2):
+        for job in progress_bar(jobs, desc="shards", unit="shard", progress=args.progress and len(jobs) > 1):
             infos[job.shard] = write_shard(args, model, tok, docs, job.shard, job.doc_range, trained, out,
                                            embedder=embedder, bm25_stats=bm25_stats,
                                            progress=args.progress and len(jobs) == 1)

@@ -127,6 +127,13 @@ class OwnerCredentials:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # the rename is durable only once the folder is: without this a crash could bring
+        # back the old file, i.e. a revoked token
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def issue(self, owner: str) -> tuple[str, dict]:
         """A new token for `owner`: returns (the token, shown only now; its entry)."""

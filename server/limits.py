@@ -5,6 +5,22 @@ has a server-side maximum (`Limits`, set by `silo serve` flags), every float mus
 finite and in range, enums must be known values (proto3 keeps unknown numbers), tiers
 must be real tiers. A violation is `BadRequest` (INVALID_ARGUMENT) with a message that
 names the field, its value and the allowed range.
+
+Fields each within range can still multiply into more work than a machine holds (200,000
+emoji are 800,000 tokens; with k = 4096 that is 65 GB of neighbours). So every request's
+total work is also bounded, computed by the servicer from the exact token count before any
+of it is allocated (`check_work`): neighbour slots (tokens or steps x k x refine), one
+query's candidates (k x refine), tokens through the LM (windows or RIC blocks x window)
+and RIC passages (blocks x passages). Over a cap is `TooMuchWork` (RESOURCE_EXHAUSTED),
+naming the cap and its value. The characters of a text (`max_text_chars`) are its first,
+cheap bound — they bound the tokenizer's own work — and the exact token count the second.
+
+The defaults keep the largest request allowed under 2 GiB of peak RSS above the loaded
+model and stores, so two workers and the streams fit a 2-core / 24 GiB machine with room
+to spare: `tools/caps.py` measures at most ~0.3 GB of growth per request at the caps (k
+4096 over 4,096 tokens; k 512 x refine 32), to which a model adds its forward batch of
+logits (8 windows x window x vocabulary x 8 B: 1 GiB for 32k tokens at window 512).
+The caps bound time too (about a minute for the largest on 2 cores with the tiny model).
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from datastore.errors import TooMuchWork
 from datastore.policy import RetrievalPolicy
 from server.gen import silo_pb2 as pb
 from silo.licenses import TIERS
@@ -66,12 +83,32 @@ class Limits:
     max_document_chars: int = 5_000_000
     max_add_chars: int = 200_000_000  # all the text of one AddDocuments stream (it is held until durable)
     max_score_windows: int = 4096  # windows one Score may run (text length x window / stride)
+    max_deny_doc_ids: int = 1_000_000  # a deny list a main server sends its shard servers
+    # work caps (TooMuchWork, RESOURCE_EXHAUSTED), each a product the servicer computes first
+    max_request_tokens: int = 65_536  # tokens of one text to score, trace, tokenize or prompt with
+    max_neighbour_slots: int = 1 << 24  # kNN-LM: scored tokens (Score) or steps (Generate) x k x refine
+    max_query_candidates: int = 16_384  # one search: k x refine (exact re-ranking reads each one's key)
+    max_forward_tokens: int = 1 << 21  # tokens through the LM: Score windows x window, RIC blocks x window
+    max_ric_passages: int = 65_536  # RIC-LM: retrieval blocks x passages (each fetched and tokenized)
+    # streams open at once; beyond them RESOURCE_EXHAUSTED (server/app.py: admission)
+    max_streams: int = 4  # Generate and AddDocuments (they compute beside the unary workers)
+    max_watch_streams: int = 8  # reflection and health Watch (each holds a thread while idle)
 
 
 def check_int(name: str, value: int, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise BadRequest(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def check_work(what: str, amount: int, cap: str, limits: Limits, advice: str = "") -> int:
+    """`amount` of work against the cap named `cap` (a field of `Limits`); over it,
+    `TooMuchWork` naming the cap, its value and what would make the request fit."""
+    limit = getattr(limits, cap)
+    if amount > limit:
+        raise TooMuchWork(f"{what} is {amount:,}, over the server's cap {cap} = {limit:,}"
+                          f"{f' ({advice})' if advice else ''}")
+    return amount
 
 
 def check_float(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -140,4 +177,6 @@ def check_retrieval(r: pb.RetrievalOptions, limits: Limits) -> None:
     if r.HasField("temperature"):
         check_float("retrieval.temperature", r.temperature, 0.0, 1e6, lo_open=True)
     check_int("retrieval.nprobe", r.nprobe, 0, limits.max_nprobe)
+    if r.HasField("refine_factor"):
+        check_int("retrieval.refine_factor", r.refine_factor, 1, limits.max_refine_factor)
     check_int("retrieval.ric_stride", r.ric_stride, 0, limits.max_window)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -113,6 +114,9 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
         if not np.isfinite(q).all():
             raise BadRequest("queries must be finite")
         policy = policy_from_pb(request.policy, self.limits)
+        if request.deny_doc_ids:  # the caller's deny list (decontamination, evaluation): inside the search
+            check_int("deny_doc_ids (count)", len(request.deny_doc_ids), 0, self.limits.max_deny_doc_ids)
+            policy = replace(policy, deny_doc_ids=frozenset(request.deny_doc_ids))
         assigned = None
         if request.lists or request.coarse:
             if not request.nprobe or len(request.lists) != 8 * request.num_queries * request.nprobe \
@@ -156,7 +160,8 @@ class RemoteShardGroup:
         server's quantizer, so every shard scans the same lists (IVF stores)."""
         req = pb.ShardSearchRequest(queries=np.ascontiguousarray(queries, dtype="<f4").tobytes(),
                                     num_queries=len(queries), dim=queries.shape[1], k=k, nprobe=nprobe or 0,
-                                    policy=_policy_pb(policy), store_fingerprint=self.fingerprint)
+                                    policy=_policy_pb(policy), store_fingerprint=self.fingerprint,
+                                    deny_doc_ids=sorted(policy.deny_doc_ids) if policy is not None else [])
         if assigned is not None:
             coarse, lists = assigned
             req.nprobe = lists.shape[1]

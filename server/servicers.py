@@ -18,6 +18,7 @@ import gc
 import itertools
 import logging
 import math
+import re
 import threading
 import time
 from collections import defaultdict
@@ -31,7 +32,14 @@ from datastore.compact import compact
 from datastore.errors import FingerprintMismatch, StoreError, StoreLocked, TooMuchWork
 from datastore.manifest import model_fingerprint
 from datastore.optout import CorruptLog
-from datastore.removal import LargeRemoval, PermissionDenied, find_record, remove, status
+from datastore.removal import (
+    LargeRemoval,
+    NotLoggedEverywhere,
+    PermissionDenied,
+    find_record,
+    remove,
+    status,
+)
 from datastore.store import Datastore, ShardUnavailable, UnknownDocuments
 from server.auth import ANONYMOUS, Auth, Principal
 from server.gen import silo_pb2 as pb
@@ -44,6 +52,7 @@ from server.limits import (
     check_retrieval,
     check_sampling_temperature,
     check_text,
+    check_work,
     shown,
 )
 from server.limits import policy_from_pb as checked_policy
@@ -52,10 +61,10 @@ from silo.errors import SiloError
 from silo.evaluate import score_documents, windows_for
 from silo.infgram import InfgramParams, generate_infgram, score_infgram, trace
 from silo.ingest import INGEST_KINDS, add_documents
-from silo.knnlm import KNNParams, generate, retrieve_neighbours
+from silo.knnlm import KNNParams, generate, knn_score, refine_used
 from silo.licenses import license_obligation
-from silo.lm import model_info
-from silo.ricl import RICParams, ric_generate, ric_score_documents
+from silo.lm import model_info, trained_tiers
+from silo.ricl import RICParams, ric_blocks, ric_generate, ric_score_documents
 from silo.search import SEARCH_KINDS, search_text
 from silo.tokenizer import encode_document, text_ids
 
@@ -72,6 +81,9 @@ class ServerState:
     tok: object
     stores: dict[str, Datastore] = field(default_factory=dict)  # kind -> open store
     store_errors: dict[str, str] = field(default_factory=dict)  # kind -> why it cannot be used
+    # kind -> a store started with but out of use: opened (another model's: removals still go
+    # to its log) or its path (it could not be opened: removals are refused until it is repaired)
+    idle: dict[str, Datastore | str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     auth: Auth = field(default_factory=Auth)
     window: int = 512
@@ -153,6 +165,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnknownDocuments, grpc.StatusCode.NOT_FOUND),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (LargeRemoval, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotLoggedEverywhere, grpc.StatusCode.FAILED_PRECONDITION),
     (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (CorruptLog, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreLocked, grpc.StatusCode.FAILED_PRECONDITION),
@@ -165,10 +178,20 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+# an absolute path in a message: a "/" that starts a word, then at least two segments
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/()\[\]{},;]+/)+[^\s'\"/()\[\]{},;]*")
+
+
+def without_paths(message: str) -> str:
+    """`message` with every absolute path shown by its last part: a client learns which
+    store or file, never the server's file system."""
+    return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name or "…", message)
+
+
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls, code in STATUS_OF:
         if isinstance(e, cls):
-            return code, bounded_message(str(e) or type(e).__name__)
+            return code, bounded_message(without_paths(str(e) or type(e).__name__))
     log.exception("unexpected error", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server logged it"
 
@@ -295,17 +318,28 @@ class LanguageModelServicer:
         store = params = policy = None
         if mode != pb.RETRIEVAL_NONE:
             policy = checked_policy(r.retrieval.policy, s.limits)
+        prompt_tokens = len(text_ids(s.tok, r.prompt))
+        check_work("the prompt's tokens", prompt_tokens, "max_request_tokens", s.limits, "a shorter prompt")
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
             params = knn_params_from_pb(r.retrieval, store)
-        prompt_tokens = len(text_ids(s.tok, r.prompt))
+            self._check_knn_work(store, params, max_new, "steps (max_new_tokens)")
+        if mode == pb.RETRIEVAL_RIC:
+            rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
+            window = min(s.window, getattr(s.model.config, "max_position_embeddings", s.window))
+            retrievals = -(-max_new // rp.stride)  # one before the first token, then every ric_stride tokens
+            check_work(f"RIC-LM passages ({retrievals:,} retrievals x {rp.passages} passages)",
+                       retrievals * rp.passages, "max_ric_passages", s.limits,
+                       "a larger ric_stride, fewer passages (k) or max_new_tokens")
+            check_work(f"tokens through the LM ({retrievals:,} RIC-LM contexts x window {window})",
+                       retrievals * window + max_new, "max_forward_tokens", s.limits,
+                       "a larger ric_stride or fewer max_new_tokens")
         stop = pb.MAX_TOKENS
         deadline = time.monotonic() + r.time_limit_s if r.time_limit_s > 0 else None
         pieces, attrs, n = [], [], 0
         if r.trace:
             s.store("infgram", "trace")  # refused before any work if there is nothing to trace against
         if mode == pb.RETRIEVAL_RIC:
-            rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
             passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
             gen = ric_generate(s.model, s.tok, passages, r.prompt, max_new, rp, r.temperature, r.top_p or 1.0,
                                r.seed, policy, tuple(r.stop_sequences), s.window)
@@ -347,6 +381,16 @@ class LanguageModelServicer:
             stop_reason=stop, prompt_tokens=prompt_tokens, generated_tokens=n, text=text,
             citations=citations(attrs), trace=spans))
 
+    def _check_knn_work(self, store: Datastore, params: KNNParams, queries: int, what: str) -> None:
+        """kNN-LM work: one query's candidates (k x refine) and the request's neighbour
+        slots (queries x k x refine), with the k and refine the search will really use."""
+        lim, refine = self.s.limits, refine_used(store, params.refine)
+        check_work(f"candidates per search (k {params.k} x refine {refine})", params.k * refine,
+                   "max_query_candidates", lim, "a smaller k or refine_factor")
+        check_work(f"neighbour slots ({queries:,} {what} x k {params.k} x refine {refine})",
+                   queries * params.k * refine, "max_neighbour_slots", lim,
+                   f"fewer {what}, a smaller k or refine_factor")
+
     @guarded
     def Score(self, r, context):
         s, lim = self.s, self.s.limits
@@ -359,19 +403,34 @@ class LanguageModelServicer:
         window = check_int("window", r.window or min(s.window, longest), 2, longest)
         stride = check_int("stride", r.stride or max(window // 2, 1), 1, window)
         ids = encode_document(s.tok, r.text)
+        # every product of this request's work, before any of it is allocated
+        check_work("the text's tokens", len(ids), "max_request_tokens", lim, "score a shorter text")
         windows = len(windows_for(len(ids), window, stride))
         if windows > lim.max_score_windows:  # the cost is windows x window tokens: bounded per request
-            raise BadRequest(f"text, window {window} and stride {stride} make {windows:,} windows; the limit is "
-                             f"{lim.max_score_windows:,} (a larger stride, or a shorter text)")
-        pad = s.tok.pad_token_id if s.tok.pad_token_id is not None else 0
+            raise TooMuchWork(f"text, window {window} and stride {stride} make {windows:,} windows; over the "
+                              f"server's cap max_score_windows = {lim.max_score_windows:,} (a larger stride, "
+                              "or a shorter text)")
+        check_work(f"tokens through the LM ({windows:,} windows x window {window})", windows * window,
+                   "max_forward_tokens", lim, "a larger stride, or a shorter text")
         mode = r.retrieval.mode
+        scored = max(len(ids) - 1, 0)
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
             params = knn_params_from_pb(r.retrieval, store)
+            self._check_knn_work(store, params, scored, "scored tokens")
+        rp = None
+        if mode == pb.RETRIEVAL_RIC:
+            rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1).validate(window)
+            blocks = ric_blocks(len(ids), rp.stride)
+            check_work(f"RIC-LM passages ({blocks:,} blocks of ric_stride {rp.stride} x {rp.passages} passages)",
+                       blocks * rp.passages, "max_ric_passages", lim, "a larger ric_stride, fewer passages (k)")
+            check_work(f"tokens through the LM ({blocks:,} RIC-LM blocks x window {window})", blocks * window,
+                       "max_forward_tokens", lim, "a larger ric_stride, or a shorter text")
+        pad = s.tok.pad_token_id if s.tok.pad_token_id is not None else 0
+        if mode == pb.RETRIEVAL_KNN:
             # no second search thread: the server already gives each concurrent request its share of the cores
-            res = retrieve_neighbours(s.model, store, [ids], params.k, window, stride, 8, pad, params.nprobe,
-                                      checked_policy(r.retrieval.policy, lim), refine=params.refine, overlap=False)[0]
-            lm, lp = res.lm_logprob, res.knn_logprob(params)
+            lm, lp = knn_score(s.model, store, ids, params, window, stride, 8, pad,
+                               checked_policy(r.retrieval.policy, lim))
         else:
             lm = score_documents(s.model, [ids], window, stride, 8, pad)[0]
             lp = lm
@@ -381,7 +440,6 @@ class LanguageModelServicer:
                                        lm_logprobs=[lm])[0]
                 lp = scored.logprob(infgram_params_from_pb(r.retrieval, ig))
             if mode == pb.RETRIEVAL_RIC:
-                rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1)
                 passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
                 lp = ric_score_documents(s.model, s.tok, passages, [ids], window, rp, 8, pad,
                                          checked_policy(r.retrieval.policy, lim))[0]
@@ -400,14 +458,16 @@ class LanguageModelServicer:
         max_spans = check_int("max_spans", r.max_spans or 50, 1, 1000)
         max_docs = check_int("max_documents", r.max_documents or 5, 1, lim.max_attribution_top)
         store = s.store("infgram")
+        n_tokens = len(text_ids(s.tok, r.text))
+        check_work("the text's tokens", n_tokens, "max_request_tokens", lim, "trace a shorter text")
         spans = trace(store, s.tok, r.text, min_tokens, max_spans, max_docs, checked_policy(r.policy, lim))
-        return pb.TraceResponse(spans=[traced_pb(sp) for sp in spans],
-                                tokens=len(text_ids(s.tok, r.text)))
+        return pb.TraceResponse(spans=[traced_pb(sp) for sp in spans], tokens=n_tokens)
 
     @guarded
     def Tokenize(self, r, context):
         check_text("text", r.text, self.s.limits.max_text_chars)
         ids = text_ids(self.s.tok, r.text)  # special tokens in the text are text
+        check_work("the text's tokens", len(ids), "max_request_tokens", self.s.limits, "a shorter text")
         if r.add_special_tokens and self.s.tok.bos_token_id is not None:
             ids = [self.s.tok.bos_token_id, *ids]
         return pb.TokenizeResponse(ids=ids, tokens=self.s.tok.convert_ids_to_tokens(ids))
@@ -419,10 +479,10 @@ class LanguageModelServicer:
         stores = [pb.StoreInfo(name=st.path.name, kind=st.manifest.kind, entries=st.n_entries,
                                shards=len(st.manifest.shards), tiers=st.manifest.tiers) for st in s.stores.values()]
         return pb.ModelInfoResponse(
-            model=str(Path(s.model_dir).resolve()), model_type=s.model.config.model_type,
+            model=Path(s.model_dir).resolve().name, model_type=s.model.config.model_type,
             parameters=sum(p.numel() for p in s.model.parameters()), vocab_size=len(s.tok),
             max_position_embeddings=getattr(s.model.config, "max_position_embeddings", 0),
-            fingerprint=model_fingerprint(s.model_dir), trained_tiers=info.get("tiers", []),
+            fingerprint=model_fingerprint(s.model_dir), trained_tiers=trained_tiers(info),
             trained_on_restricted=bool(info.get("trained_on_restricted", False)), stores=stores,
             max_new_tokens_limit=s.limits.max_new_tokens)
 
@@ -455,6 +515,10 @@ class DatastoreServicer:
         store = s.store(kind, f"store {kind!r}")
         refine = check_int("refine_factor", r.refine_factor, 1, lim.max_refine_factor) \
             if r.HasField("refine_factor") else None
+        if kind == "token":
+            used = refine_used(store, refine)
+            check_work(f"candidates per search (k {k} x refine {used})", k * used, "max_query_candidates", lim,
+                       "a smaller k or refine_factor")
         found = search_text(store, r.query, k, s.model, s.tok, policy, r.nprobe or None, refine,
                             allow_partial=r.allow_partial)
         return pb.SearchResponse(hits=[neighbour_pb(h) for h in found.hits], partial=bool(found.missing),
@@ -478,9 +542,12 @@ class DatastoreServicer:
         who = principal(self.s, context)
         owner = who.owner if who.kind == "owner" else None
         with self.s.lock:  # one removal at a time: the size check and the log see the same state
-            res = remove(self._stores(), by, values, owner=owner, made_by=who.label, reason=r.reason,
-                         confirm_large=r.confirm_large, dry_run=r.dry_run, max_docs=lim.max_optout_docs,
-                         max_fraction=lim.max_optout_fraction)
+            # every store the server was started with, served or not: a store out of use now
+            # must not serve the document once it is back
+            res = remove(self._stores() + self._idle_stores(), by, values, owner=owner, made_by=who.label,
+                         reason=r.reason, confirm_large=r.confirm_large, dry_run=r.dry_run,
+                         max_docs=lim.max_optout_docs, max_fraction=lim.max_optout_fraction,
+                         unopened=self._unopened())
         return pb.OptOutResponse(receipt_id=res.receipt, removed_doc_ids=sorted(res.doc_ids),
                                  removed_entries=res.entries, logged_at=res.logged_at, dry_run=res.dry_run)
 
@@ -490,7 +557,7 @@ class DatastoreServicer:
         if which is None:
             raise BadRequest("give a receipt_id or a doc_id")
         key = check_text(which, getattr(r, which), self.s.limits.max_value_chars)
-        stores = self._stores()
+        stores = self._stores() + self._idle_stores()
         who = principal(self.s, context)
         if which == "doc_id" and who.kind == "owner":
             owners = {st.doc_owner(st.doc_index(key)) for st in stores if st.doc_index(key) is not None}
@@ -509,14 +576,25 @@ class DatastoreServicer:
             if not own:
                 raise PermissionDenied(f"receipt {record['receipt']} covers no document of owner {who.owner!r}")
             record = {**record, "doc_ids": own}
-        proof = status(stores, record)
+        proof = status(stores, record, unopened=list(self._unopened()))
         return pb.OptOutStatusResponse(
             removed=True, receipt_id=record["receipt"], logged_at=record["time"], by=record["by"],
             values=record["values"] if show else [], values_redacted=not show, removed_doc_ids=record["doc_ids"],
             compacted=proof.compacted, logged=True, tombstoned=proof.tombstoned,
             made_by=record.get("made_by", "admin"),
             stores=[pb.StoreProof(store=p.store, doc_ids=p.doc_ids, tombstoned=p.tombstoned, compacted=p.compacted,
-                                  live_entries=p.live_entries) for p in proof.stores])
+                                  live_entries=p.live_entries) for p in proof.stores]
+            # a store this server cannot open proves nothing: listed, not tombstoned
+            + [pb.StoreProof(store=f"{Path(m).name} (cannot be opened: no proof)") for m in proof.missing])
+
+    def _idle_stores(self) -> list[Datastore]:
+        """Stores this server was started with and opened, but does not serve (another model's)."""
+        return [st for st in list(self.s.idle.values()) if isinstance(st, Datastore)]
+
+    def _unopened(self) -> dict[str, str]:
+        """Stores this server was started with but could not open: path -> why."""
+        return {st: self.s.store_errors.get(kind, "") for kind, st in list(self.s.idle.items())
+                if not isinstance(st, Datastore)}
 
     @guarded
     def Stats(self, r, context):

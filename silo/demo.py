@@ -13,6 +13,10 @@
 
 Each finished stage is kept in the work folder and reused by the next run (`--fresh`
 starts over), so an interrupted demo continues where it stopped.
+
+Two sizes: the default shows the whole story in about a quarter of an hour on 2 CPU cores
+(a smaller harvest, a shorter LM run, smaller stores, fewer held-out tokens); `--full` is
+the hour-long run whose figures the README quotes. Each size has its own work folder.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from datastore.errors import StoreError
@@ -40,15 +45,36 @@ from silo.report import EVAL_HEADER, MODE_NAMES, eval_rows, mode_figures, print_
 from silo.scaling import CurveArgs, scaling_curve
 from silo.train import TrainArgs, train
 
-EVAL_TOKENS = 30_000  # held-out tokens per row: a stable perplexity in seconds to minutes
-STORE_TOKENS = 1_500_000  # restricted training text put in the demo's datastores
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much of everything a demo run uses."""
+
+    name: str
+    limit_bytes: int  # harvested text
+    lm_steps: int | None  # training steps of the LM and the oracle (None: the small config's own)
+    store_tokens: int  # restricted training text put in the datastores
+    eval_tokens: int  # held-out tokens per row of the SILO table
+    curve_fractions: tuple[float, ...]
+    curve_seeds: int
+    curve_tokens: int
+    workdir: str
+
+
+QUICK = DemoSize("quick", 12 << 20, 120, 400_000, 8_000, (0.1, 0.3, 1.0), 1, 2_000, "runs/demo")
+FULL = DemoSize("full", 40 << 20, None, 1_500_000, 30_000, (0.03, 0.1, 0.3, 1.0), 3, 5_000, "runs/demo-full")
+
+
+_T0 = [time.perf_counter()]
 
 
 def _stage(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
+    elapsed = time.perf_counter() - _T0[0]
+    print(f"\n=== {title} ===  [{int(elapsed // 60)}m{int(elapsed % 60):02d}s]", flush=True)
 
 
 def _train(corpus: Path, out: Path, steps: int | None, **kw) -> dict:
+    """The demo's LM (the small config), reused when finished."""
     if (out / "silo_model.json").is_file() and (out / "model.safetensors").is_file():
         print(f"reusing {out}")
         return json.loads((out / "silo_model.json").read_text())
@@ -61,7 +87,7 @@ def _lm_line(rec: dict) -> str:
             f"(unigram baseline {rec['unigram_val_perplexity']:.2f})")
 
 
-def _store(out: Path, **kw) -> Path:
+def _store(out: Path, store_tokens: int, **kw) -> Path:
     """A demo store, reused when finished; any unfinished or older one is built again."""
     if (out / "manifest.json").is_file():
         try:
@@ -71,19 +97,24 @@ def _store(out: Path, **kw) -> Path:
         except StoreError as e:  # a store of an older format: built again
             print(f"rebuilding {out} ({e})")
     shutil.rmtree(out, ignore_errors=True)
-    build_store(BuildArgs(out=str(out), tiers=("restricted",), max_tokens=STORE_TOKENS, **kw))
+    build_store(BuildArgs(out=str(out), tiers=("restricted",), max_tokens=store_tokens, **kw))
     return out
 
 
-def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, steps: int | None = None,
-             fresh: bool = False) -> dict:
-    work = Path(workdir)
+def run_demo(size: DemoSize = QUICK, workdir: str | Path | None = None, limit_bytes: int | None = None,
+             steps: int | None = None, fresh: bool = False) -> dict:
+    """Run every stage (see the module docstring); `limit_bytes` and `steps` override the size's."""
+    work = Path(workdir or size.workdir)
+    limit_bytes = limit_bytes or size.limit_bytes
+    steps = steps or size.lm_steps
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     corpus, model_dir, oracle_dir = work / "corpus", work / "lm-pdsw", work / "oracle-all-tiers"
-    figures: dict = {}
-    t_start = time.perf_counter()
+    figures: dict = {"size": asdict(size)}
+    t_start = _T0[0] = time.perf_counter()
+    print(f"SILO demo ({size.name}: {limit_bytes >> 20} MB harvested, {size.store_tokens:,} datastore tokens, "
+          f"{size.eval_tokens:,} held-out tokens per row) in {work}", flush=True)
 
     _stage("1. harvest the embedded default corpus (this machine's packages and docs)")
     try:
@@ -109,7 +140,7 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
     for name, tiers in (("permissive (pd,sw)", ("pd", "sw")), ("restricted", ("restricted",))):
         try:
             rep = evaluate_lm(model, tok, str(corpus), "test", tiers, window=256, stride=128, batch_size=8,
-                              max_tokens=EVAL_TOKENS)
+                              max_tokens=size.eval_tokens)
         except SiloError as e:  # a tiny harvest may have no test documents of a tier
             print(f"{name}: skipped ({e})")
             continue
@@ -119,7 +150,7 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
     print("The LM never saw restricted text: its perplexity there is what the datastore has to close.")
 
     _stage("4. datastores over the restricted tier (train split): token, ∞-gram, passages (BM25, MiniLM)")
-    common = dict(model=str(model_dir), corpus=str(corpus))
+    common = dict(model=str(model_dir), corpus=str(corpus), store_tokens=size.store_tokens)
     token_store = _store(work / "store-token", **common, kind="token", shards=2, window=256, stride=128,
                          batch_size=16, keep_keys=True)
     infgram_store = _store(work / "store-infgram", **common, kind="infgram", shards=2)
@@ -145,7 +176,7 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
     _stage("6. LM / kNN-LM / ∞-gram / RIC-LM vs the oracle on held-out restricted text")
     needs_tuning = not all(Manifest.load(p).defaults for p in (token_store, infgram_store))
     ev = dict(model=str(model_dir), corpus=str(corpus), tiers=("restricted",), window=256, stride=128,
-              max_tokens=EVAL_TOKENS, progress=True, oracle=str(oracle_dir))
+              max_tokens=size.eval_tokens, progress=True, oracle=str(oracle_dir))
     rep = run_eval(EvalArgs(stores=(str(token_store), str(infgram_store), str(bm25_store)),
                             modes=("lm", "knn", "infgram", "ric"), ric_stride=64, sweep=needs_tuning, **ev))
     minilm = run_eval(EvalArgs(stores=(str(minilm_store),), modes=("lm", "ric"), ric_retriever="dense",
@@ -170,9 +201,9 @@ def run_demo(workdir: str | Path = "runs/demo", limit_bytes: int = 40 << 20, ste
         # a small k (over the tuned λ and T) and a deep first retrieval: ≥ k survivors at every
         # fraction keeps the trick exact
         rows = scaling_curve(CurveArgs(model=str(model_dir), store=str(token_store), corpus=str(corpus),
-                                       out=str(curve), fractions=(0.03, 0.1, 0.3, 1.0), seeds=3, depth=2048,
-                                       k=16,
-                                       window=256, stride=128, max_tokens=5_000, oracle=str(oracle_dir),
+                                       out=str(curve), fractions=size.curve_fractions, seeds=size.curve_seeds,
+                                       depth=2048, k=16, window=256, stride=128, max_tokens=size.curve_tokens,
+                                       oracle=str(oracle_dir),
                                        passage_store=str(bm25_store)))
         print_table([[r["mode"], r["fraction"], r["tokens"], f"{r['perplexity']:.2f}", r["k_satisfied"]]
                      for r in rows if r["seed"] == 0], ["mode", "fraction", "store tokens", "perplexity", "k satisfied"])

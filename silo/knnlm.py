@@ -7,6 +7,12 @@ with, and searches the store for the whole batch at once. The neighbours are kep
 (distances and values per token), so λ and T can be swept without searching again, and
 any k' ≤ k by truncation.
 
+Memory is bounded by the search, not by the text: each batch's queries are searched in
+chunks of at most `SEARCH_CHUNK_BYTES` of candidates (refine x k per query, each with its
+exact key when re-ranking), and `knn_score` — the server's Score — turns every batch into
+log-probs at once and keeps nothing per neighbour, so a long text costs time, never more
+memory. `retrieve_neighbours` keeps the neighbours (n x k x 20 B) for sweeps.
+
 Generation goes one token at a time with the KV cache; every generated token carries its
 attribution: the neighbours that voted, with their weight and source.
 """
@@ -142,13 +148,56 @@ class DocNeighbours:
         return knn_interpolate(self.lm_logprob, knn, params.lam, retrieved=(values >= 0).any(axis=1))
 
 
+# one search call's candidates, at most (FAISS's distances and ids, the merge's copies, and
+# with exact re-ranking the candidates' fp16 keys and their float32 distances)
+SEARCH_CHUNK_BYTES = 128 << 20
+
+
+def refine_used(store: Datastore, refine: int | None) -> int:
+    """The re-ranking factor a search of `store` applies for `refine` (None = the store's
+    default; 1 where the store keeps no keys), as `Datastore.search_ex` decides it."""
+    refine = store.manifest.defaults.get("refine", 1) if refine is None else refine
+    return refine if refine and refine > 1 and store.can_refine else 1
+
+
+def search_rows(store: Datastore, k: int, refine: int | None) -> int:
+    """Queries per search call so that one call's candidates fit `SEARCH_CHUNK_BYTES`."""
+    r = refine_used(store, refine)
+    per_candidate = 64 + (6 * store.manifest.dim if r > 1 else 0)
+    return max(1, SEARCH_CHUNK_BYTES // (k * r * per_candidate))
+
+
+def chunked_search(store: Datastore, queries: np.ndarray, k: int, nprobe: int | None,
+                   policy: RetrievalPolicy | None, refine: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """`store.search` over `queries` in chunks of `search_rows` queries: the search's
+    temporaries are bounded whatever the batch."""
+    step = search_rows(store, k, refine)
+    if len(queries) <= step:
+        return store.search(queries, k, nprobe=nprobe, policy=policy, refine=refine)
+    parts = [store.search(queries[i : i + step], k, nprobe=nprobe, policy=policy, refine=refine)
+             for i in range(0, len(queries), step)]
+    return np.concatenate([d for d, _ in parts]), np.concatenate([e for _, e in parts])
+
+
+@dataclass
+class NeighbourBatch:
+    """One batch of windows: the scored spans (doc, first, end) in row order, and per row
+    the LM log-prob, the query key and the k neighbours."""
+
+    spans: list[tuple[int, int, int]]
+    lm_logprob: np.ndarray  # (rows,) float64
+    queries: np.ndarray  # (rows, d)
+    dists: np.ndarray  # (rows, k)
+    ids: np.ndarray  # (rows, k)
+    values: np.ndarray  # (rows, k)
+
+
 @torch.no_grad()
-def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, window: int = 512,
-                        stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
-                        policy: RetrievalPolicy | None = None, progress: bool = False,
-                        keep_queries: bool = False, refine: int | None = None,
-                        overlap: bool = True) -> list[DocNeighbours]:
-    """One pass: LM log-probs and the store's k neighbours for every scored token. With
+def neighbour_batches(model, store: Datastore, docs: list[list[int]], k: int, window: int = 512,
+                      stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
+                      policy: RetrievalPolicy | None = None, progress: bool = False, refine: int | None = None,
+                      overlap: bool = True) -> Iterator[NeighbourBatch]:
+    """The LM and the store over every window, one `NeighbourBatch` at a time. With
     `overlap`, the search of one batch runs in a second thread while the LM runs the next
     batch (FAISS and torch both release the GIL), so retrieval costs only what it adds
     beyond the forward — at the price of one more busy thread."""
@@ -156,27 +205,14 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
     device = next(model.parameters()).device
     wins = [w for i, d in enumerate(docs) for w in windows_for(len(d), window, stride, i)]
     wins.sort(key=lambda w: w.end - w.begin)
-    n = [max(len(d) - 1, 0) for d in docs]
-    out = [DocNeighbours(np.zeros(m), np.asarray(d[1:], dtype=np.int64), np.zeros((m, k), np.float32),
-                         np.full((m, k), -1, np.int64), np.full((m, k), -1, np.int64), metric=store.metric)
-           for d, m in zip(docs, n, strict=True)]
-    if keep_queries:
-        for o in out:
-            o.queries = np.zeros((len(o.targets), store.manifest.dim), np.float32)
 
     def search(q_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        dist, eid = store.search(q_all, k, nprobe=nprobe, policy=policy, refine=refine)
+        dist, eid = chunked_search(store, q_all, k, nprobe, policy, refine)
         return dist, eid, store.values(eid)
 
-    def place(spans: list, q_all: np.ndarray, found: Future) -> None:
+    def finish(spans: list, lm: np.ndarray, q_all: np.ndarray, found: Future) -> NeighbourBatch:
         dist, eid, vals = found.result()
-        row = 0
-        for doc, a, b in spans:
-            o = out[doc]
-            o.dists[a:b], o.ids[a:b], o.values[a:b] = dist[row : row + b - a], eid[row : row + b - a], vals[row : row + b - a]
-            if keep_queries:
-                o.queries[a:b] = q_all[row : row + b - a]
-            row += b - a
+        return NeighbourBatch(spans, lm, q_all, dist, eid, vals)
 
     threads = faiss.omp_get_max_threads()  # OpenMP's thread count is per calling thread: carry it over
     pending = None
@@ -186,23 +222,77 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
             ids, mask = pad_batch([docs[w.doc][w.begin : w.end] for w in batch], pad_id)
             logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
             keys = box["keys"].float().cpu()
-            spans, queries = [], []
+            spans, queries, lms = [], [], []
             for r, w in enumerate(batch):
                 lo, hi = w.first_target - w.begin - 1, w.end - w.begin - 1
                 targets = ids[r, lo + 1 : hi + 1].to(device)
-                lp = logp[r, lo:hi].gather(-1, targets[:, None])[:, 0]
-                out[w.doc].lm_logprob[w.first_target - 1 : w.end - 1] = lp.double().cpu().numpy()
+                lms.append(logp[r, lo:hi].gather(-1, targets[:, None])[:, 0].double().cpu().numpy())
                 queries.append(keys[r, lo:hi].numpy())
                 spans.append((w.doc, w.first_target - 1, w.end - 1))
+            del logp, keys
             q_all = np.concatenate(queries)
             if pending is not None:
-                place(*pending)
-            pending = (spans, q_all, pool.submit(search, q_all))
+                yield finish(*pending)
+            pending = (spans, np.concatenate(lms), q_all, pool.submit(search, q_all))
             if not overlap:
-                place(*pending)
+                yield finish(*pending)
                 pending = None
         if pending is not None:
-            place(*pending)
+            yield finish(*pending)
+
+
+def knn_score(model, store: Datastore, ids: list[int], params: KNNParams, window: int = 512, stride: int = 256,
+              batch_size: int = 8, pad_id: int = 0, policy: RetrievalPolicy | None = None,
+              overlap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(LM log-probs, kNN-LM log-probs) of tokens 1..n-1 of one document, each batch's
+    neighbours turned into log-probs and dropped at once: memory does not grow with the text."""
+    n = max(len(ids) - 1, 0)
+    lm, mixed = np.zeros(n), np.zeros(n)
+    doc = np.asarray(ids, dtype=np.int64)
+    # a batch's neighbours (window x k x 20 B per window) and the float64 temporaries of the
+    # vote (about 50 B per neighbour) stay within about SEARCH_CHUNK_BYTES each, whatever k
+    batch_size = max(1, min(batch_size, SEARCH_CHUNK_BYTES // (window * params.k * 20)))
+    step = max(1, SEARCH_CHUNK_BYTES // (params.k * 50))
+    for b in neighbour_batches(model, store, [ids], params.k, window, stride, batch_size, pad_id, params.nprobe,
+                               policy, refine=params.refine, overlap=overlap):
+        targets = np.concatenate([doc[a + 1 : e + 1] for _, a, e in b.spans])
+        lp = np.concatenate([
+            knn_interpolate(b.lm_logprob[i : i + step],
+                            knn_target_logprob(b.dists[i : i + step], b.values[i : i + step], targets[i : i + step],
+                                               params.temperature, store.metric),
+                            params.lam, retrieved=(b.values[i : i + step] >= 0).any(axis=1))
+            for i in range(0, len(targets), step)])
+        row = 0
+        for _, a, e in b.spans:
+            lm[a:e], mixed[a:e] = b.lm_logprob[row : row + e - a], lp[row : row + e - a]
+            row += e - a
+    return lm, mixed
+
+
+def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, window: int = 512,
+                        stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
+                        policy: RetrievalPolicy | None = None, progress: bool = False,
+                        keep_queries: bool = False, refine: int | None = None,
+                        overlap: bool = True) -> list[DocNeighbours]:
+    """One pass: LM log-probs and the store's k neighbours for every scored token, kept
+    (n x k per document) so that λ, T and any k' ≤ k can be swept without searching again."""
+    n = [max(len(d) - 1, 0) for d in docs]
+    out = [DocNeighbours(np.zeros(m), np.asarray(d[1:], dtype=np.int64), np.zeros((m, k), np.float32),
+                         np.full((m, k), -1, np.int64), np.full((m, k), -1, np.int64), metric=store.metric)
+           for d, m in zip(docs, n, strict=True)]
+    if keep_queries:
+        for o in out:
+            o.queries = np.zeros((len(o.targets), store.manifest.dim), np.float32)
+    for b in neighbour_batches(model, store, docs, k, window, stride, batch_size, pad_id, nprobe, policy,
+                               progress, refine, overlap):
+        row = 0
+        for doc, a, e in b.spans:
+            o, rows = out[doc], slice(row, row + e - a)
+            o.lm_logprob[a:e], o.dists[a:e], o.ids[a:e], o.values[a:e] = \
+                b.lm_logprob[rows], b.dists[rows], b.ids[rows], b.values[rows]
+            if keep_queries:
+                o.queries[a:e] = b.queries[rows]
+            row += e - a
     return out
 
 

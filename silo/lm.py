@@ -99,5 +99,30 @@ def model_info(path: str | os.PathLike) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def trained_tiers(info: dict) -> list[str]:
+    """The tiers a model was trained on, from its training record; ["unknown"] for a model
+    without one (an outside checkpoint: nothing here says what its weights saw)."""
+    return list(info.get("tiers") or ()) or ["unknown"]
+
+
+class RestrictedModel(SiloError):
+    """A model whose weights saw restricted text was about to be served."""
+
+
+def check_servable(path: str | os.PathLike, allow_restricted: bool = False) -> dict:
+    """The model's training record, after refusing a model trained on restricted text (an
+    oracle for evaluation): its weights hold text that no opt-out can reach, so serving it
+    would break the promise that removed text is never used. `allow_restricted` is the
+    operator's explicit, logged exception (a private evaluation server)."""
+    info = model_info(path)
+    restricted = info.get("trained_on_restricted") or "restricted" in (info.get("tiers") or ())
+    if restricted and not allow_restricted:
+        raise RestrictedModel(
+            f"{Path(path).name} was trained on restricted text (an oracle, for evaluation only): its weights "
+            "hold text that no opt-out can remove, so it is not served. Serve a model trained on permissive "
+            "tiers, or pass --serve-restricted-model for a private evaluation server")
+    return info
+
+
 def config_dict(name: str) -> dict:
     return {"name": name, **asdict(CONFIGS[name])}

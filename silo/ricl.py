@@ -68,6 +68,13 @@ class RICBlock:
     prefix_tokens: int = 0  # tokens of passages in front of the document context
 
 
+def ric_blocks(n_tokens: int, stride: int) -> int:
+    """How many blocks (each one retrieval and one forward of up to `window` tokens) a
+    document of `n_tokens` tokens is scored in: what a server checks against its caps
+    before any of them runs."""
+    return len(range(1, n_tokens, max(stride, 1)))
+
+
 def _blocks(tok, docs: list[list[int]], p: RICParams) -> list[RICBlock]:
     out = []
     for i, d in enumerate(docs):
@@ -142,7 +149,11 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
                  stop: tuple[str, ...] = (), window: int | None = None):
     """Generation with retrieval in context: every `stride` new tokens, retrieve with the last
     `query_tokens` tokens, put the passages in front, and go on (KV cache in between).
-    Yields `silo.knnlm.GeneratedToken`s; each carries the passages in its context."""
+    Yields `silo.knnlm.GeneratedToken`s; each carries the passages in its context.
+
+    A passage whose document is removed while the generation runs leaves the context at
+    the next token: before each step the store's opt-out log is checked (a stat when
+    nothing changed), and a removed passage in the KV cache forces a new retrieval."""
     if not prompt:
         raise SiloError("empty prompt")
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
@@ -155,11 +166,16 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
     gen = torch.Generator().manual_seed(seed)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generated, text_so_far, past, attribution, since = [], "", None, [], p.stride
+    context_docs = np.zeros(0, np.int64)  # documents of the passages in the KV cache
     decoder = StreamDecoder(tok)
     for _ in range(max_new_tokens):
+        if len(context_docs):
+            store.maybe_reload_optouts()
+            if store.dead_docs[context_docs].any():  # removed since it was retrieved: not one more token from it
+                since = p.stride
         if since >= p.stride or past is None:  # re-retrieve and rebuild the context
             query = tok.decode(ids[-p.query_tokens :], skip_special_tokens=True)
-            prefix, attribution = [], []
+            prefix, attribution, context_docs = [], [], np.zeros(0, np.int64)
             if query.strip():
                 scores, pids = passage_search(store, [query], p.passages, policy=policy, retriever=p.retriever,
                                               model=model, tok=tok)
@@ -170,6 +186,7 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
                     ptoks = [text_ids(tok, t)[: p.max_passage_tokens] for t in texts]
                     prefix = _prefix(ptoks, bos, eos, max(window // 2, 1))
                     attribution = store.attribute(pids, scores)
+                    context_docs = store.entry_docs(pids)
                     for h in attribution:
                         h["weight"] = 1.0 / len(attribution)
             context = ids[-(window - len(prefix) - 1):]

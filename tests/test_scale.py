@@ -143,11 +143,12 @@ def test_ingest_adds_a_shard_with_the_stores_trained_index(base_store, tmp_path,
     before = Datastore.open(path)
     docs = _new_docs(corpus_dir)
     victim = docs[0]
-    append_removal(path, "doc_ids", [victim["doc_id"]], [])  # opted out before it ever arrives
+    receipt = append_removal(path, "doc_ids", [victim["doc_id"]], [])["receipt"]  # opted out before it arrives
     existing = before.doc_row(0)
     rep = add_documents(path, [*docs, {**existing}, {**docs[1]}])
     refused = {r["doc_id"]: r["reason"] for r in rep["refused"]}
-    assert refused == {victim["doc_id"]: "opted out", existing["doc_id"]: "duplicate doc id",
+    # the refusal names the receipt of the removal that keeps the document out
+    assert refused == {victim["doc_id"]: f"opted out (receipt {receipt})", existing["doc_id"]: "duplicate doc id",
                        docs[1]["doc_id"]: "duplicate doc id"}
     assert rep["added_documents"] == len(docs) - 1 and rep["shard"] == "00002"
     after = Datastore.open(path)

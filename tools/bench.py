@@ -1155,6 +1155,25 @@ def bench_soak(ctx: Context) -> list[dict]:
     return soak_rows(s)
 
 
+@benchmark("caps")
+def bench_caps(ctx: Context) -> list[dict]:
+    """tools/caps.py: peak RSS of the largest request each work cap still allows."""
+    out = ctx.work / "caps" / "rows.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "caps.py"), "--work", str(ctx.work / "caps"), "--json", str(out)]
+    ctx.log(" ".join(cmd))
+    proc = subprocess.run(cmd, cwd=ROOT)
+    if not out.is_file():
+        raise RuntimeError(f"caps.py wrote no rows (exit {proc.returncode})")
+    return caps_rows(json.loads(out.read_text()))
+
+
+def caps_rows(rows: list[dict]) -> list[dict]:
+    return [{"figure": f"work cap: {r['what']}", "value": f"+{r['growth_mb']:,.0f} MB peak RSS",
+             "against": "the loaded server's RSS just before the request (bound: < 2 GiB per request)",
+             "detail": f"server {r['base_rss_mb']:,.0f} MB before, peak {r['peak_rss_mb']:,.0f} MB; "
+                       f"{r['seconds']:.0f} s on 2 cores; tiny model, default caps"} for r in rows]
+
+
 def soak_rows(s: dict) -> list[dict]:
     mb = 1024
     rows = [

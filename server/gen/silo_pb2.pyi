@@ -582,7 +582,7 @@ class CompactShardsRequest(_message.Message):
     def __init__(self, store_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("queries", "num_queries", "dim", "k", "nprobe", "policy", "store_fingerprint", "lists", "coarse")
+    __slots__ = ("queries", "num_queries", "dim", "k", "nprobe", "policy", "store_fingerprint", "lists", "coarse", "deny_doc_ids")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -592,6 +592,7 @@ class ShardSearchRequest(_message.Message):
     STORE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LISTS_FIELD_NUMBER: _ClassVar[int]
     COARSE_FIELD_NUMBER: _ClassVar[int]
+    DENY_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     queries: bytes
     num_queries: int
     dim: int
@@ -601,7 +602,8 @@ class ShardSearchRequest(_message.Message):
     store_fingerprint: str
     lists: bytes
     coarse: bytes
-    def __init__(self, queries: _Optional[bytes] = ..., num_queries: _Optional[int] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store_fingerprint: _Optional[str] = ..., lists: _Optional[bytes] = ..., coarse: _Optional[bytes] = ...) -> None: ...
+    deny_doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, queries: _Optional[bytes] = ..., num_queries: _Optional[int] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store_fingerprint: _Optional[str] = ..., lists: _Optional[bytes] = ..., coarse: _Optional[bytes] = ..., deny_doc_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
     __slots__ = ("distances", "ids", "shards")

@@ -2,7 +2,7 @@
 
 Checks, in order: the manifest; the opt-out log line by line (a torn last line is a crash
 before an acknowledgement and harmless; a corrupt complete line stops the store from
-serving); the removal ledger the manifest names (`datastore.ledger`), the same way — a
+serving); the removal ledger the manifest names (`silo.datastore.ledger`), the same way — a
 missing one stops the store; every file the manifest names (opening the store reads each index and entry
 file and compares counts); folders no manifest names (a crashed build, compaction or
 ingest). With `repair` (under the store's lock, with its servers stopped): the log is
@@ -16,13 +16,13 @@ import os
 import shutil
 from pathlib import Path
 
-from datastore.errors import StoreError
-from datastore.ledger import ledger_log
-from datastore.lock import StoreLock, lock_holder
-from datastore.manifest import Manifest
-from datastore.optout import QUARANTINE_NAME, OptOutLog
-from datastore.store import Datastore
-from datastore.writer import sweep_orphans
+from silo.datastore.errors import StoreError
+from silo.datastore.ledger import ledger_log
+from silo.datastore.lock import StoreLock, lock_holder
+from silo.datastore.manifest import Manifest
+from silo.datastore.optout import QUARANTINE_NAME, OptOutLog
+from silo.datastore.store import Datastore
+from silo.datastore.writer import sweep_orphans
 
 
 def _unnamed(path: Path, m: Manifest) -> list[str]:

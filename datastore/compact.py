@@ -34,13 +34,12 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from datastore.infgram import SA_DIR, ShardTokens, write_suffix_array
-from datastore.lock import StoreLock
-from datastore.manifest import ShardInfo, fsync_path
-from datastore.passages import bm25_statistics, passage_texts, write_bm25
-from datastore.store import Datastore, Shard
-from datastore.writer import fsync_tree, sentinel, sweep_orphans
+from silo.datastore.infgram import SA_DIR, ShardTokens, write_suffix_array
+from silo.datastore.lock import StoreLock
+from silo.datastore.manifest import ShardInfo, fsync_path
+from silo.datastore.passages import bm25_statistics, passage_texts, write_bm25
+from silo.datastore.store import Datastore, Shard
+from silo.datastore.writer import fsync_tree, sentinel, sweep_orphans
 
 
 def compact(path: str | os.PathLike, only_shards: set[int] | None = None, progress: bool = False) -> dict:

@@ -19,8 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from datastore.errors import StoreError
+from silo.datastore.errors import StoreError
 
 CODED = ("source", "license", "tier", "owner")
 

@@ -6,7 +6,7 @@ verbatim spans). This module writes its files, opens one engine over all of a st
 shards, and keeps SILO's promises on top of it — exact by construction, whatever ids reach
 it:
 
-- **Layout.** Each shard folder holds the usual documents files (`datastore.writer`) and
+- **Layout.** Each shard folder holds the usual documents files (`silo.datastore.writer`) and
   `sa/` with the engine's files for that shard: `tokenized.0` (every document as a
   separator `0xFFFF` followed by its tokens, little-endian u16), `offset.0` (u64 byte
   offset of each document) and `table.0` (the suffix array). One extra separator closes
@@ -75,10 +75,9 @@ from pathlib import Path
 import infini_gram
 import numpy as np
 from infini_gram.engine import InfiniGramEngine
-
-from datastore.errors import StoreError, TooMuchWork
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore
+from silo.datastore.errors import StoreError, TooMuchWork
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore
 
 SA_DIR = "sa"
 HACK = 100_000  # bytes of overlap between suffix-array parts (the package's own constant)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from datastore.errors import StoreError
-from datastore.infgram import InfgramStore
-from datastore.manifest import Manifest
-from datastore.passages import PassageStore
-from datastore.store import Datastore
+from silo.datastore.errors import StoreError
+from silo.datastore.infgram import InfgramStore
+from silo.datastore.manifest import Manifest
+from silo.datastore.passages import PassageStore
+from silo.datastore.store import Datastore
 
 STORE_CLASSES: dict[str, type[Datastore]] = {"token": Datastore, "passage": PassageStore, "infgram": InfgramStore}
 

@@ -5,7 +5,7 @@ blue-green way) would serve every removed document again. So removals also live 
 **ledger that belongs with the corpus**, the system of record: `CORPUS/removals.log`,
 created by the first build from that corpus (`silo datastore build --ledger PATH` names
 another, e.g. one ledger for a deployment whose stores come from several corpora). The
-file has the opt-out log's format and guarantees (`datastore.optout`: checksummed JSON
+file has the opt-out log's format and guarantees (`silo.datastore.optout`: checksummed JSON
 lines, fsync'd, flock'd appends, torn-tail repair), and:
 
 - every store built from the corpus records the ledger's absolute path in its manifest
@@ -14,7 +14,7 @@ lines, fsync'd, flock'd appends, torn-tail repair), and:
   touching their folders;
 - every opt-out (server `OptOut`, `silo datastore optout`) appends its record to the
   ledger of every store it reaches *and* to each store's own log before it is
-  acknowledged (`datastore.removal.remove`);
+  acknowledged (`silo.datastore.removal.remove`);
 - every build, rebuild, ingest (`datastore add`, `AddDocuments`) and compaction reads it;
 - a store whose manifest names a ledger that cannot be read is refused (`LedgerMissing`):
   it could not keep the promise. Stores built before ledgers existed have no entry and
@@ -54,10 +54,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
-from datastore.errors import StoreError
-from datastore.manifest import fsync_path
-from datastore.optout import OptOutLog, Removals
+from silo.datastore.errors import StoreError
+from silo.datastore.manifest import fsync_path
+from silo.datastore.optout import OptOutLog, Removals
 
 LEDGER_NAME = "removals.log"
 SHINGLE_WORDS = 13

@@ -5,7 +5,7 @@ dies — a lock left by a process killed with -9 is taken over by the next write
 because the kernel (not a pid check that could race) decides. The file also records who
 holds it (purpose, pid, host, time) so a refused writer can say who is in the way.
 Readers (serving processes, opt-outs) never take it: opt-outs have their own short lock
-on the log (`datastore.optout`), and compaction and ingest publish by an atomic manifest
+on the log (`silo.datastore.optout`), and compaction and ingest publish by an atomic manifest
 switch that readers pick up on their own.
 """
 
@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from datastore.errors import StoreLocked
+from silo.datastore.errors import StoreLocked
 
 LOCK_NAME = ".silo.lock"
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from datastore.errors import FingerprintMismatch, StoreError  # noqa: F401 - re-exported
+from silo.datastore.errors import FingerprintMismatch, StoreError  # noqa: F401 - re-exported
 
 FORMAT_VERSION = 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
@@ -104,7 +104,7 @@ class Manifest:
     build: dict = field(default_factory=dict)  # settings and timings of the build
     compactions: list[dict] = field(default_factory=list)  # what each compaction removed
     ingests: list[dict] = field(default_factory=list)  # what each live ingest added
-    ledger: str | None = None  # the removal ledger this store honours (datastore.ledger); None: its own log only
+    ledger: str | None = None  # the removal ledger this store honours (silo.datastore.ledger); None: its own log only
     format_version: int = FORMAT_VERSION
 
     def save(self, store: str | os.PathLike) -> None:

@@ -9,7 +9,7 @@
 `check` is the first 16 hex digits of the SHA-256 of the record's canonical JSON without
 it, so a flipped byte is caught; a record without `check` is corrupt too (a flipped byte in
 the key itself must not turn a record into an unchecked one). Records may also carry
-`fingerprints` (`datastore.ledger`: content hashes of the removed text, so the same text
+`fingerprints` (`silo.datastore.ledger`: content hashes of the removed text, so the same text
 under another id is refused by builds and ingest). `scope_owner` limits a removal made with an owner's
 credential to that owner's documents: an owner opting out a source or a span never
 removes anyone else's text, now or in a later rebuild.
@@ -30,7 +30,7 @@ Reading is incremental (`OptOutLog.read_new`): the log only grows, so a process 
 byte offset of the last complete line it applied and reads only what follows, and the
 bytes it has *consumed* (`consumed`, a torn tail it has seen included): a reader whose
 size check finds exactly that many bytes knows nothing new is there, torn tail or not.
-The same class reads and writes the corpus's removal ledger (`datastore.ledger`), which
+The same class reads and writes the corpus's removal ledger (`silo.datastore.ledger`), which
 has this format under another name.
 `Removals.matches` answers "is this document opted out?" for rebuilds and ingest.
 """
@@ -47,8 +47,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datastore.errors import StoreError
-from datastore.manifest import fsync_path
+from silo.datastore.errors import StoreError
+from silo.datastore.manifest import fsync_path
 
 LOG_NAME = "optout.log"
 QUARANTINE_NAME = "optout.quarantine"
@@ -151,7 +151,7 @@ class Removals:
 
     def matches(self, doc: dict) -> bool:
         """Is this document (doc_id, owner, source, text) removed by the log, by id, owner,
-        source or span? (Copies of removed text: `datastore.ledger.CopyFinder`.)"""
+        source or span? (Copies of removed text: `silo.datastore.ledger.CopyFinder`.)"""
         owner = doc.get("owner") or None
         if doc.get("doc_id") in self.doc_ids or owner in self.owners:
             return True

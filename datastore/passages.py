@@ -45,11 +45,10 @@ from bm25s.scoring import (
     _calculate_doc_freqs,
     _select_idf_scorer,
 )
-
-from datastore.errors import StoreError
-from datastore.manifest import Manifest
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore
+from silo.datastore.errors import StoreError
+from silo.datastore.manifest import Manifest
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore
 
 RETRIEVERS = ("bm25", "dense")
 BM25_PARAMS = {"k1": 0.9, "b": 0.4, "method": "lucene"}  # In-Context RALM's BM25

@@ -16,8 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-
-from datastore.docs import Documents
+from silo.datastore.docs import Documents
 
 
 def split_list(s: str | Iterable[str] | None) -> tuple[str, ...]:

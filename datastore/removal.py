@@ -13,7 +13,7 @@
    stores it was started with but cannot serve now (`unopened`, e.g. a corrupt log) — if
    one cannot take it, refuse (`NotLoggedEverywhere`) before anything is written;
 6. otherwise make one record (one receipt, with content fingerprints of the removed
-   text: `datastore.ledger`), append it to every removal ledger the stores name (the
+   text: `silo.datastore.ledger`), append it to every removal ledger the stores name (the
    corpus's record, which outlives the stores: rebuilds into new folders, ingest and
    other stores of the corpus read it), then to every store's own log (fsync'd), tombstone,
    and only then return the receipt. A crash in between loses nothing acknowledged: a
@@ -28,10 +28,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from datastore.errors import StoreError
-from datastore.ledger import ledger_log
-from datastore.optout import new_record, record_matches
-from datastore.store import Datastore, UnknownDocuments
+from silo.datastore.errors import StoreError
+from silo.datastore.ledger import ledger_log
+from silo.datastore.optout import new_record, record_matches
+from silo.datastore.store import Datastore, UnknownDocuments
 
 REMOVAL_KINDS = ("doc_ids", "owner", "source", "span")
 

@@ -5,12 +5,12 @@
     store.values(ids); store.attribute(ids[0])
 
 One index, many shards: for an IVF store the shards' inverted lists are merged at load
-into one group index over the store's trained quantizer (`datastore.index`); a query
+into one group index over the store's trained quantizer (`silo.datastore.index`); a query
 batch is assigned to lists once and the group (and every remote shard server, which gets
 the assignment) scans only those lists — an N-shard store answers exactly like the same
 store in one shard, at the cost of one. Flat shards are searched one by one (exact).
 
-What RAM holds: the FAISS index, small per-document arrays (`datastore.docs`), the
+What RAM holds: the FAISS index, small per-document arrays (`silo.datastore.docs`), the
 tombstones (one bool per document) and a bounded cache of packed policy bitmaps. Entry
 columns, fp16 keys and text are memory-mapped files, read on demand.
 
@@ -20,7 +20,7 @@ tombstones added while the search ran, because some FAISS paths ignore selectors
 (`IndexShardsIVF`). Nothing disallowed ever leaves here.
 
 Tombstones come from two logs: the store's own `optout.log`, and the removal ledger its
-manifest names (`datastore.ledger`: the corpus's record of removals, shared by every
+manifest names (`silo.datastore.ledger`: the corpus's record of removals, shared by every
 store built from it). Both are read on open and re-checked (one `stat` each) before every
 search; a ledger that cannot be read refuses the open (`LedgerMissing`).
 """
@@ -36,15 +36,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-
-from datastore import index as ix
-from datastore.docs import CODED, Documents, read_shard_docs
-from datastore.errors import FingerprintMismatch, StoreError
-from datastore.ledger import fingerprint, ledger_log
-from datastore.manifest import Manifest, ShardInfo, model_fingerprint
-from datastore.optout import OptOutLog, new_record
-from datastore.policy import RetrievalPolicy
-from datastore.writer import ENTRY_COLUMNS, sentinel
+from silo.datastore import index as ix
+from silo.datastore.docs import CODED, Documents, read_shard_docs
+from silo.datastore.errors import FingerprintMismatch, StoreError
+from silo.datastore.ledger import fingerprint, ledger_log
+from silo.datastore.manifest import Manifest, ShardInfo, model_fingerprint
+from silo.datastore.optout import OptOutLog, new_record
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.writer import ENTRY_COLUMNS, sentinel
 
 TRAINED_NAME = "trained.faiss"
 
@@ -182,7 +181,7 @@ class Datastore:
         self._applied = [0] * len(self._logs)
         self.open_options: dict = {}  # how this store was opened (`reopen` repeats it)
         self.opened_stamp = self._manifest_stamp()
-        self.remotes: list = []  # remote shard groups (server.remote), searched beside local shards
+        self.remotes: list = []  # remote shard groups (silo.server.remote), searched beside local shards
         self.reload_optouts()
 
     # ------------------------------------------------------------------ opening
@@ -354,7 +353,7 @@ class Datastore:
         return hit
 
     def fingerprints(self, mask: np.ndarray) -> list[dict]:
-        """Content fingerprints (`datastore.ledger.fingerprint`) of the documents in `mask`
+        """Content fingerprints (`silo.datastore.ledger.fingerprint`) of the documents in `mask`
         whose text is still in the files (opened with text)."""
         out = []
         for d in np.flatnonzero(mask):
@@ -381,7 +380,7 @@ class Datastore:
         `UnknownDocuments` and nothing is logged (unless `require_known` is False: a server
         logs a removal in every store, so no rebuild of any of them ingests the text); an
         owner, source or span that matches nothing here is still logged, for the same reason.
-        `record` (from `datastore.removal.remove`, which has already appended it to every
+        `record` (from `silo.datastore.removal.remove`, which has already appended it to every
         ledger) is appended to this store's log unchanged: one receipt everywhere."""
         values = [v for v in values if v]
         if not values:

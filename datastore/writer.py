@@ -37,10 +37,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from datastore.errors import StoreError
-from datastore.lock import StoreLock
-from datastore.manifest import Manifest, ShardInfo, fsync_path
+from silo.datastore.errors import StoreError
+from silo.datastore.lock import StoreLock
+from silo.datastore.manifest import Manifest, ShardInfo, fsync_path
 
 ENTRY_COLUMNS: dict[str, dict[str, str]] = {
     "token": {"value": "value", "doc": "int32", "position": "int32", "sentence": "int32"},

@@ -1,8 +1,8 @@
 """Building and running SILO's gRPC servers (`silo serve`, `silo serve-shards`).
 
 One process loads the model and stores once and serves concurrently. Every request field
-has a hard limit and every request's work a cap (`server.limits`); credentials and the
-access class of every RPC are in `server.auth`. Health checking (grpc.health.v1) and
+has a hard limit and every request's work a cap (`silo.server.limits`); credentials and the
+access class of every RPC are in `silo.server.auth`. Health checking (grpc.health.v1) and
 server reflection are on; TLS with `--tls-cert/--tls-key`, and then also to the shard
 servers (a shard token never crosses a network in cleartext unless the operator passes
 `--allow-plaintext-shard-token`).
@@ -48,17 +48,22 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from silo.datastore.errors import FingerprintMismatch, StoreError
+from silo.datastore.kinds import open_store
+from silo.datastore.ledger import LedgerMissing
+from silo.datastore.manifest import Manifest
+from silo.datastore.optout import CorruptLog
+from silo.server.auth import Auth, AuthInterceptor, CredentialError, OwnerCredentials, read_secret
+from silo.server.gen import silo_pb2 as pb
+from silo.server.limits import Limits
+from silo.server.remote import RemoteShardGroup, ShardSearchServicer, parse_shard_range
+from silo.server.servicers import (
+    DatastoreServicer,
+    InvalidMessage,
+    LanguageModelServicer,
+    ServerState,
+)
 
-from datastore.errors import FingerprintMismatch, StoreError
-from datastore.kinds import open_store
-from datastore.ledger import LedgerMissing
-from datastore.manifest import Manifest
-from datastore.optout import CorruptLog
-from server.auth import Auth, AuthInterceptor, CredentialError, OwnerCredentials, read_secret
-from server.gen import silo_pb2 as pb
-from server.limits import Limits
-from server.remote import RemoteShardGroup, ShardSearchServicer, parse_shard_range
-from server.servicers import DatastoreServicer, InvalidMessage, LanguageModelServicer, ServerState
 from silo.errors import SiloError
 from silo.lm import check_servable, load_causal_lm
 

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
-from server.gen import silo_pb2 as pb
+from silo.server.gen import silo_pb2 as pb
 
 PUBLIC, OWNER, ADMIN, SHARD = "public", "owner", "admin", "shard"
 

@@ -17,9 +17,8 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from server.gen import silo_pb2 as pb
-from server.gen import silo_pb2_grpc as pb_grpc
+from silo.server.gen import silo_pb2 as pb
+from silo.server.gen import silo_pb2_grpc as pb_grpc
 
 MODES = {"none": pb.RETRIEVAL_NONE, "knn": pb.RETRIEVAL_KNN, "ric": pb.RETRIEVAL_RIC, "infgram": pb.RETRIEVAL_INFGRAM}
 

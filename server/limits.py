@@ -28,9 +28,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from datastore.errors import TooMuchWork
-from datastore.policy import RetrievalPolicy
-from server.gen import silo_pb2 as pb
+from silo.datastore.errors import TooMuchWork
+from silo.datastore.policy import RetrievalPolicy
+from silo.server.gen import silo_pb2 as pb
+
 from silo.licenses import TIERS
 
 

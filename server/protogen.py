@@ -1,7 +1,7 @@
 """Generate the Python code of `proto/silo/v1/silo.proto` into `server/gen/`.
 
-    python -m server.protogen          # rewrite server/gen/
-    python -m server.protogen --check  # exit 1 if server/gen/ is stale
+    python -m silo.server.protogen          # rewrite server/gen/
+    python -m silo.server.protogen --check  # exit 1 if server/gen/ is stale
 
 grpcio-tools writes `from silo.v1 import silo_pb2` into the stub module — an import that
 would collide with SILO's own `silo` package — so it is rewritten to a package-relative
@@ -34,7 +34,7 @@ def generate(out: Path) -> None:
             text = (Path(tmp) / "silo" / "v1" / name).read_text()
             text = text.replace("from silo.v1 import silo_pb2", "from . import silo_pb2")
             (out / name).write_text(text)
-    (out / "__init__.py").write_text('"""Generated from proto/silo/v1/silo.proto by `python -m server.protogen`."""\n')
+    (out / "__init__.py").write_text('"""Generated from proto/silo/v1/silo.proto by `python -m silo.server.protogen`."""\n')
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
         generate(Path(tmp))
         stale = [n for n in FILES if (Path(tmp) / n).read_text() != (GEN / n).read_text()]
     if stale:
-        print(f"stale generated code: {', '.join(stale)}; run python -m server.protogen", file=sys.stderr)
+        print(f"stale generated code: {', '.join(stale)}; run python -m silo.server.protogen", file=sys.stderr)
         raise SystemExit(1)
 
 

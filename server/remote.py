@@ -23,15 +23,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from datastore.compact import compact
-from datastore.errors import FingerprintMismatch
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore, ShardUnavailable
-from server.gen import silo_pb2 as pb
-from server.gen import silo_pb2_grpc as pb_grpc
-from server.limits import BadRequest, Limits, check_int, policy_from_pb
-from server.servicers import guarded
+from silo.datastore.compact import compact
+from silo.datastore.errors import FingerprintMismatch
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore, ShardUnavailable
+from silo.server.gen import silo_pb2 as pb
+from silo.server.gen import silo_pb2_grpc as pb_grpc
+from silo.server.limits import BadRequest, Limits, check_int, policy_from_pb
+from silo.server.servicers import guarded
 
 
 def parse_shard_range(spec: str, n_shards: int) -> set[int]:
@@ -61,7 +60,7 @@ def _policy_pb(policy: RetrievalPolicy | None) -> pb.RetrievalPolicy:
 
 class ShardSearchServicer(pb_grpc.ShardSearchServicer):
     """Serves some shards of a store; reopens it when a compaction switches the manifest.
-    Callers need the shard token (checked by `server.auth` before a method runs)."""
+    Callers need the shard token (checked by `silo.server.auth` before a method runs)."""
 
     def __init__(self, path: str | os.PathLike, shards: set[int], limits: Limits | None = None):
         self.path, self.shard_numbers, self.limits = Path(path), shards, limits or Limits()

@@ -4,7 +4,7 @@ Each method checks its request against the server's `Limits` (INVALID_ARGUMENT n
 field), turns it into one library call, and turns the result into protobuf. Library errors
 map to status codes in one place (`status_for`), so a bad request never takes the server
 down and never surfaces as UNKNOWN. Who may call what is decided before a method runs
-(`server.auth`); methods only narrow it (an owner's token reaches that owner's documents).
+(`silo.server.auth`); methods only narrow it (an owner's token reaches that owner's documents).
 
 Stores are swapped (after a compaction) under `ServerState.lock`; a request keeps the
 store object it started with, and the new object has read the whole opt-out log.
@@ -27,12 +27,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from datastore.compact import compact
-from datastore.errors import FingerprintMismatch, StoreError, StoreLocked, TooMuchWork
-from datastore.manifest import model_fingerprint
-from datastore.optout import CorruptLog
-from datastore.removal import (
+from silo.datastore.compact import compact
+from silo.datastore.errors import FingerprintMismatch, StoreError, StoreLocked, TooMuchWork
+from silo.datastore.manifest import model_fingerprint
+from silo.datastore.optout import CorruptLog
+from silo.datastore.removal import (
     LargeRemoval,
     NotLoggedEverywhere,
     PermissionDenied,
@@ -40,10 +39,10 @@ from datastore.removal import (
     remove,
     status,
 )
-from datastore.store import Datastore, ShardUnavailable, UnknownDocuments
-from server.auth import ANONYMOUS, Auth, Principal
-from server.gen import silo_pb2 as pb
-from server.limits import (
+from silo.datastore.store import Datastore, ShardUnavailable, UnknownDocuments
+from silo.server.auth import ANONYMOUS, Auth, Principal
+from silo.server.gen import silo_pb2 as pb
+from silo.server.limits import (
     BadRequest,
     Limits,
     bounded_message,
@@ -55,7 +54,8 @@ from server.limits import (
     check_work,
     shown,
 )
-from server.limits import policy_from_pb as checked_policy
+from silo.server.limits import policy_from_pb as checked_policy
+
 from silo.corpus import normalize_record
 from silo.errors import SiloError
 from silo.evaluate import score_documents, windows_for

@@ -1,12 +1,12 @@
 """Building stores from a corpus with an LM: plan -> train the index -> shard jobs -> manifest.
 
 This is the LM side of a store: it tokenizes, runs the model and embeds; the storage
-engine (`datastore.writer.StoreWriter`) receives arrays and metadata and writes them. The
+engine (`silo.datastore.writer.StoreWriter`) receives arrays and metadata and writes them. The
 same shard job serves a local build, worker processes and Ray (`silo.parallel`), and live
 ingest (`silo.ingest`).
 
 1. plan: the chosen documents (tiers, split, minus opted-out and excluded ones) are
-   tokenized once. "Opted out" is what the corpus's removal ledger (`datastore.ledger`,
+   tokenized once. "Opted out" is what the corpus's removal ledger (`silo.datastore.ledger`,
    `CORPUS/removals.log` unless `ledger` names another; created by the first build) and
    the output folder's own log remove — by id, owner, source, span, or as a copy of removed
    text (its content fingerprint), each refused document reported with the receipt that
@@ -42,17 +42,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from datastore.errors import StoreError
-from datastore.index import choose_factory, is_ivf, new_index, train_size
-from datastore.infgram import SA_DIR, token_dtype, write_suffix_array
-from datastore.ledger import CopyFinder, default_ledger, ensure_ledger, read_ledger
-from datastore.lock import StoreLock
-from datastore.manifest import Manifest, ShardInfo, model_fingerprint, tokenizer_fingerprint
-from datastore.optout import Removals, read_log
-from datastore.passages import BM25_PARAMS, BM25_STOPWORDS, RETRIEVERS, bm25_statistics, write_bm25
-from datastore.store import TRAINED_NAME
-from datastore.writer import StoreWriter, shard_name, sweep_attempts, value_dtype
 from silo.corpus import iter_documents
+from silo.datastore.errors import StoreError
+from silo.datastore.index import choose_factory, is_ivf, new_index, train_size
+from silo.datastore.infgram import SA_DIR, token_dtype, write_suffix_array
+from silo.datastore.ledger import CopyFinder, default_ledger, ensure_ledger, read_ledger
+from silo.datastore.lock import StoreLock
+from silo.datastore.manifest import Manifest, ShardInfo, model_fingerprint, tokenizer_fingerprint
+from silo.datastore.optout import Removals, read_log
+from silo.datastore.passages import (
+    BM25_PARAMS,
+    BM25_STOPWORDS,
+    RETRIEVERS,
+    bm25_statistics,
+    write_bm25,
+)
+from silo.datastore.store import TRAINED_NAME
+from silo.datastore.writer import StoreWriter, shard_name, sweep_attempts, value_dtype
 from silo.embed import Embedder, resolve_embedder
 from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys, key_dim
@@ -137,7 +143,7 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
     """Tokenize documents into `work/` (tokens.bin, chars.bin, docs.parquet, plan.json).
     Opted-out documents (`removals`) are skipped and counted, never tokenized;
     `existing(doc_id) -> bool` refuses ids a store already holds (live ingest). A copy of
-    removed text under another id (`datastore.ledger.CopyFinder`) is refused as opted out,
+    removed text under another id (`silo.datastore.ledger.CopyFinder`) is refused as opted out,
     and reported with the original's doc id and the receipt that removed it."""
     work.mkdir(parents=True, exist_ok=True)
     counts = {"documents": 0, "tokens": 0, "skipped_optout": 0, "skipped_copy": 0, "skipped_duplicate": 0,

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from datastore.errors import FingerprintMismatch, StoreError
-from datastore.manifest import model_fingerprint
-from datastore.passages import PassageStore
-from datastore.policy import RetrievalPolicy
+from silo.datastore.errors import FingerprintMismatch, StoreError
+from silo.datastore.manifest import model_fingerprint
+from silo.datastore.passages import PassageStore
+from silo.datastore.policy import RetrievalPolicy
 from silo.evaluate import pad_batch
 from silo.keys import capture_keys
 from silo.tokenizer import load_tokenizer

@@ -1,7 +1,7 @@
 """The one base class for errors a user can fix; the CLI prints them (and the storage
 engine's `StoreError`s) as one line."""
 
-from datastore.errors import StoreError
+from silo.datastore.errors import StoreError
 
 
 class SiloError(Exception):

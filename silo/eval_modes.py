@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from datastore.infgram import InfgramStore
-from datastore.kinds import open_store
-from datastore.lock import StoreLock
-from datastore.manifest import Manifest, tokenizer_fingerprint
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore
+from silo.datastore.infgram import InfgramStore
+from silo.datastore.kinds import open_store
+from silo.datastore.lock import StoreLock
+from silo.datastore.manifest import Manifest, tokenizer_fingerprint
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore
 from silo.decontam import leaked_docs, store_contamination
 from silo.errors import SiloError
 from silo.evaluate import load_eval_docs, perplexity, perplexity_report, score_documents

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from datastore.infgram import MAX_MATCH, InfgramStore
-from datastore.policy import RetrievalPolicy
+from silo.datastore.infgram import MAX_MATCH, InfgramStore
+from silo.datastore.policy import RetrievalPolicy
 from silo.errors import SiloError
 from silo.evaluate import perplexity, score_documents
 from silo.knnlm import GeneratedToken, generate_mixed, knn_interpolate

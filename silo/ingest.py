@@ -3,7 +3,7 @@
 `add_documents(store, docs)` — behind `silo datastore add` and the gRPC `AddDocuments`:
 
 1. under the store's lock (one writer at a time), read the opt-out log, the removal
-   ledger the manifest names (`datastore.ledger`: the corpus's removals, from every store
+   ledger the manifest names (`silo.datastore.ledger`: the corpus's removals, from every store
    of it) and the store's document ids: a document already opted out (by id, owner,
    source, a span it contains, or as a copy of removed text under another id) is refused
    and reported with the receipt that removed it, never tokenized; a doc id the store
@@ -27,15 +27,15 @@ from pathlib import Path
 
 import faiss
 
-from datastore.errors import FingerprintMismatch, StoreError
-from datastore.ledger import read_ledger
-from datastore.lock import StoreLock
-from datastore.manifest import Manifest, model_fingerprint
-from datastore.optout import read_log
-from datastore.store import TRAINED_NAME, Datastore
-from datastore.writer import commit_shards, shard_name, sweep_orphans
 from silo.build import BuildArgs, DocTokens, load_embedder, plan_documents, write_shard
 from silo.corpus import iter_documents
+from silo.datastore.errors import FingerprintMismatch, StoreError
+from silo.datastore.ledger import read_ledger
+from silo.datastore.lock import StoreLock
+from silo.datastore.manifest import Manifest, model_fingerprint
+from silo.datastore.optout import read_log
+from silo.datastore.store import TRAINED_NAME, Datastore
+from silo.datastore.writer import commit_shards, shard_name, sweep_orphans
 from silo.lm import load_causal_lm
 from silo.tokenizer import load_tokenizer
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore
 from silo.errors import SiloError
 from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys

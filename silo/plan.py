@@ -10,7 +10,7 @@ and the resident memory of a serving process without its index (runtime + model)
 assumption beside its figures; `plans()` gives the token store and the passage-store
 alternative side by side, with the published footprints of MassiveDS and CompactDS.
 
-Model (one trained index per store, `datastore.index`): the index's entries are split
+Model (one trained index per store, `silo.datastore.index`): the index's entries are split
 over nodes; each node holds its part of every inverted list (entries·(M+8) bytes), the
 store's centroids (nlist·d·4) and per-document metadata in RAM, and its mapped columns,
 keys and text on disk. Nodes = what RAM needs at `ram_fraction` of each node. A query is
@@ -34,9 +34,9 @@ import faiss
 import numpy as np
 import torch
 
-from datastore.index import choose_factory, new_index
-from datastore.store import Datastore
 from silo.build import BuildArgs, build_store
+from silo.datastore.index import choose_factory, new_index
+from silo.datastore.store import Datastore
 from silo.errors import SiloError
 from silo.lm import load_causal_lm
 

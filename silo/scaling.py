@@ -23,8 +23,8 @@ import faiss
 import numpy as np
 from matplotlib.figure import Figure
 
-from datastore.passages import PassageStore
-from datastore.store import Datastore
+from silo.datastore.passages import PassageStore
+from silo.datastore.store import Datastore
 from silo.eval_modes import store_exclusions, with_denied
 from silo.evaluate import load_eval_docs, perplexity, score_documents
 from silo.knnlm import DocNeighbours, KNNParams, retrieve_neighbours

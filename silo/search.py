@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from datastore.kinds import open_store
-from datastore.passages import PassageStore
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore
+from silo.datastore.kinds import open_store
+from silo.datastore.passages import PassageStore
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore
 from silo.embed import passage_search
 from silo.errors import SiloError
 from silo.keys import text_keys

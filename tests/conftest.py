@@ -107,7 +107,7 @@ def _empty_ledger(corpus: Path | None) -> None:
 @pytest.fixture(autouse=True)
 def fresh_corpus_ledger(request):
     """Every store built from the shared corpus honours the corpus's removal ledger
-    (`CORPUS/removals.log`, datastore.ledger), and every opt-out is recorded there: empty it
+    (`CORPUS/removals.log`, silo.datastore.ledger), and every opt-out is recorded there: empty it
     around each test, so that no test (or module-scoped store) sees another test's removals."""
     corpus = request.getfixturevalue("corpus_dir") if "corpus_dir" in request.fixturenames else None
     _empty_ledger(corpus)

@@ -29,8 +29,8 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["faults", "numpy", "faiss", "pyarrow.parquet", "datastore.store",
-                                     "datastore.compact", "silo.build", "silo.ingest"])
+        _CTX.set_forkserver_preload(["faults", "numpy", "faiss", "pyarrow.parquet", "silo.datastore.store",
+                                     "silo.datastore.compact", "silo.build", "silo.ingest"])
     return _CTX
 
 

@@ -13,12 +13,12 @@ import shutil
 import grpc
 import numpy as np
 import pytest
+from silo.datastore.kinds import open_store
+from silo.datastore.store import Datastore
+from silo.server.client import SiloClient
 
-from datastore.kinds import open_store
-from datastore.store import Datastore
-from server.client import SiloClient
+from silo.app.cli import main
 from silo.build import BuildArgs, build_store
-from silo.cli import main
 from silo.knnlm import KNNParams, generate
 from silo.lm import RestrictedModel, load_causal_lm
 from silo.ricl import RICParams, ric_generate
@@ -72,8 +72,8 @@ def test_the_oracle_is_never_served_by_accident(oracle, capsys):
 
 
 def test_the_oracle_served_on_purpose_says_what_it_is(oracle, tiny_model, tmp_path):
-    from server.app import build_server, load_state
-    from server.servicers import DatastoreServicer, LanguageModelServicer
+    from silo.server.app import build_server, load_state
+    from silo.server.servicers import DatastoreServicer, LanguageModelServicer
 
     state = load_state(str(oracle), [], allow_restricted_model=True)
     server, port, _ = build_server({"LanguageModel": LanguageModelServicer(state),

@@ -26,14 +26,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from silo.datastore.errors import TooMuchWork
+from silo.datastore.infgram import TMP_PREFIX, InfgramIndex, write_suffix_array
+from silo.datastore.kinds import open_store
+from silo.datastore.optout import append_removal
+from silo.datastore.policy import RetrievalPolicy
+from silo.server.client import SiloClient
 from test_server import TOKEN, code_of, start
 
-from datastore.errors import TooMuchWork
-from datastore.infgram import TMP_PREFIX, InfgramIndex, write_suffix_array
-from datastore.kinds import open_store
-from datastore.optout import append_removal
-from datastore.policy import RetrievalPolicy
-from server.client import SiloClient
 from silo.build import BuildArgs, build_store
 from silo.infgram import MAX_CONTEXT, InfgramParams, generate_infgram
 from silo.lm import load_causal_lm
@@ -181,7 +181,7 @@ def test_raw_ids_outside_the_vocabulary_never_reach_the_engine(tmp_path):
     """The separator's own id (65535) passed raw counted every document boundary; an id
     above the engine's range crashed with a KeyError. Now an id the vocabulary does not hold
     occurs nowhere, and a negative id is refused."""
-    from datastore.errors import StoreError
+    from silo.datastore.errors import StoreError
 
     ix = raw_index(tmp_path / "sa", [[1, 3, 4], [1, 5, 6]])
     assert ix.count([4, 0xFFFF, 1]) == 0 and ix.count([0xFFFF]) == 0 and ix.count([1 << 20]) == 0
@@ -343,8 +343,8 @@ def test_removed_text_is_never_left_on_disk(store):
 
 _HOLDER = """
 import sys, time
-from datastore.kinds import open_store
-from datastore.policy import RetrievalPolicy
+from silo.datastore.kinds import open_store
+from silo.datastore.policy import RetrievalPolicy
 st = open_store(sys.argv[1])
 st.opt_out("doc_ids", [st.doc_id(1)])
 st.index.count([1]); st.index_for(RetrievalPolicy(deny_owners=("owner-1",))).count([1])
@@ -370,7 +370,7 @@ def test_a_killed_process_leaves_nothing_behind(store, tmp_path):
     (stale / "removed-1" / "tokenized.0").write_bytes(b"removed text")
     alive = tmp / f"{TMP_PREFIX}{os.getpid()}-busy"  # a live process's build in progress: kept
     alive.mkdir()
-    subprocess.run([sys.executable, "-c", "import sys; from datastore.kinds import open_store; "
+    subprocess.run([sys.executable, "-c", "import sys; from silo.datastore.kinds import open_store; "
                     "open_store(sys.argv[1]).index.count([1])", str(store.path)], env=env, check=True)
     assert sorted(x.name for x in tmp.iterdir()) == [alive.name]
 

@@ -18,20 +18,20 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
+from silo.datastore.lock import StoreLock
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore
+from silo.server.app import build_server, load_state, serve, serve_shards
+from silo.server.auth import Auth, CredentialError, OwnerCredentials
+from silo.server.client import SiloClient
+from silo.server.gen import silo_pb2 as pb
+from silo.server.limits import Limits
+from silo.server.remote import RemoteShardGroup, ShardSearchServicer
+from silo.server.servicers import DatastoreServicer, LanguageModelServicer
 
-from datastore.lock import StoreLock
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore
-from server.app import build_server, load_state, serve, serve_shards
-from server.auth import Auth, CredentialError, OwnerCredentials
-from server.client import SiloClient
-from server.gen import silo_pb2 as pb
-from server.limits import Limits
-from server.remote import RemoteShardGroup, ShardSearchServicer
-from server.servicers import DatastoreServicer, LanguageModelServicer
 from silo import knnlm
+from silo.app.cli import main as cli_main
 from silo.build import BuildArgs, build_store
-from silo.cli import main as cli_main
 from silo.knnlm import KNNParams, knn_score, retrieve_neighbours
 from silo.tokenizer import encode_document
 

@@ -9,16 +9,16 @@ import threading
 
 import grpc
 import pytest
+from silo.datastore.optout import read_log
+from silo.server.app import build_server
+from silo.server.auth import RPC_ACCESS, Auth, OwnerCredentials
+from silo.server.client import SiloClient
+from silo.server.gen import silo_pb2 as pb
+from silo.server.gen import silo_pb2_grpc as pb_grpc
+from silo.server.limits import Limits
+from silo.server.remote import ShardSearchServicer
 from test_server import SHARD_TOKEN, TOKEN, code_of, start
 
-from datastore.optout import read_log
-from server.app import build_server
-from server.auth import RPC_ACCESS, Auth, OwnerCredentials
-from server.client import SiloClient
-from server.gen import silo_pb2 as pb
-from server.gen import silo_pb2_grpc as pb_grpc
-from server.limits import Limits
-from server.remote import ShardSearchServicer
 from silo.build import BuildArgs, build_store
 
 INV = grpc.StatusCode.INVALID_ARGUMENT
@@ -198,7 +198,8 @@ def test_shard_servers_need_the_shard_token_and_speak_tls(tmp_path, store_dir_au
 
 def test_concurrent_dense_passage_searches_share_one_tokenizer(tmp_path, tiny_model, corpus_dir):
     """Fast tokenizers raise "Already borrowed" if two threads reconfigure them at once."""
-    from datastore.passages import PassageStore
+    from silo.datastore.passages import PassageStore
+
     from silo.embed import passage_search
     from silo.lm import load_causal_lm
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from silo.cli import build_parser, main
+from silo.app.cli import build_parser, main
 from tests.conftest import make_records, write_jsonl
 
 SUBCOMMANDS = [
@@ -21,7 +21,7 @@ SUBCOMMANDS = [
 
 
 def silo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "silo.cli", *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "silo.app.cli", *args], capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"silo {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -105,7 +105,7 @@ def test_local_store_verbs_tokens_and_check(tmp_path, tiny_model, corpus_dir):
     assert again["added_documents"] == 0 and {r["reason"] for r in again["refused"]} == {"duplicate doc id"}
     from collections import Counter
 
-    from datastore.kinds import open_store
+    from silo.datastore.kinds import open_store
 
     st = open_store(store, load_index=False)
     owner = Counter(st.doc_owner(d) for d in range(st.n_documents)).most_common(1)[0][0]  # ≥ 2 documents

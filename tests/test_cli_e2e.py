@@ -2,7 +2,7 @@
 
 The server is a real subprocess (`silo serve` with a token store, an ∞-gram store and a
 passage store, an admin token and owner credentials). The client verbs run as a user
-types them: a few as real subprocesses, the rest through `silo.cli.main` in this process
+types them: a few as real subprocesses, the rest through `silo.app.cli.main` in this process
 (the same code, minus a second of interpreter start each). Local verbs that no other test
 runs end to end are here too: harvest, tokenizer training, the scaling curve, a
 calibrated plan, token revocation and shard servers behind a main server.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from silo.app.cli import main
 from silo.build import BuildArgs, build_store
-from silo.cli import main
 
 WINDOW = 128
 ADMIN = "cli-admin-token-0123456789abcdef"
@@ -31,7 +31,7 @@ TEXT = "The lighthouse of Lisbon was built in 1700 by Ada Lovelace. In 1717, Ala
 
 
 def silo(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "silo.cli", *args], capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, "-m", "silo.app.cli", *args], capture_output=True, text=True, timeout=600,
                           input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"silo {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -64,7 +64,7 @@ def stores(tmp_path_factory, tiny_model, corpus_dir) -> dict[str, Path]:
 
 
 def start_server(args: list[str], ready: Path, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "silo.cli", *args, "--port", "0", "--ready-file", str(ready)],
+    proc = subprocess.Popen([sys.executable, "-m", "silo.app.cli", *args, "--port", "0", "--ready-file", str(ready)],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
     while not ready.is_file() or not ready.read_text().strip():
@@ -157,7 +157,7 @@ def test_score_modes_stdin_and_json(served, capsys):
 def test_trace_search_and_stats(served, capsys):
     t = served["target"]
     ig = served["stores"]["infgram"]
-    from datastore.kinds import open_store
+    from silo.datastore.kinds import open_store
 
     store = open_store(ig, load_index=False)
     text = store.doc_text(3)[:240]

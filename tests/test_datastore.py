@@ -7,13 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
+from silo.datastore.index import choose_factory, nlist_for
+from silo.datastore.manifest import FingerprintMismatch, StoreError
+from silo.datastore.optout import append_removal, read_log
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore
 
 import silo.build as build_mod
-from datastore.index import choose_factory, nlist_for
-from datastore.manifest import FingerprintMismatch, StoreError
-from datastore.optout import append_removal, read_log
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore
 from silo.build import BuildArgs, build_store
 from silo.corpus import iter_documents
 from silo.lm import load_causal_lm
@@ -296,7 +296,7 @@ def test_foreign_architectures_build_and_search(arch, tmp_path, tiny_model, corp
 
 
 def test_compaction_removes_entries_physically_and_keeps_answers(stores, tmp_path):
-    from datastore.compact import compact
+    from silo.datastore.compact import compact
 
     path = tmp_path / "s"
     shutil.copytree(stores / "three", path)

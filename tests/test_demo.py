@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from silo.demo import QUICK, DemoSize, run_demo
+from silo.app.demo import QUICK, DemoSize, run_demo
 
 TINY = DemoSize("tiny", 2 << 20, 12, 40_000, 1_500, (0.5, 1.0), 1, 600, "")
 
@@ -33,7 +33,7 @@ def test_the_demo_runs_every_stage(tmp_path, capsys):
 
 
 def test_the_default_demo_is_the_quick_one():
-    from silo.cli import build_parser
+    from silo.app.cli import build_parser
 
     a = build_parser().parse_args(["demo"])
     assert not a.full and a.workdir is None

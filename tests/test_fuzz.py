@@ -53,14 +53,14 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from silo.datastore.manifest import Manifest
+from silo.server.app import build_server, load_state
+from silo.server.auth import ADMIN, OWNER, PUBLIC, RPC_ACCESS, SHARD, Auth, OwnerCredentials
+from silo.server.gen import silo_pb2 as pb
+from silo.server.limits import Limits
+from silo.server.remote import ShardSearchServicer
+from silo.server.servicers import DatastoreServicer, LanguageModelServicer
 
-from datastore.manifest import Manifest
-from server.app import build_server, load_state
-from server.auth import ADMIN, OWNER, PUBLIC, RPC_ACCESS, SHARD, Auth, OwnerCredentials
-from server.gen import silo_pb2 as pb
-from server.limits import Limits
-from server.remote import ShardSearchServicer
-from server.servicers import DatastoreServicer, LanguageModelServicer
 from silo.build import BuildArgs, build_store
 
 ADMIN_TOKEN = "fuzz-admin-token-0123456789"
@@ -448,7 +448,7 @@ def check_outcome(target: Target, method: MethodDescriptor, kind: str, out: Outc
     server still answers health checks and a normal call."""
     path = path_of(method)
     access = RPC_ACCESS.get(path)
-    assert access is not None, f"{path} has no entry in server.auth.RPC_ACCESS"
+    assert access is not None, f"{path} has no entry in silo.server.auth.RPC_ACCESS"
     where = f"{what} to {path} on the {target.name} server as {kind}"
     assert out.code not in NEVER, f"{where}: {out.code.name}: {out.details!r}"
     if not permitted(access, kind):

@@ -11,12 +11,12 @@ import shutil
 import grpc
 import numpy as np
 import pytest
+from silo.datastore.infgram import InfgramStore
+from silo.datastore.kinds import open_store
+from silo.datastore.optout import append_removal
+from silo.server.client import SiloClient
 from test_server import TOKEN, code_of, start
 
-from datastore.infgram import InfgramStore
-from datastore.kinds import open_store
-from datastore.optout import append_removal
-from server.client import SiloClient
 from silo.build import BuildArgs, build_store
 from silo.eval_modes import EvalArgs, run_eval, sweep_infgram
 from silo.evaluate import load_eval_docs, perplexity
@@ -123,7 +123,7 @@ def test_takedown_is_exact_and_compaction_keeps_the_answers(ig_dir, tmp_path, ti
         spans = store.index.spans(ids, 4)
         assert not {d for sp in spans for d in sp.docs} & removed
         assert [(s.start, s.end, s.count) for s in spans] == [(s.start, s.end, s.count) for s in ref.index.spans(ids, 4)]
-    from datastore.compact import compact
+    from silo.datastore.compact import compact
 
     res = compact(path)
     assert res["rewritten_shards"] >= 1
@@ -136,7 +136,7 @@ def test_takedown_is_exact_and_compaction_keeps_the_answers(ig_dir, tmp_path, ti
 
 
 def test_an_infgram_store_is_traced_not_searched(ig_dir, capsys):
-    from silo.cli import main
+    from silo.app.cli import main
     from silo.errors import SiloError
     from silo.search import search_text
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from silo.datastore.store import Datastore
 
-from datastore.store import Datastore
 from silo.build import BuildArgs, build_store
 from silo.decontam import contaminated_docs
 from silo.eval_modes import EvalArgs, run_eval, sweep_knn

@@ -20,12 +20,10 @@ import numpy as np
 import pytest
 from conftest import make_records
 from faults import count_steps, run_killed
-from test_server import TOKEN, start
-
-from datastore.compact import compact
-from datastore.errors import StoreError
-from datastore.kinds import open_store
-from datastore.optout import (
+from silo.datastore.compact import compact
+from silo.datastore.errors import StoreError
+from silo.datastore.kinds import open_store
+from silo.datastore.optout import (
     LOG_NAME,
     CorruptLog,
     OptOutLog,
@@ -34,10 +32,12 @@ from datastore.optout import (
     new_record,
     read_log,
 )
-from datastore.removal import remove
-from server.client import SiloClient
+from silo.datastore.removal import remove
+from silo.server.client import SiloClient
+from test_server import TOKEN, start
+
+from silo.app.cli import main as silo_main
 from silo.build import BuildArgs, build_store
-from silo.cli import main as silo_main
 from silo.corpus import write_corpus
 
 _WORDS = ["amber", "basalt", "cedar", "dune", "ember", "fjord", "glacier", "heron", "iris", "juniper", "kelp", "lagoon", "meadow", "nebula", "ochre", "prairie", "quartz", "reef", "sierra", "tundra", "umber", "valley", "willow", "xenon", "yarrow", "zephyr"]
@@ -181,12 +181,12 @@ def test_an_optout_killed_at_every_step_loses_nothing_acknowledged(fresh, tmp_pa
     remove([open_store(a)], "doc_ids", ["header-only"])  # acknowledged before the kills
     pristine = {p: p.read_bytes() for p in (ledger, a / LOG_NAME)}
     argv = ["datastore", "optout", str(a), "--doc-id", "orig"]
-    steps = count_steps("silo.cli:main", argv, tmp=tmp_path)
+    steps = count_steps("silo.app.cli:main", argv, tmp=tmp_path)
     assert steps >= 4  # ledger write + fsync, log write + fsync
     for n in range(1, steps + 1):
         for p, raw in pristine.items():
             p.write_bytes(raw)
-        assert run_killed("silo.cli:main", argv, kill_at=n, tmp=tmp_path) is None
+        assert run_killed("silo.app.cli:main", argv, kill_at=n, tmp=tmp_path) is None
         sa, sb = open_store(a), open_store(b)  # nothing half-written stops a store from opening
         assert "header-only" not in _live(sa) | _live(sb), n
         assert ("orig" in _live(sa)) >= ("orig" in _live(sb)), n  # in the ledger first: every store honours it
@@ -248,7 +248,7 @@ def test_a_short_write_is_never_acknowledged(tmp_path):
     size = (tmp_path / LOG_NAME).stat().st_size
     code = (
         "import resource, sys\n"
-        "from datastore.optout import append_removal\n"
+        "from silo.datastore.optout import append_removal\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size + 40}, resource.RLIM_INFINITY))\n"
         "try:\n"
         f"    append_removal({str(tmp_path)!r}, 'doc_ids', ['b'], ['b'])\n"

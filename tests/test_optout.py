@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from faults import count_steps, run_killed
-
-from datastore.check import check_store
-from datastore.compact import compact
-from datastore.errors import StoreLocked
-from datastore.lock import StoreLock
-from datastore.optout import (
+from silo.datastore.check import check_store
+from silo.datastore.compact import compact
+from silo.datastore.errors import StoreLocked
+from silo.datastore.lock import StoreLock
+from silo.datastore.optout import (
     LOG_NAME,
     CorruptLog,
     OptOutLog,
@@ -35,8 +34,9 @@ from datastore.optout import (
     checksum,
     read_log,
 )
-from datastore.policy import RetrievalPolicy
-from datastore.store import Datastore, MaskCache
+from silo.datastore.policy import RetrievalPolicy
+from silo.datastore.store import Datastore, MaskCache
+
 from silo.build import BuildArgs, build_store
 
 
@@ -253,7 +253,7 @@ def test_one_writer_at_a_time_and_a_dead_holders_lock_is_taken_over(store_copy):
         compact(store_copy)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path[:0] = [sys.argv[1]]\n"
-        "from datastore.lock import StoreLock\n"
+        "from silo.datastore.lock import StoreLock\n"
         "with StoreLock(sys.argv[2], 'build'):\n"
         "    print('locked', flush=True); time.sleep(600)"), str(Path(__file__).parents[1]), str(store_copy)],
         stdout=subprocess.PIPE, text=True)
@@ -283,12 +283,12 @@ def test_compaction_killed_at_every_step_loses_nothing(store_copy, tmp_path):
     store.opt_out("doc_ids", sorted(victims))
     pristine = tmp_path / "pristine"
     shutil.copytree(store_copy, pristine)
-    steps = count_steps("datastore.compact:compact", str(store_copy), tmp=tmp_path)
+    steps = count_steps("silo.datastore.compact:compact", str(store_copy), tmp=tmp_path)
     assert steps > 5
     for n in range(1, steps + 1):
         path = tmp_path / f"kill-{n}"
         shutil.copytree(pristine, path)
-        assert run_killed("datastore.compact:compact", str(path), kill_at=n, tmp=tmp_path) is None
+        assert run_killed("silo.datastore.compact:compact", str(path), kill_at=n, tmp=tmp_path) is None
         _assert_store_whole_and_removals_honoured(path, victims)
         compact(path)  # a later compaction finishes the job and sweeps what the killed one left
         st = Datastore.open(path)

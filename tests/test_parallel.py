@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from silo.datastore.store import Datastore
 
-from datastore.store import Datastore
 from silo.build import BuildArgs, build_store
 from silo.evaluate import load_eval_docs, perplexity
 from silo.knnlm import KNNParams, retrieve_neighbours

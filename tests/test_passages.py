@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from silo.datastore.manifest import FingerprintMismatch, StoreError
+from silo.datastore.optout import append_removal
+from silo.datastore.passages import BM25_PARAMS, PASSAGE_COLUMNS, PassageStore, bm25_tokens
+from silo.datastore.policy import RetrievalPolicy
 
 import silo.build as build_mod
-from datastore.manifest import FingerprintMismatch, StoreError
-from datastore.optout import append_removal
-from datastore.passages import BM25_PARAMS, PASSAGE_COLUMNS, PassageStore, bm25_tokens
-from datastore.policy import RetrievalPolicy
 from silo.build import BuildArgs, build_store
 from silo.embed import passage_search, query_embedder
 from silo.evaluate import load_eval_docs, perplexity, score_documents
@@ -180,7 +180,7 @@ def test_optout_removes_passages_for_good(store_dir, tmp_path):
 
 
 def test_compaction_rebuilds_bm25_without_the_removed_text(store_dir, tmp_path):
-    from datastore.compact import compact
+    from silo.datastore.compact import compact
 
     path = tmp_path / "store"
     shutil.copytree(store_dir, path)

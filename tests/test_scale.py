@@ -8,12 +8,12 @@ import faiss
 import numpy as np
 import pytest
 from faults import count_steps, run_killed
+from silo.datastore.errors import StoreLocked
+from silo.datastore.index import choose_factory
+from silo.datastore.lock import StoreLock
+from silo.datastore.optout import append_removal
+from silo.datastore.store import Datastore
 
-from datastore.errors import StoreLocked
-from datastore.index import choose_factory
-from datastore.lock import StoreLock
-from datastore.optout import append_removal
-from datastore.store import Datastore
 from silo.build import BuildArgs, build_store
 from silo.corpus import iter_documents
 from silo.ingest import add_documents
@@ -57,7 +57,7 @@ def test_n_shards_answer_exactly_like_one(ivf_stores, nprobe):
     one, five = Datastore.open(ivf_stores / "s1"), Datastore.open(ivf_stores / "s5")
     q = _queries(one)
     _same_up_to_ties(one.search(q, 10, nprobe=nprobe), five.search(q, 10, nprobe=nprobe))
-    from datastore.policy import RetrievalPolicy
+    from silo.datastore.policy import RetrievalPolicy
 
     policy = RetrievalPolicy(deny_sources=("news",))
     _same_up_to_ties(one.search(q, 10, nprobe=nprobe, policy=policy), five.search(q, 10, nprobe=nprobe, policy=policy))
@@ -69,7 +69,7 @@ def test_a_shard_server_scans_the_lists_it_is_given(ivf_stores):
     whole = Datastore.open(ivf_stores / "s5")
     halves = [Datastore.open(ivf_stores / "s5", only_shards=s) for s in ({0, 1}, {2, 3, 4})]
     q = _queries(whole)
-    from datastore.index import assign, quantizer_of
+    from silo.datastore.index import assign, quantizer_of
 
     coarse, lists = assign(quantizer_of(whole.trained), q, 8)
     parts = [h.search_ex(q, 10, nprobe=8, assigned=(coarse, lists)) for h in halves]

@@ -9,9 +9,9 @@ import shutil
 import faiss
 import numpy as np
 import pytest
+from silo.datastore.manifest import Manifest
+from silo.datastore.store import Datastore
 
-from datastore.manifest import Manifest
-from datastore.store import Datastore
 from silo.build import BuildArgs, build_store
 from silo.evaluate import load_eval_docs
 from silo.knnlm import KNNParams, retrieve_neighbours
@@ -104,7 +104,8 @@ def test_ivf_store_reports_ann_recall(tiny_model, corpus_dir, tmp_path):
 
 
 def test_ric_curve_from_one_deep_retrieval(tiny_model, corpus_dir, flat_store, tmp_path):
-    from datastore.passages import PassageStore
+    from silo.datastore.passages import PassageStore
+
     from silo.evaluate import perplexity
     from silo.ricl import RICParams, ric_score_documents
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from silo.server.app import build_server, load_state
+from silo.server.auth import Auth
+from silo.server.client import SiloClient, retrieval_options
+from silo.server.gen import silo_pb2 as pb
+from silo.server.servicers import DatastoreServicer, LanguageModelServicer
 
-from server.app import build_server, load_state
-from server.auth import Auth
-from server.client import SiloClient, retrieval_options
-from server.gen import silo_pb2 as pb
-from server.servicers import DatastoreServicer, LanguageModelServicer
 from silo.build import BuildArgs, build_store
 
 TOKEN = "test-admin-token-0123456789"
@@ -68,9 +68,9 @@ def code_of(fn) -> grpc.StatusCode:
 
 
 def test_generated_code_is_current():
-    from server import protogen
+    from silo.server import protogen
 
-    proc = subprocess.run([sys.executable, "-m", "server.protogen", "--check"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "silo.server.protogen", "--check"], capture_output=True, text=True,
                           cwd=protogen.ROOT)
     assert proc.returncode == 0, proc.stderr
 
@@ -243,7 +243,7 @@ def test_optout_by_text_span_removes_every_document_containing_it(live):
 
 def _spawn(args: list[str], ready: Path, env: dict | None = None) -> subprocess.Popen:
     ready.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "silo.cli", *args, "--ready-file", str(ready)],
+    proc = subprocess.Popen([sys.executable, "-m", "silo.app.cli", *args, "--ready-file", str(ready)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.time() + 120
     while not ready.exists() or not ready.read_text():
@@ -283,8 +283,8 @@ def test_kill9_after_acknowledged_optout_loses_nothing(tmp_path, store_dir, tiny
 
 
 def test_remote_shards_answer_like_a_local_store(tmp_path, store_dir, tiny_model):
-    from server.app import build_server as bs
-    from server.remote import ShardSearchServicer
+    from silo.server.app import build_server as bs
+    from silo.server.remote import ShardSearchServicer
 
     shard_servers = []
     for shards in ({0}, {1}):

@@ -35,9 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datastore import index as ix  # noqa: E402
-from datastore.errors import StoreError  # noqa: E402
-from datastore.store import Datastore  # noqa: E402
+from silo.datastore import index as ix  # noqa: E402
+from silo.datastore.errors import StoreError  # noqa: E402
+from silo.datastore.store import Datastore  # noqa: E402
+
 from silo.build import BuildArgs, build_store  # noqa: E402
 from silo.evaluate import (  # noqa: E402
     batched,
@@ -741,11 +742,11 @@ def rss_anon_kb():  # not tools/soak.py's rss_kb: importing it would load grpc b
     return out
 
 out = {"imports": rss_anon_kb()}
-from datastore.kinds import open_store
-from server.app import load_state
-from server.client import retrieval_options
-from server.gen import silo_pb2 as pb
-from server.servicers import LanguageModelServicer
+from silo.datastore.kinds import open_store
+from silo.server.app import load_state
+from silo.server.client import retrieval_options
+from silo.server.gen import silo_pb2 as pb
+from silo.server.servicers import LanguageModelServicer
 import numpy as np
 import faiss
 state = load_state(MODEL, [])               # the model only
@@ -860,7 +861,8 @@ def _dir_bytes(path: Path, pattern: str = "*") -> int:
 @benchmark("infgram")
 def bench_infgram(ctx: Context) -> list[dict]:
     """∞-gram: build tokens/s, index bytes per token, scoring vs LM-only, Trace latency (256 tokens)."""
-    from datastore.infgram import SA_DIR, InfgramStore
+    from silo.datastore.infgram import SA_DIR, InfgramStore
+
     from silo.eval_modes import decontaminated_docs
     from silo.infgram import score_infgram, sweep_lambdas, trace
 
@@ -975,10 +977,10 @@ def bench_build(ctx: Context) -> list[dict]:
 
 
 def _server(ctx: Context, store: Path):
-    from server.app import build_server, load_state
-    from server.auth import Auth
-    from server.client import SiloClient
-    from server.servicers import DatastoreServicer, LanguageModelServicer
+    from silo.server.app import build_server, load_state
+    from silo.server.auth import Auth
+    from silo.server.client import SiloClient
+    from silo.server.servicers import DatastoreServicer, LanguageModelServicer
 
     auth = Auth(admin_token=ADMIN_TOKEN)
     state = load_state(ctx.args.model, [str(store)], auth=auth)
@@ -998,9 +1000,10 @@ def _text_of_tokens(ctx: Context, n: int) -> str:
 @benchmark("grpc")
 def bench_grpc_overhead(ctx: Context) -> list[dict]:
     """Score over gRPC vs the same call in-process, 512-token text."""
-    from server.client import retrieval_options
-    from server.gen import silo_pb2 as pb
-    from server.servicers import LanguageModelServicer
+    from silo.server.client import retrieval_options
+    from silo.server.gen import silo_pb2 as pb
+    from silo.server.servicers import LanguageModelServicer
+
     from silo.tokenizer import encode_document
 
     _, tok = ctx.model
@@ -1038,7 +1041,7 @@ def bench_concurrency(ctx: Context) -> list[dict]:
     """16 concurrent clients, a fixed number of calls each: errors, p50/p99, throughput."""
     import threading
 
-    from server.client import SiloClient
+    from silo.server.client import SiloClient
 
     server, client, _ = _server(ctx, ctx.store_path())
     text = _text_of_tokens(ctx, 64)

@@ -3,7 +3,7 @@
     python tools/caps.py                      # a tiny model and stores are built under runs/caps
     python tools/caps.py --only knn-k,search  # some cases
 
-`server.limits.Limits` caps every request's work (tokens x k x refine, candidates per
+`silo.server.limits.Limits` caps every request's work (tokens x k x refine, candidates per
 search, tokens through the LM, RIC passages) before anything is allocated; this measures
 what a request *at* those caps costs. Each case runs in a fresh process: load the model
 and stores, start a real gRPC server on loopback, send one small request (warm-up), reset
@@ -30,12 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.app import build_server, load_state  # noqa: E402
-from server.auth import Auth  # noqa: E402
-from server.client import SiloClient  # noqa: E402
-from server.gen import silo_pb2 as pb  # noqa: E402
-from server.limits import Limits  # noqa: E402
-from server.servicers import DatastoreServicer, LanguageModelServicer  # noqa: E402
+from silo.server.app import build_server, load_state  # noqa: E402
+from silo.server.auth import Auth  # noqa: E402
+from silo.server.client import SiloClient  # noqa: E402
+from silo.server.gen import silo_pb2 as pb  # noqa: E402
+from silo.server.limits import Limits  # noqa: E402
+from silo.server.servicers import DatastoreServicer, LanguageModelServicer  # noqa: E402
+
 from silo.build import BuildArgs, build_store  # noqa: E402
 from silo.corpus import write_corpus  # noqa: E402
 from silo.tokenizer import encode_document  # noqa: E402

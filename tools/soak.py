@@ -4,8 +4,8 @@
         --duration 60 --clients 16 --json runs/bench/soak/summary.json
 
 1. the store is COPIED into `--work` (opt-outs and the compaction change it);
-2. an admin token and owner credentials (`server.auth.OwnerCredentials`, a few owners of
-   the store's documents) are written, and `python -m silo.cli serve` starts on them;
+2. an admin token and owner credentials (`silo.server.auth.OwnerCredentials`, a few owners of
+   the store's documents) are written, and `python -m silo.app.cli serve` starts on them;
 3. `--clients` threads issue, for `--duration` seconds, a mix of Generate (kNN, a few
    tokens), Score (kNN), Search, OptOut (single documents: admin or owner tokens, some dry
    runs, some that must be refused) and OptOutStatus; at `--compact-at` seconds one more
@@ -52,9 +52,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datastore.store import Datastore  # noqa: E402
-from server.auth import OwnerCredentials  # noqa: E402
-from server.client import SiloClient  # noqa: E402
+from silo.datastore.store import Datastore  # noqa: E402
+from silo.server.auth import OwnerCredentials  # noqa: E402
+from silo.server.client import SiloClient  # noqa: E402
+
 from silo.corpus import iter_documents  # noqa: E402
 
 DOCUMENTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"}
@@ -369,7 +370,7 @@ def main() -> None:
                                                                        split="test") if len(d["text"]) > 400), 300))
     ready = work / "ready"
     ready.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "silo.cli", "serve", "--model", a.model, "--store", str(work / "store"), "--port", "0",
+    cmd = [sys.executable, "-m", "silo.app.cli", "serve", "--model", a.model, "--store", str(work / "store"), "--port", "0",
            "--token-file", str(token_file), "--credentials", str(cred_path), "--ready-file", str(ready),
            "--max-concurrent", "64", *(["--workers", str(a.workers)] if a.workers else [])]
     log = open(work / "server.log", "w")  # noqa: SIM115 - open for the server's lifetime

@@ -1,1 +1,1 @@
-"""Generated from proto/silo/v1/silo.proto by `python -m server.protogen`."""
+"""Generated from proto/silo/v1/silo.proto by `python -m silo.server.protogen`."""

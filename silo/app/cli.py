@@ -18,19 +18,14 @@ from pathlib import Path
 
 import grpc
 
-from datastore.check import check_store
-from datastore.compact import compact
-from datastore.kinds import open_store, store_stats
-from datastore.policy import RetrievalPolicy, split_list
-from datastore.removal import remove
-from server.app import serve, serve_shards
-from server.auth import ADMIN, OWNER, PUBLIC, RPC_ACCESS, CredentialError, OwnerCredentials
-from server.client import SiloClient, retrieval_options, to_dict
-from server.gen import silo_pb2 as pb
-from server.limits import Limits
+from silo.app.demo import FULL, QUICK, run_demo
 from silo.build import BuildArgs, build_store
 from silo.corpus import corpus_stats, import_files
-from silo.demo import FULL, QUICK, run_demo
+from silo.datastore.check import check_store
+from silo.datastore.compact import compact
+from silo.datastore.kinds import open_store, store_stats
+from silo.datastore.policy import RetrievalPolicy, split_list
+from silo.datastore.removal import remove
 from silo.errors import USER_ERRORS, SiloError
 from silo.eval_modes import EvalArgs, run_eval
 from silo.evaluate import evaluate_model
@@ -41,6 +36,11 @@ from silo.plan import capacity_plan, human_bytes, human_time
 from silo.report import print_eval_table, print_table
 from silo.scaling import CurveArgs, scaling_curve
 from silo.search import search_store
+from silo.server.app import serve, serve_shards
+from silo.server.auth import ADMIN, OWNER, PUBLIC, RPC_ACCESS, CredentialError, OwnerCredentials
+from silo.server.client import SiloClient, retrieval_options, to_dict
+from silo.server.gen import silo_pb2 as pb
+from silo.server.limits import Limits
 from silo.tokenizer import load_tokenizer, train_tokenizer_on_corpus
 from silo.train import TrainArgs, train
 
@@ -414,7 +414,7 @@ def cmd_compact(a: argparse.Namespace) -> None:
 
 
 def _calls(access: str) -> str:
-    """The client-facing RPCs of one access class (`server.auth.RPC_ACCESS`), for help texts."""
+    """The client-facing RPCs of one access class (`silo.server.auth.RPC_ACCESS`), for help texts."""
     return ", ".join(m.rsplit("/", 1)[1] for m, a in RPC_ACCESS.items()
                      if a == access and m.startswith(("/silo.v1.LanguageModel/", "/silo.v1.Datastore/")))
 

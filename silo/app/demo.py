@@ -27,15 +27,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from datastore.errors import StoreError
-from datastore.kinds import open_store
-from datastore.manifest import Manifest
-from server.app import build_server, load_state, new_token
-from server.auth import Auth
-from server.client import SiloClient
-from server.servicers import DatastoreServicer, LanguageModelServicer
 from silo.build import BuildArgs, build_store
 from silo.corpus import corpus_stats, open_corpus
+from silo.datastore.errors import StoreError
+from silo.datastore.kinds import open_store
+from silo.datastore.manifest import Manifest
 from silo.errors import SiloError
 from silo.eval_modes import EvalArgs, run_eval
 from silo.evaluate import evaluate_lm
@@ -43,6 +39,10 @@ from silo.harvest import harvest_corpus
 from silo.lm import load_causal_lm
 from silo.report import EVAL_HEADER, MODE_NAMES, eval_rows, mode_figures, print_table
 from silo.scaling import CurveArgs, scaling_curve
+from silo.server.app import build_server, load_state, new_token
+from silo.server.auth import Auth
+from silo.server.client import SiloClient
+from silo.server.servicers import DatastoreServicer, LanguageModelServicer
 from silo.train import TrainArgs, train
 
 

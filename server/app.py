@@ -54,6 +54,7 @@ from silo.datastore.ledger import LedgerMissing
 from silo.datastore.manifest import Manifest
 from silo.datastore.optout import CorruptLog
 from silo.server.auth import Auth, AuthInterceptor, CredentialError, OwnerCredentials, read_secret
+from silo.server.client import mode_name
 from silo.server.gen import silo_pb2 as pb
 from silo.server.limits import Limits
 from silo.server.remote import RemoteShardGroup, ShardSearchServicer, parse_shard_range
@@ -62,6 +63,7 @@ from silo.server.servicers import (
     InvalidMessage,
     LanguageModelServicer,
     ServerState,
+    choose_default_mode,
 )
 
 from silo.errors import SiloError
@@ -255,7 +257,7 @@ def build_server(services: dict, port: int, host: str = "127.0.0.1", auth: Auth 
 def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | None = None,
                shard_deadline_s: float = 5.0, limits: Limits | None = None, auth: Auth | None = None,
                shard_token: str | None = None, shard_root_cert: bytes | None = None,
-               allow_restricted_model: bool = False) -> ServerState:
+               allow_restricted_model: bool = False, mode: str = "auto") -> ServerState:
     """Load the model and stores once. A store built for another model, or one whose
     opt-out log is corrupt (or whose removal ledger is missing), is kept out of use
     (retrieving calls get FAILED_PRECONDITION naming the problem) rather than served; the
@@ -287,6 +289,7 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
             state.idle[kind] = store if store is not None else str(path)
             continue
         state.stores[kind] = store
+    state.default_mode = choose_default_mode(mode, state.stores)
     return state
 
 
@@ -336,8 +339,9 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
           tls_key: str | None = None, shard_ca: str | None = None, remote_shards: list[str] | None = None,
           shard_deadline_s: float = 5.0, max_concurrent: int = 32, workers: int | None = None,
           limits: Limits | None = None, ready_file: str | None = None, allow_restricted_model: bool = False,
-          allow_plaintext_shard_token: bool = False) -> None:
-    """`silo serve`: the LM and its stores over gRPC until SIGINT/SIGTERM."""
+          allow_plaintext_shard_token: bool = False, mode: str = "auto") -> None:
+    """`silo serve`: the LM and its stores over gRPC until SIGINT/SIGTERM. `mode` is what a
+    request that names no retrieval mode gets (`choose_default_mode`: SILO, not the bare LM)."""
     tls = tls_pair(tls_cert, tls_key)
     shard_token = read_secret(shard_token_file, "shard")
     if remote_shards and not shard_token:
@@ -352,12 +356,12 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
                               f"{PLAINTEXT_FLAG} on a network you trust")
     auth = Auth(read_secret(token_file, "admin"), OwnerCredentials(credentials_file) if credentials_file else None)
     state = load_state(model, stores, remote_shards, shard_deadline_s, limits, auth, shard_token, shard_root,
-                       allow_restricted_model)
+                       allow_restricted_model, mode)
     server, bound, hs = build_server({"LanguageModel": LanguageModelServicer(state),
                                       "Datastore": DatastoreServicer(state)}, port, host, auth, tls,
                                      max_workers=workers, max_concurrent=max_concurrent, limits=limits)
     print(f"silo: serving {model} with {len(stores)} store(s) on {host}:{bound}"
-          f"{' (TLS)' if tls else ''}", flush=True)
+          f"{' (TLS)' if tls else ''}; default mode {mode_name(state.default_mode)}", flush=True)
     if ready_file:
         Path(ready_file).write_text(str(bound))
     wait_for_termination(server, hs)

@@ -23,19 +23,29 @@ from silo.server.gen import silo_pb2_grpc as pb_grpc
 MODES = {"none": pb.RETRIEVAL_NONE, "knn": pb.RETRIEVAL_KNN, "ric": pb.RETRIEVAL_RIC, "infgram": pb.RETRIEVAL_INFGRAM}
 
 
+def mode_name(mode: int) -> str:
+    """'knn' for RETRIEVAL_KNN, and so on (the names `retrieval_options` takes)."""
+    return pb.RetrievalMode.Name(mode).removeprefix("RETRIEVAL_").lower()
+
+
 def to_dict(message) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def retrieval_options(mode: str = "none", k: int | None = None, lam: float | None = None,
+def retrieval_options(mode: str | None = None, k: int | None = None, lam: float | None = None,
                       temperature: float | None = None, nprobe: int = 0, tiers=(), deny_licenses=(),
                       allow_licenses=(), allow_sources=(), deny_sources=(), deny_owners=(),
                       allow_partial: bool = False, refine: int | None = None) -> pb.RetrievalOptions:
-    if mode not in MODES:
+    """Retrieval options of a Generate or Score request. `mode` None (unset) is the server's
+    default mode (ModelInfo.default_mode: SILO's retrieval when the server has a store);
+    "none" asks for the parametric LM alone."""
+    if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
-    opts = pb.RetrievalOptions(mode=MODES[mode], nprobe=nprobe, allow_partial=allow_partial, policy=pb.RetrievalPolicy(
+    opts = pb.RetrievalOptions(nprobe=nprobe, allow_partial=allow_partial, policy=pb.RetrievalPolicy(
         tiers=list(tiers), allow_licenses=list(allow_licenses), deny_licenses=list(deny_licenses),
         allow_sources=list(allow_sources), deny_sources=list(deny_sources), deny_owners=list(deny_owners)))
+    if mode is not None:
+        opts.mode = MODES[mode]
     if k is not None:
         opts.k = k
     if lam is not None:
@@ -106,13 +116,15 @@ class SiloClient:
 
     def search(self, query: str, k: int | None = 10, store: str = "", nprobe: int = 0, tiers=(), deny_licenses=(),
                allow_licenses=(), allow_sources=(), deny_sources=(), deny_owners=(),
-               allow_partial: bool = False) -> pb.SearchResponse:
+               allow_partial: bool = False, refine: int | None = None) -> pb.SearchResponse:
         req = pb.SearchRequest(query=query, store=store, nprobe=nprobe, allow_partial=allow_partial,
                                policy=retrieval_options(tiers=tiers, deny_licenses=deny_licenses,
                                                         allow_licenses=allow_licenses, allow_sources=allow_sources,
                                                         deny_sources=deny_sources, deny_owners=deny_owners).policy)
         if k is not None:
             req.k = k
+        if refine is not None:
+            req.refine_factor = refine
         return self.ds.Search(req, timeout=self.timeout)
 
     def optout(self, doc_ids: list[str] | None = None, owner: str | None = None, source: str | None = None,

@@ -87,6 +87,7 @@ class ServerState:
     limits: Limits = field(default_factory=Limits)
     auth: Auth = field(default_factory=Auth)
     window: int = 512
+    default_mode: int = pb.RETRIEVAL_NONE  # a request that names no mode gets this (`choose_default_mode`)
     shard_token: str | None = None  # presented to remote shard servers
     lock: threading.Lock = field(default_factory=threading.Lock)
     _reopening: threading.Lock = field(default_factory=threading.Lock)
@@ -97,6 +98,10 @@ class ServerState:
         the first request after `RELEASE_AFTER_S` (no extra thread, which could still be
         running when the process exits)."""
         self._release_due = time.monotonic() + RELEASE_AFTER_S
+
+    def mode_of(self, retrieval: pb.RetrievalOptions) -> int:
+        """The request's retrieval mode, or the server's default where it names none."""
+        return retrieval.mode if retrieval.HasField("mode") else self.default_mode
 
     def store(self, kind: str, asked_by: str = "") -> Datastore:
         """The open store of this kind; `asked_by` names the request field that needs it."""
@@ -140,6 +145,28 @@ class ServerState:
     @property
     def passage_store(self) -> Datastore | None:
         return self.stores.get("passage")
+
+
+# a store kind's retrieval mode, in the order `auto` prefers them: kNN-LM (SILO's best mode
+# where it is affordable), then ∞-gram, then RIC-LM
+MODE_OF_KIND = {"token": pb.RETRIEVAL_KNN, "infgram": pb.RETRIEVAL_INFGRAM, "passage": pb.RETRIEVAL_RIC}
+DEFAULT_MODES = ("auto", "none", "knn", "ric", "infgram")
+
+
+def choose_default_mode(requested: str, kinds) -> int:
+    """The mode a request that names none gets (`silo serve --mode`). `auto` is SILO, not
+    the bare LM: kNN-LM with a token store, else ∞-gram, else RIC-LM; the LM alone only
+    without any store in use. An explicit mode needs its store."""
+    kinds = set(kinds)
+    if requested not in DEFAULT_MODES:
+        raise SiloError(f"--mode must be one of {', '.join(DEFAULT_MODES)}, got {requested!r}")
+    if requested == "auto":
+        return next((m for kind, m in MODE_OF_KIND.items() if kind in kinds), pb.RETRIEVAL_NONE)
+    mode = pb.RetrievalMode.Value(f"RETRIEVAL_{requested.upper()}")
+    need = next((kind for kind, m in MODE_OF_KIND.items() if m == mode), None)
+    if need is not None and need not in kinds:
+        raise SiloError(f"--mode {requested} needs a {need} store in use (start the server with --store)")
+    return mode
 
 
 RELEASE_AFTER_S = 10.0  # longer than a request holds the store it started with
@@ -314,7 +341,7 @@ class LanguageModelServicer:
     def _generate(self, r, context):
         s = self.s
         max_new = self._check_generate(r)
-        mode = r.retrieval.mode
+        mode = s.mode_of(r.retrieval)
         store = params = policy = None
         if mode != pb.RETRIEVAL_NONE:
             policy = checked_policy(r.retrieval.policy, s.limits)
@@ -379,7 +406,7 @@ class LanguageModelServicer:
                                                    r.trace_min_tokens or 8, policy=policy)]
         yield pb.GenerateResponse(summary=pb.GenerationSummary(
             stop_reason=stop, prompt_tokens=prompt_tokens, generated_tokens=n, text=text,
-            citations=citations(attrs), trace=spans))
+            citations=citations(attrs), trace=spans, mode=mode))
 
     def _check_knn_work(self, store: Datastore, params: KNNParams, queries: int, what: str) -> None:
         """kNN-LM work: one query's candidates (k x refine) and the request's neighbour
@@ -412,7 +439,7 @@ class LanguageModelServicer:
                               "or a shorter text)")
         check_work(f"tokens through the LM ({windows:,} windows x window {window})", windows * window,
                    "max_forward_tokens", lim, "a larger stride, or a shorter text")
-        mode = r.retrieval.mode
+        mode = s.mode_of(r.retrieval)
         scored = max(len(ids) - 1, 0)
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
@@ -448,7 +475,7 @@ class LanguageModelServicer:
                   for t, x, a, b in zip(ids[1:], texts, lp, lm, strict=True)]
         total = float(np.sum(lp))
         return pb.ScoreResponse(tokens=tokens, total_logprob=total, num_tokens=len(tokens),
-                                perplexity=math.exp(-total / max(len(tokens), 1)))
+                                perplexity=math.exp(-total / max(len(tokens), 1)), mode=mode)
 
     @guarded
     def Trace(self, r, context):
@@ -484,7 +511,7 @@ class LanguageModelServicer:
             max_position_embeddings=getattr(s.model.config, "max_position_embeddings", 0),
             fingerprint=model_fingerprint(s.model_dir), trained_tiers=trained_tiers(info),
             trained_on_restricted=bool(info.get("trained_on_restricted", False)), stores=stores,
-            max_new_tokens_limit=s.limits.max_new_tokens)
+            max_new_tokens_limit=s.limits.max_new_tokens, default_mode=s.default_mode)
 
 
 # ---------------------------------------------------------------------------- Datastore

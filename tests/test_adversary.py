@@ -180,3 +180,41 @@ def test_a_slice_of_a_document_reads_its_characters_exactly(tmp_path, tiny_model
         starts = list(store.docs.sentence_starts(d)) + [len(store.doc_text(d))]
         s = h["sentence_index"]
         assert h["sentence"] == store.doc_text(d)[starts[s]:starts[s + 1]].strip()
+
+
+# ---------------------------------------------------------------------------- SILO by default
+
+
+def test_a_request_naming_no_mode_gets_silo_not_the_bare_lm(tmp_path, token_dir, passage_dir, tiny_model):
+    """A client written from the .proto alone (no retrieval options at all) streamed the
+    parametric LM with 0 attributions. The server's default mode is now SILO's retrieval
+    with the stores it has, and ModelInfo and every answer say which mode was used."""
+    from silo.server.gen import silo_pb2 as pb
+    from silo.server.gen import silo_pb2_grpc as pb_grpc
+
+    server, port, _ = start(tiny_model, [shutil.copytree(token_dir, tmp_path / "t")])
+    try:
+        c = SiloClient(f"127.0.0.1:{port}")
+        assert c.model_info().default_mode == pb.RETRIEVAL_KNN
+        stub = pb_grpc.LanguageModelStub(c.channel)  # a bare request, as any language's client sends it
+        events = list(stub.Generate(pb.GenerateRequest(prompt="The lighthouse of", max_new_tokens=6), timeout=60))
+        assert sum(len(e.token.attribution) for e in events if e.HasField("token")) > 0
+        assert events[-1].summary.citations and events[-1].summary.mode == pb.RETRIEVAL_KNN
+        scored = stub.Score(pb.ScoreRequest(text="The bridge of Quito was built in 1785."), timeout=60)
+        lm = c.score("The bridge of Quito was built in 1785.", mode="none")
+        assert scored.mode == pb.RETRIEVAL_KNN and lm.mode == pb.RETRIEVAL_NONE
+        assert scored.perplexity != lm.perplexity
+    finally:
+        server.stop(0)
+    server, port, state = start(tiny_model, [passage_dir])  # no token store: RIC-LM
+    try:
+        assert SiloClient(f"127.0.0.1:{port}").model_info().default_mode == pb.RETRIEVAL_RIC
+    finally:
+        server.stop(0)
+    from silo.server.app import load_state
+
+    from silo.errors import SiloError
+
+    assert load_state(str(tiny_model), [], mode="auto").default_mode == pb.RETRIEVAL_NONE  # no store: the LM
+    with pytest.raises(SiloError, match="needs a token store"):
+        load_state(str(tiny_model), [str(passage_dir)], mode="knn")

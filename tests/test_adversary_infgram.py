@@ -515,7 +515,7 @@ def test_policies_over_grpc_exclude_everything_cap_and_run_concurrently(store, t
         c = SiloClient(f"127.0.0.1:{port}", token=TOKEN)
         ig = state.stores["infgram"]
         text = ig.doc_text(5)[:300]
-        base = c.score(text)
+        base = c.score(text, mode="none")
         pd = c.score(text, mode="infgram", lam=0.7, tiers=["pd"])
         assert pd.perplexity == pytest.approx(base.perplexity, rel=1e-6)
         assert ig.index_for(RetrievalPolicy(tiers=("pd",))).main is None  # no engine was built

@@ -223,7 +223,7 @@ def test_opting_everything_out_gives_exactly_the_lm(tmp_path, ig_dir, tiny_model
     try:
         c = SiloClient(f"127.0.0.1:{port}", token=TOKEN)
         text = "The lighthouse of Lisbon was built in 1700 by Ada Lovelace."
-        base = c.score(text, window=WINDOW)
+        base = c.score(text, window=WINDOW, mode="none")
         for mode in ("knn", "infgram"):
             r = c.score(text, window=WINDOW, mode=mode, lam=0.6)
             assert r.perplexity == pytest.approx(base.perplexity, rel=1e-6), mode
@@ -255,7 +255,7 @@ def test_trace_and_infgram_over_grpc(tmp_path, ig_dir, tiny_model):
         assert r.spans and r.tokens > 0 and r.spans[0].documents
         owner_doc = store.doc_id(4)
         assert owner_doc in {d.doc_id for sp in r.spans for d in sp.documents}
-        lm = c.score(text)
+        lm = c.score(text, mode="none")
         ig_score = c.score(text, mode="infgram", lam=0.5)
         assert ig_score.perplexity < lm.perplexity and ig_score.num_tokens == lm.num_tokens
         events = list(c.generate(text[:60], max_new_tokens=8, mode="infgram", lam=0.8, trace=True,

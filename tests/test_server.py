@@ -88,14 +88,14 @@ def test_generate_streams_tokens_with_attribution_and_citations(live):
     assert cited == {a.doc_id for t in tokens for a in t.attribution}
     assert all(c.obligation == "not licensed for reuse" for c in summary.citations)
     assert summary.text == "".join(t.text for t in tokens)
-    plain = list(client.generate("def parse", max_new_tokens=4))
+    plain = list(client.generate("def parse", max_new_tokens=4, mode="none"))
     assert not any(e.token.attribution for e in plain if e.HasField("token"))
 
 
 def test_score_tokenize_modelinfo_search(live):
     client, _, _ = live
     text = "The lighthouse of Lisbon was built in 1700 by Ada Lovelace. In 1751, Alan Turing finished the bridge of Quito."
-    lm = client.score(text)
+    lm = client.score(text, mode="none")
     knn = client.score(text, mode="knn", k=16, lam=0.5, temperature=10.0)
     assert lm.num_tokens == knn.num_tokens == len(client.tokenize(text).ids) + 1
     assert knn.perplexity < lm.perplexity

@@ -200,20 +200,22 @@ class Citation(_message.Message):
     def __init__(self, doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ..., total_weight: _Optional[float] = ..., tokens: _Optional[int] = ..., obligation: _Optional[str] = ..., attribution_line: _Optional[str] = ...) -> None: ...
 
 class GenerationSummary(_message.Message):
-    __slots__ = ("stop_reason", "prompt_tokens", "generated_tokens", "text", "citations", "trace")
+    __slots__ = ("stop_reason", "prompt_tokens", "generated_tokens", "text", "citations", "trace", "mode")
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     stop_reason: StopReason
     prompt_tokens: int
     generated_tokens: int
     text: str
     citations: _containers.RepeatedCompositeFieldContainer[Citation]
     trace: _containers.RepeatedCompositeFieldContainer[TracedSpan]
-    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., trace: _Optional[_Iterable[_Union[TracedSpan, _Mapping]]] = ...) -> None: ...
+    mode: RetrievalMode
+    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., trace: _Optional[_Iterable[_Union[TracedSpan, _Mapping]]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token", "summary")
@@ -248,16 +250,18 @@ class TokenScore(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., lm_logprob: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("tokens", "perplexity", "total_logprob", "num_tokens")
+    __slots__ = ("tokens", "perplexity", "total_logprob", "num_tokens", "mode")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
     TOTAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
     perplexity: float
     total_logprob: float
     num_tokens: int
-    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., perplexity: _Optional[float] = ..., total_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    mode: RetrievalMode
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., perplexity: _Optional[float] = ..., total_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class TraceRequest(_message.Message):
     __slots__ = ("text", "min_tokens", "max_spans", "max_documents", "policy")
@@ -316,7 +320,7 @@ class StoreInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., entries: _Optional[int] = ..., shards: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "model_type", "parameters", "vocab_size", "max_position_embeddings", "fingerprint", "trained_tiers", "trained_on_restricted", "stores", "max_new_tokens_limit")
+    __slots__ = ("model", "model_type", "parameters", "vocab_size", "max_position_embeddings", "fingerprint", "trained_tiers", "trained_on_restricted", "stores", "max_new_tokens_limit", "default_mode")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +331,7 @@ class ModelInfoResponse(_message.Message):
     TRAINED_ON_RESTRICTED_FIELD_NUMBER: _ClassVar[int]
     STORES_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_type: str
     parameters: int
@@ -337,7 +342,8 @@ class ModelInfoResponse(_message.Message):
     trained_on_restricted: bool
     stores: _containers.RepeatedCompositeFieldContainer[StoreInfo]
     max_new_tokens_limit: int
-    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., fingerprint: _Optional[str] = ..., trained_tiers: _Optional[_Iterable[str]] = ..., trained_on_restricted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreInfo, _Mapping]]] = ..., max_new_tokens_limit: _Optional[int] = ...) -> None: ...
+    default_mode: RetrievalMode
+    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., fingerprint: _Optional[str] = ..., trained_tiers: _Optional[_Iterable[str]] = ..., trained_on_restricted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreInfo, _Mapping]]] = ..., max_new_tokens_limit: _Optional[int] = ..., default_mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("query", "k", "nprobe", "policy", "store", "allow_partial", "refine_factor")

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from silo.corpus import iter_documents
+from silo.corpus import expected_documents, iter_documents
 from silo.datastore.errors import StoreError
 from silo.datastore.index import choose_factory, is_ivf, new_index, train_size
 from silo.datastore.infgram import SA_DIR, token_dtype, write_suffix_array
@@ -139,7 +139,7 @@ def entries_for(kind: str, n_tokens: np.ndarray, passage_tokens: int) -> np.ndar
 
 def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, kind: str, passage_tokens: int,
                    shards: int, exclude: set[str] = frozenset(), existing=None, max_docs: int | None = None,
-                   max_tokens: int | None = None, progress: bool = False) -> dict:
+                   max_tokens: int | None = None, progress: bool = False, expected: int | None = None) -> dict:
     """Tokenize documents into `work/` (tokens.bin, chars.bin, docs.parquet, plan.json).
     Opted-out documents (`removals`) are skipped and counted, never tokenized;
     `existing(doc_id) -> bool` refuses ids a store already holds (live ingest). A copy of
@@ -158,7 +158,7 @@ def plan_documents(docs: Iterable[dict], tok, work: Path, removals: Removals, ki
     # (an ∞-gram index marks a document's end with its separator: EOS inside would break its counts)
     with (pq.ParquetWriter(work / "docs.parquet.tmp", PLAN_SCHEMA) as writer,
           open(work / "tokens.bin.tmp", "wb") as tokens_f, open(work / "chars.bin.tmp", "wb") as chars_f):
-        for doc in progress_bar(docs, desc="plan: tokenize", unit="doc", progress=progress):
+        for doc in progress_bar(docs, desc="plan: tokenize", unit="doc", progress=progress, total=expected):
             if doc["doc_id"] in exclude:
                 continue
             if removals.matches(doc):
@@ -446,7 +446,7 @@ def _build(args: BuildArgs) -> Manifest:
         removals = read_ledger(ledger, into=read_log(out))
         plan = plan_documents(docs_in, tok, build, removals, args.kind, args.passage_tokens, args.shards,
                               set(args.exclude_doc_ids), max_docs=args.max_docs, max_tokens=args.max_tokens,
-                              progress=args.progress)
+                              progress=args.progress, expected=expected_documents(args.corpus, args.tiers, args.split))
     if plan["documents"] == 0:
         raise StoreError(f"no documents of tiers {','.join(args.tiers)} in split {args.split!r} of {args.corpus}")
     docs = DocTokens(build, args.kind, args.passage_tokens)

@@ -212,6 +212,16 @@ def open_corpus(path: str | os.PathLike) -> dict:
     return meta
 
 
+def expected_documents(corpus: str | os.PathLike, tiers: Iterable[str] | None = None,
+                       split: str | None = None) -> int:
+    """About how many documents `iter_documents` yields for these tiers and split, from the
+    manifest's counts and the split fractions (splits are a hash of the id): the total of a
+    progress bar, not a promise."""
+    counts = open_corpus(corpus).get("documents", {})
+    n = sum(v for t, v in counts.items() if tiers is None or t in set(tiers))
+    return max(1, round(n * (SPLIT_FRACTIONS.get(split, 1.0) if split else 1.0)))
+
+
 def iter_documents(
     corpus: str | os.PathLike,
     *,

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging as hf_logging
 
-from silo.corpus import RestrictedTextError, iter_documents, tier_guard
+from silo.corpus import RestrictedTextError, expected_documents, iter_documents, tier_guard
 from silo.errors import SiloError
 from silo.lm import CONFIGS, build_model
 from silo.progress import bar as progress_bar
@@ -91,7 +91,8 @@ def tokenize_split(corpus: str, tok, tiers: tuple[str, ...], split: str, out: Pa
     with open(tmp, "wb") as f:
         docs = iter_documents(corpus, tiers=tiers, split=split,
                               columns=["text", "source", "license", "license_classifiers"])
-        for doc in progress_bar(docs, desc=f"tokenize {split}", unit="doc", progress=progress):
+        for doc in progress_bar(docs, desc=f"tokenize {split}", unit="doc", progress=progress,
+                                total=expected_documents(corpus, tiers, split)):
             tier_guard(doc, tiers, allow_restricted)
             ids = np.asarray(encode_document(tok, doc["text"]), dtype=dtype)
             f.write(ids.tobytes())

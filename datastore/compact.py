@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from silo.datastore.infgram import SA_DIR, ShardTokens, write_suffix_array
 from silo.datastore.lock import StoreLock
-from silo.datastore.manifest import ShardInfo, fsync_path
+from silo.datastore.manifest import Manifest, ShardInfo, fsync_path
 from silo.datastore.passages import bm25_statistics, passage_texts, write_bm25
 from silo.datastore.store import Datastore, Shard
 from silo.datastore.writer import fsync_tree, sentinel, sweep_orphans
@@ -45,6 +45,7 @@ from silo.datastore.writer import fsync_tree, sentinel, sweep_orphans
 def compact(path: str | os.PathLike, only_shards: set[int] | None = None, progress: bool = False) -> dict:
     """Rewrite the shards that still hold removed entries (only `only_shards`, when given:
     a shard server compacts its own); returns what was done. Takes the store's lock."""
+    Manifest.load(path)  # not a store: say so before the lock creates a folder there
     with StoreLock(path, "compaction"):
         return _compact(Path(path), only_shards)
 

@@ -114,7 +114,8 @@ def remove(stores: list[Datastore], by: str, values: list[str], owner: str | Non
         if not (confirm_large or dry_run) and (n > max_docs or (n > 1 and n > max_fraction * max(st.n_documents, 1))):
             raise LargeRemoval(f"this removal would take {n:,} of the {st.n_documents:,} documents of store "
                                f"{st.path.name} (limits: {max_docs:,} documents, {max_fraction:.0%} of a store); "
-                               "check it with dry_run, then confirm with confirm_large")
+                               "check it with a dry run (--dry-run; RPC field dry_run), then confirm it "
+                               "(--confirm-large; RPC field confirm_large)")
         new.update(dict.fromkeys(st.doc_ids_of(hit)))
     doc_ids = list(new)
     if dry_run:

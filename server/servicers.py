@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -252,12 +252,20 @@ def principal(state: ServerState, context) -> Principal:
 # ---------------------------------------------------------------------------- conversions
 
 
-def knn_params_from_pb(r: pb.RetrievalOptions, store: Datastore) -> KNNParams:
-    """The request's values over the store's tuned defaults (`KNNParams.merged`)."""
-    return KNNParams.merged(store.manifest.defaults, k=r.k if r.HasField("k") else None,
-                            lam=r.lambda_ if r.HasField("lambda_") else None,
-                            temperature=r.temperature if r.HasField("temperature") else None,
-                            nprobe=r.nprobe or None, refine=r.refine_factor if r.HasField("refine_factor") else None)
+def knn_params_from_pb(r: pb.RetrievalOptions, store: Datastore, limits: Limits) -> KNNParams:
+    """The request's values over the store's tuned defaults (`KNNParams.merged`). A default
+    above the server's own limits (k, nprobe) is lowered to them: a request that names no k
+    is never refused, here or at a shard server, for the server's own settings."""
+    params = KNNParams.merged(store.manifest.defaults, k=r.k if r.HasField("k") else None,
+                              lam=r.lambda_ if r.HasField("lambda_") else None,
+                              temperature=r.temperature if r.HasField("temperature") else None,
+                              nprobe=r.nprobe or None,
+                              refine=r.refine_factor if r.HasField("refine_factor") else None)
+    if not r.HasField("k"):
+        params = replace(params, k=min(params.k, limits.max_k))
+    if not r.nprobe and params.nprobe is not None:
+        params = replace(params, nprobe=min(params.nprobe, limits.max_nprobe))
+    return params
 
 
 def infgram_params_from_pb(r: pb.RetrievalOptions, store: Datastore) -> InfgramParams:
@@ -349,7 +357,7 @@ class LanguageModelServicer:
         check_work("the prompt's tokens", prompt_tokens, "max_request_tokens", s.limits, "a shorter prompt")
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
-            params = knn_params_from_pb(r.retrieval, store)
+            params = knn_params_from_pb(r.retrieval, store, s.limits)
             self._check_knn_work(store, params, max_new, "steps (max_new_tokens)")
         if mode == pb.RETRIEVAL_RIC:
             rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
@@ -443,7 +451,7 @@ class LanguageModelServicer:
         scored = max(len(ids) - 1, 0)
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
-            params = knn_params_from_pb(r.retrieval, store)
+            params = knn_params_from_pb(r.retrieval, store, s.limits)
             self._check_knn_work(store, params, scored, "scored tokens")
         rp = None
         if mode == pb.RETRIEVAL_RIC:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -64,7 +65,8 @@ class EvalArgs:
     nprobe: int | None = None
     refine: int | None = None
     infgram_lambda: float | None = None
-    sweep: bool = False  # first tune the token / ∞-gram stores' defaults on the validation split (saved)
+    sweep: bool = False  # first tune the token / ∞-gram stores' parameters on the validation split
+    save_defaults: bool = False  # with sweep: save the tuned values in each store's manifest as its defaults
     ric_stride: int = 64
     ric_retriever: str = "bm25"
     policy: RetrievalPolicy | None = None
@@ -118,9 +120,9 @@ def run_eval(a: EvalArgs) -> dict:
             raise SiloError(f"mode {m} needs a {MODE_STORE[m]} store (--store)")
     model, tok = load_causal_lm(a.model)
     sweeps = {}
-    if a.sweep:  # tune on validation text, save as the stores' defaults, then evaluate with them
+    if a.sweep:  # tune on validation text (saved as the stores' defaults if asked), then evaluate with them
         tune = dict(window=a.window, stride=a.stride, batch_size=a.batch_size, max_tokens=a.max_tokens or 20_000,
-                    progress=a.progress)
+                    progress=a.progress, save=a.save_defaults)
         if "token" in stores:
             sweeps["knn"] = sweep_knn(model, tok, stores["token"], a.corpus, nprobe=a.nprobe or 32, refine=a.refine,
                                       **tune)
@@ -225,6 +227,16 @@ def save_defaults(store: Datastore, defaults: dict) -> None:
     store.manifest.defaults = defaults
 
 
+def _keep_defaults(store: Datastore, defaults: dict, save: bool, result: dict) -> None:
+    """Tuned values: saved in the store's manifest (`result["saved_to"]` says where), or used
+    by this open store only, for the evaluation that follows, leaving its files untouched."""
+    if save:
+        save_defaults(store, defaults)
+        result["saved_to"] = str(Path(store.path) / "manifest.json")
+    else:
+        store.manifest.defaults = defaults
+
+
 def sweep_infgram(model, tok, store: InfgramStore, corpus: str, split: str = "validation", window: int = 512,
                   stride: int = 256, batch_size: int = 8, max_tokens: int | None = 20_000, save: bool = True,
                   progress: bool = False) -> dict:
@@ -242,10 +254,10 @@ def sweep_infgram(model, tok, store: InfgramStore, corpus: str, split: str = "va
     result = {"lm": lm_ppl, "infgram": best, "lambda": params.lam,
               "lambda_by_suffix": [list(x) for x in params.lam_by_suffix], "split": split,
               "tokens": int(sum(len(d) - 1 for d in docs)), "checks": checks, "buckets": detail["buckets"]}
-    if save:
-        save_defaults(store, {"lambda": params.lam, "lambda_by_suffix": result["lambda_by_suffix"],
-                                  "tuned_on": f"{split}, {result['tokens']} tokens",
-                                  "validation_ppl_lm": round(lm_ppl, 4), "validation_ppl_infgram": round(best, 4)})
+    _keep_defaults(store, {"lambda": params.lam, "lambda_by_suffix": result["lambda_by_suffix"],
+                           "tuned_on": f"{split}, {result['tokens']} tokens",
+                           "validation_ppl_lm": round(lm_ppl, 4), "validation_ppl_infgram": round(best, 4)},
+                   save, result)
     return result
 
 
@@ -275,9 +287,8 @@ def sweep_knn(model, tok, store: Datastore, corpus: str, split: str = "validatio
               "grid_size": len(grid)}
     if not math.isfinite(best[0]):  # checked before anything is saved: never store broken defaults
         raise SiloError("sweep found no finite perplexity")
-    if save:
-        save_defaults(store, {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")}
-                      | ({"refine": refine} if refine else {})
-                      | {"tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
-                         "validation_ppl_knn": round(best[0], 4)})
+    _keep_defaults(store, {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")}
+                   | ({"refine": refine} if refine else {})
+                   | {"tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
+                      "validation_ppl_knn": round(best[0], 4)}, save, result)
     return result

@@ -35,6 +35,7 @@ def check_searchable(store: Datastore) -> None:
 class SearchHits:
     hits: list[dict]
     missing: list[str] = field(default_factory=list)  # shards that did not answer (allow_partial)
+    kind: str = "token"  # token hits' `score` is an L2 distance (lower is closer); passage hits', a score
 
 
 def search_text(store: Datastore, query: str, k: int, model=None, tok=None, policy: RetrievalPolicy | None = None,
@@ -43,11 +44,13 @@ def search_text(store: Datastore, query: str, k: int, model=None, tok=None, poli
     """Top-k hits for one query text, attributed (token stores: with `next_token`)."""
     check_searchable(store)
     if not query.strip():
-        raise ValueError("empty query")
+        raise SiloError("empty query: give the text to search for (--query)")
+    if k <= 0:
+        raise SiloError(f"k must be positive, got {k}")
     if isinstance(store, PassageStore):
         scores, ids = passage_search(store, [query], k, policy=policy, retriever=retriever, model=model, tok=tok,
                                      nprobe=nprobe)
-        return SearchHits(store.attribute(ids[0], scores[0]))
+        return SearchHits(store.attribute(ids[0], scores[0]), kind="passage")
     q = text_keys(model, tok, [query], store.manifest.key_type or "ffn_input")
     res = store.search_ex(q, k, nprobe, policy, allow_partial=allow_partial, refine=refine)
     hits = store.attribute(res.ids[0], res.distances[0])

@@ -84,7 +84,7 @@ def test_store_build_search_stats_eval(tmp_path, tiny_model, corpus_dir):
     report = tmp_path / "eval.json"
     out = silo("eval", "--model", str(tiny_model), "--store", str(store), "--corpus", str(corpus_dir),
                "--modes", "lm,knn", "--window", "128", "--stride", "64", "-k", "16", "--lambda", "0.5",
-               "--temperature", "10", "--json", str(report)).stdout
+               "--temperature", "10", "--report", str(report)).stdout
     assert "kNN-LM" in out and "near-copies of evaluation text" in out
     rep = json.loads(report.read_text())
     assert rep["knn"] < rep["lm"]
@@ -127,3 +127,124 @@ def test_local_store_verbs_tokens_and_check(tmp_path, tiny_model, corpus_dir):
     assert token.startswith("silo-owner-") and token not in creds.read_text()
     listed = silo("token", "list", "--credentials", str(creds)).stdout
     assert "ann" in listed and token not in listed
+
+
+# ---------------------------------------------------------------------------- issue 14: a CLI like the others
+
+
+def test_local_and_remote_twins_say_which_they_are_and_share_flags(capsys):
+    """`search`/`optout`/`stats`/`compact` exist remote and local: each help names the other."""
+    for remote, local in (("search", "datastore search"), ("optout", "datastore optout"),
+                          ("stats", "datastore stats"), ("compact", "datastore compact")):
+        with pytest.raises(SystemExit):
+            main([remote, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "server" in out and f"silo {local}" in out, remote
+        with pytest.raises(SystemExit):
+            main([*local.split(), "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "no server" in out and f"silo {remote}" in out, local
+    p = build_parser()
+    common = ["--query", "q", "-k", "3", "--json", "--nprobe", "4", "--refine", "2", "--allow-tiers", "pd",
+              "--deny-licenses", "GPL*", "--deny-owners", "x"]
+    for a in (p.parse_args(["search", *common]), p.parse_args(["datastore", "search", "s", *common])):
+        assert (a.k, a.json, a.nprobe, a.refine, a.allow_tiers, a.deny_owners) == (3, True, 4, 2, ("pd",), "x")
+    for verb in (["optout", "--doc-id", "d"], ["datastore", "optout", "s", "--doc-id", "d"]):
+        a = p.parse_args([*verb, "--dry-run", "--confirm-large", "--reason", "r", "--json"])
+        assert a.dry_run and a.confirm_large and a.json
+
+
+def test_json_is_a_switch_everywhere_and_overwrite_is_one_spelling():
+    p = build_parser()
+    for argv in (["datastore", "build", "--model", "m", "--corpus", "c", "--out", "o"], ["corpus", "import", "f",
+                 "--out", "o"], ["corpus", "harvest", "--out", "o"], ["datastore", "optout", "s", "--owner", "o"],
+                 ["datastore", "compact", "s"], ["tokenizer", "train", "--corpus", "c", "--out", "o"],
+                 ["scaling-curve", "--model", "m", "--store", "s", "--corpus", "c", "--out", "o"], ["compact"],
+                 ["lm", "train", "--corpus", "c", "--out", "o"], ["eval", "--model", "m", "--corpus", "c"]):
+        assert p.parse_args([*argv, "--json"]).json is True, argv
+    a = p.parse_args(["eval", "--model", "m", "--corpus", "c", "--report", "r.json"])
+    assert a.report == "r.json" and a.json is False
+    for argv, old in ((["lm", "train", "--corpus", "c", "--out", "o"], "--restart"), (["demo"], "--fresh"),
+                      (["corpus", "import", "f", "--out", "o"], None), (["corpus", "harvest", "--out", "o"], None)):
+        assert p.parse_args([*argv, "--overwrite"]).overwrite is True
+        assert p.parse_args(argv).overwrite is False
+        if old:
+            assert p.parse_args([*argv, old]).overwrite is True  # the old spelling still works, hidden
+
+
+def test_old_spellings_are_hidden(capsys):
+    for argv, old in ((["lm", "train"], "--restart"), (["demo"], "--fresh")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        out = capsys.readouterr().out
+        assert "--overwrite" in out and old not in out
+
+
+def test_token_admin_and_shard_files(tmp_path, capsys):
+    import os
+    import stat
+
+    for kind in ("admin", "shard"):
+        path = tmp_path / f"{kind}.token"
+        with pytest.raises(SystemExit) as e:
+            main(["token", kind, "--out", str(path)])
+            raise SystemExit(0)
+        out = capsys.readouterr()
+        token = path.read_text().strip()
+        assert e.value.code == 0 and len(token) == 64 and int(token, 16) >= 0
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert out.out == "" and str(path) in out.err and token not in out.err
+        with pytest.raises(SystemExit) as e:
+            main(["token", kind, "--out", str(path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+        assert path.read_text().strip() == token
+        main(["token", kind, "--out", str(path), "--overwrite"])
+        capsys.readouterr()
+        assert path.read_text().strip() != token
+
+
+def test_global_quiet_and_log_level(tmp_path, capsys):
+    import logging
+
+    from silo import progress
+
+    calib = tmp_path / "calibration.json"
+    try:
+        with pytest.raises(SystemExit):
+            main(["--quiet", "--log-level", "debug", "plan", "--calibration", str(calib)])
+        assert not progress.enabled() and logging.getLogger().level == logging.DEBUG
+    finally:
+        progress.set_quiet(False)
+        logging.getLogger().setLevel(logging.WARNING)
+    with pytest.raises(SystemExit) as e:
+        main(["--log-level", "loud", "stats"])
+    assert e.value.code == 2
+
+
+def test_client_deadline_flag_and_environment(monkeypatch):
+    p = build_parser()
+    assert p.parse_args(["generate", "x"]).timeout is None and p.parse_args(["score", "x"]).timeout is None
+    for verb in (["stats"], ["search", "--query", "q"], ["trace", "x"], ["optout", "--owner", "o"], ["compact"]):
+        assert p.parse_args(verb).timeout == 60
+        assert p.parse_args([*verb, "--timeout", "2.5"]).timeout == 2.5
+    from silo.app.cli import parse_args
+
+    monkeypatch.setenv("SILO_TARGET", "10.0.0.1:1234")
+    monkeypatch.setenv("SILO_TIMEOUT", "7")
+    a = parse_args(["stats"])
+    assert a.target == "10.0.0.1:1234" and a.timeout == 7
+    a = parse_args(["stats", "--target", "h:1", "--timeout", "3"])
+    assert a.target == "h:1" and a.timeout == 3
+
+
+def test_bad_config_is_one_line(tmp_path, capsys):
+    for name, text, said in (("a.toml", "modle = 'm'\n", "'modle' is not a setting"),
+                             ("b.yaml", "port: many\n", "port"), ("c.toml", "port = [\n", "not valid TOML"),
+                             ("missing.toml", None, "no such config file")):
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--config", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, (name, err)

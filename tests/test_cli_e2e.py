@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from silo.app.cli import main
@@ -280,3 +281,147 @@ def test_lm_eval_scaling_curve_and_calibrated_plan(tmp_path, capsys, tiny_model,
     assert code == 0, err
     plan = json.loads(out)
     assert plan["token"]["nodes"] >= 1 and plan["passage"]["ram_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------- issue 14: a CLI like the others
+
+
+def one_line_error(code: int, err: str) -> bool:
+    return code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("silo") and "Traceback" not in err
+
+
+def test_bad_invocations_are_one_line_exit_2(tmp_path, capsys, tiny_model, corpus_dir, stores):
+    tok, ig = str(stores["token"]), str(stores["infgram"])
+    table = {
+        "empty query": ["datastore", "search", tok, "--query", ""],
+        "blank query": ["datastore", "search", tok, "--query", "   "],
+        "k=0": ["datastore", "search", tok, "--query", "x", "-k", "0"],
+        "k<0 remote": ["search", "--query", "x", "-k", "-1", "--target", "127.0.0.1:9"],
+        "missing folder": ["datastore", "search", str(tmp_path / "nope"), "--query", "x"],
+        "missing store (stats)": ["datastore", "stats", str(tmp_path / "nope")],
+        "missing store (compact)": ["datastore", "compact", str(tmp_path / "nope")],
+        "missing store (optout)": ["datastore", "optout", str(tmp_path / "nope"), "--doc-id", "d"],
+        "wrong kind of store": ["datastore", "search", ig, "--query", "x"],
+        "wrong kind for eval": ["eval", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--store", ig,
+                                "--modes", "lm,knn"],
+        "not a store": ["datastore", "stats", str(corpus_dir)],
+        "bad tier": ["lm", "train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--tiers", "pd,zz"],
+        "bad size": ["corpus", "harvest", "--out", str(tmp_path / "h"), "--limit-bytes", "lots"],
+        "missing corpus": ["corpus", "stats", str(tmp_path / "nope")],
+        "missing token file": ["compact", "--token-file", str(tmp_path / "nope"), "--target", "127.0.0.1:9"],
+        "missing credentials": ["token", "list", "--credentials", str(tmp_path / "nope.json")],
+    }
+    for name, argv in table.items():
+        code, out, err = run(capsys, *argv)
+        assert one_line_error(code, err), (name, code, err)
+
+
+def test_search_labels_distance_and_score(served, capsys, stores):
+    t, q = served["target"], "The bridge of Quito was built in"
+    for argv in (["search", "--target", t, "--query", q], ["datastore", "search", str(stores["token"]), "--query", q]):
+        code, out, err = run(capsys, *argv, "-k", "2")
+        assert code == 0 and out.count("distance ") == 2 and "score " not in out, (argv, err)
+    for argv in (["search", "--target", t, "--store-kind", "passage", "--query", q],
+                 ["datastore", "search", str(stores["passage"]), "--query", q]):
+        code, out, err = run(capsys, *argv, "-k", "2")
+        assert code == 0 and out.count("score ") == 2 and "distance " not in out, (argv, err)
+    code, out, err = run(capsys, "search", "--target", t, "--query", q, "-k", "2", "--refine", "2", "--json")
+    assert code == 0 and len(json.loads(out)["hits"]) == 2, err
+
+
+def test_generate_deadline(served, capsys):
+    code, _, err = run(capsys, "generate", "--target", served["target"], "The", "--mode", "knn",
+                       "--max-new-tokens", "200", "--timeout", "0.001")
+    assert code == 1 and "DEADLINE_EXCEEDED" in err
+
+
+def test_json_switch_on_every_verb(tmp_path, capsys, tiny_model, corpus_dir, served, stores):
+    from tests.conftest import make_records, write_jsonl
+
+    write_jsonl(tmp_path / "a.jsonl", make_records(20))
+    code, out, err = run(capsys, "corpus", "import", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "c"),
+                         "--json")
+    assert code == 0 and json.loads(out)["documents"]["restricted"] >= 0, err
+    code, out, err = run(capsys, "tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "400",
+                         "--out", str(tmp_path / "tok"), "--json")
+    assert code == 0 and json.loads(out)["vocab_size"] > 0, err
+    code, out, err = run(capsys, "datastore", "build", "--kind", "infgram", "--model", str(tiny_model), "--corpus",
+                         str(corpus_dir), "--out", str(tmp_path / "ig"), "--json")
+    assert code == 0 and json.loads(out)["kind"] == "infgram", err
+    store = str(tmp_path / "ig")
+    from silo.datastore.kinds import open_store
+
+    st = open_store(store, load_index=False)
+    doc = st.doc_ids_of(np.ones(st.n_documents, dtype=bool))[0]
+    st.close()
+    code, out, err = run(capsys, "datastore", "optout", store, "--doc-id", doc, "--json")
+    assert code == 0 and json.loads(out)["doc_ids"] == [doc], err
+    code, out, err = run(capsys, "datastore", "compact", store, "--json")
+    assert code == 0 and "rewritten_shards" in json.loads(out), err
+    code, out, err = run(capsys, "compact", "--target", served["target"], "--token-file", served["admin"], "--json")
+    assert code == 0 and "rewritten_shards" in json.loads(out), err
+    code, out, err = run(capsys, "lm", "train", "--corpus", str(corpus_dir), "--config", "tiny", "--steps", "2",
+                         "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "m"), "--batch-size", "2",
+                         "--seq-len", "32")
+    assert code == 0 and out.lstrip()[:1] != "{" and f"-> {tmp_path / 'm'}" in out, err
+    code, out, err = run(capsys, "lm", "train", "--corpus", str(corpus_dir), "--config", "tiny", "--steps", "3",
+                         "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "m"), "--batch-size", "2",
+                         "--seq-len", "32", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 3, err
+    ev = ["eval", "--model", str(tiny_model), "--store", str(stores["token"]), "--corpus", str(corpus_dir),
+          "--modes", "lm,knn", "--window", "128", "--stride", "64", "--max-tokens", "500"]
+    code, out, err = run(capsys, *ev, "--json")
+    assert code == 0 and json.loads(out)["knn"] > 0, err
+    code, out, err = run(capsys, *ev, "--report", str(tmp_path / "r.json"))
+    assert code == 0 and "kNN-LM" in out and json.loads((tmp_path / "r.json").read_text())["knn"] > 0, err
+
+
+def test_large_removal_names_the_flags(tmp_path, capsys, stores):
+    from collections import Counter
+
+    from silo.datastore.kinds import open_store
+
+    store = shutil.copytree(stores["token"], tmp_path / "token")
+    st = open_store(store, load_index=False)
+    owner = Counter(st.doc_owner(d) for d in range(st.n_documents)).most_common(1)[0][0]
+    st.close()
+    code, _, err = run(capsys, "datastore", "optout", str(store), "--owner", owner)
+    assert one_line_error(code, err) and "--dry-run" in err and "--confirm-large" in err, err
+    assert "dry_run" in err and "confirm_large" in err  # the RPC fields too: the message is shared with the server
+
+
+def test_eval_sweep_saves_defaults_only_when_asked(tmp_path, capsys, tiny_model, corpus_dir, stores):
+    store = shutil.copytree(stores["token"], tmp_path / "token")
+    manifest = (store / "manifest.json").read_text()
+    ev = ["eval", "--model", str(tiny_model), "--store", str(store), "--corpus", str(corpus_dir), "--modes",
+          "lm,knn", "--window", "128", "--stride", "64", "--max-tokens", "400", "--sweep"]
+    code, out, err = run(capsys, *ev)
+    assert code == 0 and (store / "manifest.json").read_text() == manifest, err
+    code, out, err = run(capsys, *ev, "--save-defaults")
+    assert code == 0 and (store / "manifest.json").read_text() != manifest, err
+    assert "saved" in out and str(store) in out
+
+
+@pytest.mark.parametrize("fmt", ["toml", "yaml"])
+def test_serve_from_a_config_file_and_env_pointed_clients(fmt, tmp_path, capsys, monkeypatch, tiny_model, stores):
+    (tmp_path / "admin.token").write_text(ADMIN)
+    settings = {"model": str(tiny_model), "store": [str(stores["token"])], "token-file": str(tmp_path / "admin.token"),
+                "max-concurrent": 7, "port": 9}  # port 9 is overridden on the command line (start_server)
+    if fmt == "toml":
+        text = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    else:
+        import yaml
+
+        text = yaml.safe_dump(settings)
+    cfg = tmp_path / f"serve.{fmt}"
+    cfg.write_text(text)
+    proc = start_server(["serve", "--config", str(cfg)], tmp_path / "port", tmp_path / "serve.log")
+    try:
+        monkeypatch.setenv("SILO_TARGET", f"127.0.0.1:{(tmp_path / 'port').read_text().strip()}")
+        monkeypatch.setenv("SILO_TOKEN_FILE", str(tmp_path / "admin.token"))
+        code, out, err = run(capsys, "stats", "--json")
+        assert code == 0 and [s["kind"] for s in json.loads(out)["stores"]] == ["token"], err
+        code, out, err = run(capsys, "compact", "--json")  # the admin token from SILO_TOKEN_FILE
+        assert code == 0, err
+    finally:
+        stop_server(proc)

@@ -8,7 +8,7 @@ import pytest
 
 from silo.app.demo import QUICK, DemoSize, run_demo
 
-TINY = DemoSize("tiny", 2 << 20, 12, 40_000, 1_500, (0.5, 1.0), 1, 600, "")
+TINY = DemoSize("tiny", 2 << 20, 8, 20_000, 1_000, (0.5, 1.0), 1, 500, "", lm_config="tiny")
 
 
 @pytest.mark.slow

@@ -3,14 +3,26 @@
 This file only parses arguments and prints results: every verb calls one library
 function — the same one the gRPC servicers, the demo and the tools call — so the CLI and
 the server cannot drift apart. Errors the user can fix (bad input, a wrong folder,
-missing text, a locked or corrupt store) print one line and exit 2; a failed RPC prints
-its status and exits 1.
+missing text, a locked or corrupt store, a bad flag or config value) print one line and
+exit 2; a failed RPC prints its status and exits 1.
+
+Conventions shared by every verb, as in the tools people already use: `--json` is a
+switch (JSON on stdout and nothing else; progress bars go to stderr, `silo --quiet` turns
+them off); `--overwrite` starts over; a verb that writes a file takes `--out`. Settings
+come from the command line, then the environment (`SILO_TARGET`, `SILO_TOKEN_FILE`,
+`SILO_TLS_CA`, `SILO_TIMEOUT` for the client verbs), then `--config FILE` (`serve`,
+`serve-shards`), then the default (`silo.app.config`). Verbs that talk to a server
+(`search`, `optout`, `stats`, `compact`, …) have local twins under `datastore` that open a
+store folder here; each help line says which it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -18,6 +30,8 @@ from pathlib import Path
 
 import grpc
 
+from silo import progress
+from silo.app.config import ConfigError, settings_defaults
 from silo.app.demo import FULL, QUICK, run_demo
 from silo.build import BuildArgs, build_store
 from silo.corpus import corpus_stats, import_files
@@ -38,9 +52,10 @@ from silo.scaling import CurveArgs, scaling_curve
 from silo.search import search_store
 from silo.server.app import serve, serve_shards
 from silo.server.auth import ADMIN, OWNER, PUBLIC, RPC_ACCESS, CredentialError, OwnerCredentials
-from silo.server.client import SiloClient, retrieval_options, to_dict
+from silo.server.client import SiloClient, mode_name, retrieval_options, to_dict
 from silo.server.gen import silo_pb2 as pb
 from silo.server.limits import Limits
+from silo.server.servicers import DEFAULT_MODES
 from silo.tokenizer import load_tokenizer, train_tokenizer_on_corpus
 from silo.train import TrainArgs, train
 
@@ -62,24 +77,54 @@ def _size(spec: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {spec!r} (examples: 500M, 2G, 65536)") from e
 
 
+def _positive_int(spec: str) -> int:
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {spec!r}")
+    return n
+
+
+def _seconds(spec: str) -> float:
+    try:
+        t = float(spec)
+    except ValueError:
+        t = 0.0
+    if not t > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {spec!r}")
+    return t
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _hit_figure(h: dict | object, kind: str) -> str:
+    """A hit's number, labelled: token stores rank by L2 distance (lower is closer), passage
+    stores by retrieval score (BM25 or inner product: higher is better)."""
+    value = h["score"] if isinstance(h, dict) else h.distance
+    return f"score {value:.3f}" if kind == "passage" else f"distance {value:.3f}"
 
 
 # ---------------------------------------------------------------------------- corpus
 
 
 def cmd_corpus_import(a: argparse.Namespace) -> None:
-    _report_written(a.out, import_files(a.files, a.out, skip_invalid=a.skip_invalid, overwrite=a.overwrite,
-                                        progress=True))
+    _report_written(a, import_files(a.files, a.out, skip_invalid=a.skip_invalid, overwrite=a.overwrite,
+                                    progress=True))
 
 
 def cmd_corpus_harvest(a: argparse.Namespace) -> None:
-    _report_written(a.out, harvest_corpus(a.out, a.limit_bytes, python=not a.no_python, system=not a.no_system,
-                                          overwrite=a.overwrite))
+    _report_written(a, harvest_corpus(a.out, a.limit_bytes, python=not a.no_python, system=not a.no_system,
+                                      overwrite=a.overwrite))
 
 
-def _report_written(out: str, stats) -> None:
+def _report_written(a: argparse.Namespace, stats) -> None:
+    out = a.out
+    if a.json:
+        return _print_json(stats.to_json() | {"out": str(out)})
     print_table([[t, stats.documents[t], stats.bytes[t]] for t in ("pd", "sw", "by", "restricted")],
                 ["tier", "documents", "bytes"])
     print(f"skipped: {stats.skipped_empty} empty, {stats.skipped_invalid} invalid  ->  {out}")
@@ -109,6 +154,8 @@ def cmd_corpus_stats(a: argparse.Namespace) -> None:
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
     tok = train_tokenizer_on_corpus(a.corpus, a.out, a.tiers, a.vocab_size)
+    if a.json:
+        return _print_json({"vocab_size": len(tok), "out": str(a.out)})
     print(f"tokenizer with {len(tok)} tokens -> {a.out}")
 
 
@@ -116,10 +163,16 @@ def cmd_lm_train(a: argparse.Namespace) -> None:
     rec = train(TrainArgs(
         corpus=a.corpus, out=a.out, tiers=a.tiers, config=a.config, tokenizer=a.tokenizer,
         vocab_size=a.vocab_size, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
-        seed=a.seed, allow_restricted=a.allow_restricted, resume=not a.restart, max_tokens=a.max_tokens,
+        seed=a.seed, allow_restricted=a.allow_restricted, resume=not a.overwrite, max_tokens=a.max_tokens,
         time_budget=a.time_budget, checkpoint_every=a.checkpoint_every, threads=a.threads))
-    _print_json({k: rec[k] for k in ("steps", "tokens_seen", "train_seconds", "parameters", "loss_first", "loss_last",
-                                     "val_perplexity", "unigram_val_perplexity")})
+    summary = {k: rec[k] for k in ("steps", "tokens_seen", "train_seconds", "parameters", "loss_first", "loss_last",
+                                   "val_perplexity", "unigram_val_perplexity")}
+    if a.json:
+        return _print_json(summary | {"out": str(a.out)})
+    print(f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens in {summary['train_seconds']:.0f} s; "
+          f"{summary['parameters']:,} parameters; loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}")
+    print(f"validation perplexity {summary['val_perplexity']:.2f} (unigram baseline "
+          f"{summary['unigram_val_perplexity']:.2f})")
     print(f"model -> {a.out}")
 
 
@@ -161,6 +214,11 @@ def cmd_datastore_build(a: argparse.Namespace) -> None:
         keep_keys=a.keep_keys, backend=a.backend, workers=a.workers, ray_address=a.ray_address,
         retries=a.retries, passage_tokens=a.passage_tokens, retrievers=a.retrievers, embedder=a.embedder,
         ledger=a.ledger))
+    if a.json:
+        return _print_json({"out": str(a.out), "kind": m.kind, "documents": m.documents, "entries": m.entries,
+                            "shards": len(m.shards), "index": m.index, "ledger": m.ledger,
+                            "skipped_optout": m.build.get("skipped_optout", 0),
+                            "refused": m.build.get("refused", [])})
     print(f"{m.kind} store: {m.documents} documents, {m.entries} entries in {len(m.shards)} shards "
           f"({m.index}) -> {a.out}; removals ledger {m.ledger}")
     refused = m.build.get("refused", [])
@@ -184,14 +242,12 @@ def cmd_datastore_add(a: argparse.Namespace) -> None:
 
 
 def cmd_datastore_search(a: argparse.Namespace) -> None:
-    if a.k <= 0:
-        raise SiloError("-k must be positive")
-    hits = search_store(a.store, a.query, a.k, a.model, _policy(a), a.nprobe, a.refine, a.retriever).hits
+    found = search_store(a.store, a.query, a.k, a.model, _policy(a), a.nprobe, a.refine, a.retriever)
     if a.json:
-        return _print_json({"query": a.query, "hits": hits})
-    for rank, h in enumerate(hits, 1):
+        return _print_json({"query": a.query, "hits": found.hits})
+    for rank, h in enumerate(found.hits, 1):
         nxt = f"  next: {h['next_token']!r}" if "next_token" in h else ""
-        print(f"{rank:>2}. {h['score']:.3f}  {h['doc_id']}  [{h['source']} | {h['license'] or 'no license'} | "
+        print(f"{rank:>2}. {_hit_figure(h, found.kind)}  {h['doc_id']}  [{h['source']} | {h['license'] or 'no license'} | "
               f"{h['tier']}]{nxt}\n    {h['sentence'][:200]}")
 
 
@@ -200,6 +256,9 @@ def cmd_datastore_optout(a: argparse.Namespace) -> None:
                   ("source", [a.source]) if a.source else ("span", [a.text_span]))
     res = remove([open_store(a.store, load_index=False)], by, values, made_by="admin (local)", reason=a.reason,
                  confirm_large=a.confirm_large, dry_run=a.dry_run)
+    if a.json:
+        return _print_json({"dry_run": res.dry_run, "doc_ids": res.doc_ids, "entries": res.entries,
+                            "receipt": res.receipt, "logged_at": res.logged_at})
     verb = "would remove" if res.dry_run else "removed"
     print(f"{verb} {len(res.doc_ids)} document(s), {res.entries} entries"
           + (f"; receipt {res.receipt} (logged {res.logged_at})" if res.receipt else ""))
@@ -207,6 +266,8 @@ def cmd_datastore_optout(a: argparse.Namespace) -> None:
 
 def cmd_datastore_compact(a: argparse.Namespace) -> None:
     r = compact(a.store)
+    if a.json:
+        return _print_json(r)
     print(f"rewrote {r['rewritten_shards']} shard(s), removed {r['removed_entries']} entries in {r['seconds']:.1f} s")
 
 
@@ -238,11 +299,20 @@ def cmd_eval(a: argparse.Namespace) -> None:
         modes=tuple(m for m in a.modes.split(",") if m), oracle=a.oracle, tiers=a.tiers, window=a.window,
         stride=a.stride, batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens, k=a.k, lam=a.lam,
         temperature=a.temperature, nprobe=a.nprobe, refine=a.refine, infgram_lambda=a.infgram_lambda,
-        sweep=a.sweep, ric_stride=a.ric_stride, ric_retriever=a.ric_retriever, policy=_policy(a),
-        decontaminate=not a.no_decontaminate, progress=True))
+        sweep=a.sweep or a.save_defaults, save_defaults=a.save_defaults, ric_stride=a.ric_stride,
+        ric_retriever=a.ric_retriever, policy=_policy(a), decontaminate=not a.no_decontaminate, progress=True))
+    if a.report:
+        Path(a.report).write_text(json.dumps(rep, indent=2, default=str))
     if a.json:
-        Path(a.json).write_text(json.dumps(rep, indent=2))
+        return _print_json(rep)
     print_eval_table(rep)
+    for name, s in rep.get("sweeps", {}).items():
+        tuned = ", ".join(f"{k}={s[k]}" for k in ("k", "lambda", "temperature", "nprobe") if k in s)
+        where = (f"saved as the defaults of {s['saved_to']}" if s.get("saved_to") else
+                 "not saved (--save-defaults keeps them as the store's defaults)")
+        print(f"{name} sweep: {tuned or 'λ per suffix length'}; {where}")
+    if a.report:
+        print(f"report -> {a.report}")
 
 
 # ---------------------------------------------------------------------------- serving
@@ -258,7 +328,23 @@ def cmd_serve(a: argparse.Namespace) -> None:
           remote_shards=split_list(a.remote_shards), shard_deadline_s=a.shard_deadline,
           max_concurrent=a.max_concurrent, workers=a.workers, limits=_limits(a), ready_file=a.ready_file,
           allow_restricted_model=a.serve_restricted_model,
-          allow_plaintext_shard_token=a.allow_plaintext_shard_token)
+          allow_plaintext_shard_token=a.allow_plaintext_shard_token, mode=a.mode)
+
+
+def cmd_token_file(a: argparse.Namespace) -> None:
+    """`silo token admin|shard --out FILE`: a fresh random secret, readable by its owner only."""
+    path = Path(a.out)
+    if path.exists() and not a.overwrite:
+        raise SiloError(f"{path} already exists (--overwrite replaces it)")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its mode through O_TRUNC: set it
+        f.write(secrets.token_hex(32) + "\n")
+    use = ("silo serve --token-file; clients: --token-file or SILO_TOKEN_FILE" if a.token_command == "admin" else
+           "silo serve-shards and silo serve --remote-shards: --shard-token-file")
+    print(f"{a.token_command} token written to {path} (mode 0600; use it with {use})", file=sys.stderr)
 
 
 def cmd_serve_shards(a: argparse.Namespace) -> None:
@@ -267,6 +353,8 @@ def cmd_serve_shards(a: argparse.Namespace) -> None:
 
 
 def cmd_token(a: argparse.Namespace) -> None:
+    if a.token_command != "issue" and not Path(a.credentials).is_file():
+        raise SiloError(f"{a.credentials}: no such credentials file (`silo token issue` creates it)")
     creds = OwnerCredentials(a.credentials)
     if a.token_command == "issue":
         token, entry = creds.issue(a.owner)
@@ -284,7 +372,7 @@ def cmd_token(a: argparse.Namespace) -> None:
 def _client(a: argparse.Namespace) -> SiloClient:
     token = Path(a.token_file).read_text().strip() if getattr(a, "token_file", None) else None
     cert = Path(a.tls_ca).read_bytes() if getattr(a, "tls_ca", None) else None
-    return SiloClient(a.target, token=token, root_cert=cert)
+    return SiloClient(a.target, token=token, root_cert=cert, timeout=a.timeout)
 
 
 def _policy_kwargs(a: argparse.Namespace) -> dict:
@@ -360,20 +448,20 @@ def cmd_score(a: argparse.Namespace) -> None:
         r = c.score(text, **_retrieval_kwargs(a))
     if a.json:
         return _print_json(to_dict(r))
-    print(f"perplexity {r.perplexity:.3f} over {r.num_tokens} tokens (mode {a.mode})")
+    print(f"perplexity {r.perplexity:.3f} over {r.num_tokens} tokens (mode {mode_name(r.mode)})")
 
 
 @_rpc
 def cmd_search_remote(a: argparse.Namespace) -> None:
     with _client(a) as c:
         r = c.search(a.query, a.k, store=a.store_kind, nprobe=a.nprobe or 0, allow_partial=a.allow_partial,
-                     **_policy_kwargs(a))
+                     refine=a.refine, **_policy_kwargs(a))
     if a.json:
         return _print_json(to_dict(r))
     if r.partial:
         print(f"PARTIAL: missing shards {', '.join(r.missing_shards)}")
     for rank, h in enumerate(r.hits, 1):
-        print(f"{rank:>2}. {h.distance:.3f}  {h.doc_id}  [{h.source} | {h.license or 'no license'} | {h.tier}]\n"
+        print(f"{rank:>2}. {_hit_figure(h, a.store_kind or 'token')}  {h.doc_id}  [{h.source} | {h.license or 'no license'} | {h.tier}]\n"
               f"    {h.sentence[:200]}")
 
 
@@ -410,6 +498,8 @@ def cmd_stats(a: argparse.Namespace) -> None:
 def cmd_compact(a: argparse.Namespace) -> None:
     with _client(a) as c:
         r = c.compact()
+    if a.json:
+        return _print_json(to_dict(r))
     print(f"rewrote {r.rewritten_shards} shard(s), removed {r.removed_entries} entries in {r.seconds:.1f} s")
 
 
@@ -420,12 +510,16 @@ def _calls(access: str) -> str:
 
 
 def _add_client_args(sp: argparse.ArgumentParser, token: bool = False,
-                     token_help: str = "file holding the admin token or an owner's token") -> None:
-    sp.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
-    sp.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS server")
+                     token_help: str = "file holding the admin token or an owner's token",
+                     timeout: float | None = 60.0) -> None:
+    g = sp.add_argument_group("connection (defaults from SILO_TARGET, SILO_TOKEN_FILE, SILO_TLS_CA, SILO_TIMEOUT)")
+    g.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    g.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS server")
     if token:
-        sp.add_argument("--token-file", help=token_help)
-    sp.add_argument("--json", action="store_true")
+        g.add_argument("--token-file", help=token_help)
+    g.add_argument("--timeout", type=_seconds, default=timeout, metavar="SECONDS",
+                   help=f"deadline of the call (default: {f'{timeout:g} s' if timeout else 'none'})")
+    sp.add_argument("--json", action="store_true", help="the reply as JSON on stdout")
 
 
 def _add_limit_args(sp: argparse.ArgumentParser) -> None:
@@ -437,7 +531,9 @@ def _add_limit_args(sp: argparse.ArgumentParser) -> None:
 
 
 def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--mode", choices=["none", "knn", "ric", "infgram"], default="none")
+    sp.add_argument("--mode", choices=["none", "knn", "ric", "infgram"],
+                    help="retrieval mode (default: the server's, `silo serve --mode`, i.e. SILO's retrieval when it "
+                    "has a store); none = the parametric LM alone")
     sp.add_argument("-k", type=int)
     sp.add_argument("--lambda", dest="lam", type=float)
     sp.add_argument("--knn-temperature", type=float)
@@ -455,6 +551,8 @@ def cmd_scaling_curve(a: argparse.Namespace) -> None:
         fractions=tuple(float(x) for x in a.fractions.split(",")), seeds=a.seeds, depth=a.depth, k=a.k, lam=a.lam,
         temperature=a.temperature, nprobe=a.nprobe, window=a.window, stride=a.stride, max_tokens=a.max_tokens,
         oracle=a.oracle, passage_store=a.passage_store, progress=True))
+    if a.json:
+        return _print_json(rows)
     print_table([[r["mode"], r["fraction"], r["seed"], r["tokens"], f"{r['perplexity']:.3f}", r["k_satisfied"],
                   r["ann_recall"]] for r in rows],
                 ["mode", "fraction", "seed", "tokens", "perplexity", "k satisfied", "ANN recall"])
@@ -493,14 +591,33 @@ def cmd_plan(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    run_demo(FULL if a.full else QUICK, a.workdir, limit_bytes=a.limit_bytes, steps=a.steps, fresh=a.fresh)
+    run_demo(FULL if a.full else QUICK, a.workdir, limit_bytes=a.limit_bytes, steps=a.steps, fresh=a.overwrite)
 
 
 # ---------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (exit 2) like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
+def _overwrite_arg(sp: argparse.ArgumentParser, help: str, *old: str) -> None:
+    """`--overwrite`, the one spelling of "start over"; `old` spellings keep working, unlisted."""
+    sp.add_argument("--overwrite", action="store_true", help=help)
+    for flag in old:
+        sp.add_argument(flag, dest="overwrite", action="store_true", help=argparse.SUPPRESS)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="silo", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = _Parser(prog="silo", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also: TQDM_DISABLE=1)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="logging level (default warning)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(parent, name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
@@ -514,13 +631,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("files", nargs="+", help="input .jsonl, .jsonl.gz or .parquet files")
     sp.add_argument("--out", required=True, help="corpus folder to create")
     sp.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid UTF-8/JSON lines instead of stopping")
-    sp.add_argument("--overwrite", action="store_true")
+    _overwrite_arg(sp, "replace an existing corpus folder")
+    sp.add_argument("--json", action="store_true", help="what was written, as JSON on stdout")
     sp = add(corpus, "harvest", cmd_corpus_harvest, "the embedded default corpus: this machine's Python packages and docs")
     sp.add_argument("--out", required=True)
     sp.add_argument("--limit-bytes", type=_size, default=None, help="stop after this much text (e.g. 50M)")
     sp.add_argument("--no-python", action="store_true", help="skip installed Python distributions")
     sp.add_argument("--no-system", action="store_true", help="skip manual pages and /usr/share/doc")
-    sp.add_argument("--overwrite", action="store_true")
+    _overwrite_arg(sp, "replace an existing corpus folder")
+    sp.add_argument("--json", action="store_true", help="what was written, as JSON on stdout")
     sp = add(corpus, "stats", cmd_corpus_stats, "documents, tokens and bytes per tier, split and source")
     sp.add_argument("corpus")
     sp.add_argument("--tokenizer", help="count tokens with this tokenizer/model folder (default: words)")
@@ -534,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tiers", type=_tiers, default=("pd", "sw"))
     sp.add_argument("--vocab-size", type=int, default=8192)
     sp.add_argument("--out", required=True)
+    sp.add_argument("--json", action="store_true")
 
     lm = sub.add_parser("lm", help="train and evaluate the parametric LM").add_subparsers(
         dest="lm_command", required=True, metavar="COMMAND")
@@ -553,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--time-budget", type=float, help="stop after this many seconds (resumable)")
     sp.add_argument("--checkpoint-every", type=int, default=100)
     sp.add_argument("--threads", type=int)
-    sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    _overwrite_arg(sp, "start over, ignoring a checkpoint in --out", "--restart")
+    sp.add_argument("--json", action="store_true", help="the training summary as JSON on stdout")
     sp.add_argument("--allow-restricted", action="store_true",
                     help="oracle models only: allow tier 'restricted' (the model is marked as such)")
     sp = add(lm, "eval", cmd_lm_eval, "sliding-window perplexity of any local causal LM over a corpus split")
@@ -601,10 +722,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ledger", help="the removal ledger the store honours and every opt-out is recorded in "
                     "(default: CORPUS/removals.log, created by the first build); name one file for several "
                     "corpora to share their removals")
-    sp = add(ds, "search", cmd_datastore_search, "search a store with text; hits with attribution")
+    sp.add_argument("--json", action="store_true", help="the built store's summary as JSON on stdout")
+    sp = add(ds, "search", cmd_datastore_search, "search a store folder here, no server (a server's stores: "
+             "`silo search`); hits with attribution: a distance for token stores, a score for passage stores")
     sp.add_argument("store")
     sp.add_argument("--query", required=True)
-    sp.add_argument("-k", type=int, default=5)
+    sp.add_argument("-k", type=_positive_int, default=5)
     sp.add_argument("--model", help="default: the model the store was built with")
     sp.add_argument("--nprobe", type=int)
     sp.add_argument("--retriever", choices=["bm25", "dense"], default="bm25", help="passage stores")
@@ -624,9 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repair", action="store_true",
                     help="cut a torn log tail, quarantine corrupt log lines, sweep unfinished folders")
     sp.add_argument("--json", action="store_true")
-    sp = add(ds, "optout", cmd_datastore_optout, "remove documents from a store here (no server), durably: "
-             "recorded in the store's log and in its removal ledger, which every store built from the corpus "
-             "honours")
+    sp = add(ds, "optout", cmd_datastore_optout, "remove documents from a store folder here, no server (through "
+             "a server: `silo optout`), durably: recorded in the store's log and in its removal ledger, which "
+             "every store built from the corpus honours")
     sp.add_argument("store")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--doc-id", action="append", help="repeatable")
@@ -634,12 +757,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--source")
     g.add_argument("--text-span", help="every document containing this text")
     sp.add_argument("--reason", default="")
-    sp.add_argument("--dry-run", action="store_true")
-    sp.add_argument("--confirm-large", action="store_true")
+    sp.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    sp.add_argument("--confirm-large", action="store_true", help="allow a removal above the size limits")
+    sp.add_argument("--json", action="store_true")
     sp = add(ds, "compact", cmd_datastore_compact, "physically remove opted-out entries (its log's and its "
-             "removal ledger's) from a store's files")
+             "removal ledger's) from a store folder here, no server (through a server: `silo compact`)")
     sp.add_argument("store")
-    sp = add(ds, "stats", cmd_datastore_stats, "entries, live entries, shards, tiers, sources")
+    sp.add_argument("--json", action="store_true")
+    sp = add(ds, "stats", cmd_datastore_stats, "a store folder here, no server (a server's stores: `silo stats`): "
+             "entries, live entries, shards, tiers, sources")
     sp.add_argument("store")
     sp.add_argument("--json", action="store_true")
 
@@ -667,14 +793,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ric-stride", type=int, default=64, help="RIC-LM: retrieve every this many tokens")
     sp.add_argument("--ric-retriever", choices=["bm25", "dense"], default="bm25")
     sp.add_argument("--sweep", action="store_true",
-                    help="first tune kNN-LM (k, λ, T) and ∞-gram (λ per suffix length) on validation text (saved)")
+                    help="first tune kNN-LM (k, λ, T) and ∞-gram (λ per suffix length) on validation text, and "
+                    "evaluate with the tuned values (the stores are not changed)")
+    sp.add_argument("--save-defaults", action="store_true",
+                    help="with --sweep (implied): save the tuned values in each store's manifest as its defaults")
     sp.add_argument("--no-decontaminate", action="store_true")
-    sp.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    sp.add_argument("--json", action="store_true", help="the report as JSON on stdout (instead of the table)")
+    sp.add_argument("--report", metavar="FILE", help="also write the report as JSON to FILE")
     _add_policy_args(sp)
 
     sp = add(sub, "serve", cmd_serve, "serve the LM and datastores over gRPC")
+    sp.add_argument("--config", metavar="FILE", help="settings from a TOML or YAML file, keyed by flag name "
+                    "(max-concurrent = 64); flags on the command line win")
     sp.add_argument("--model", required=True)
     sp.add_argument("--store", action="append", help="a token or passage store (repeatable)")
+    sp.add_argument("--mode", choices=list(DEFAULT_MODES), default="auto",
+                    help="what a request that names no retrieval mode gets: auto (default) = SILO with the stores "
+                    "given: kNN-LM with a token store, else ∞-gram, else RIC-LM; none = the LM alone")
     sp.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--token-file", help=f"admin token: the only credential for {_calls(ADMIN)}; "
@@ -697,6 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "reaches; refused without this flag. Private evaluation servers only")
     _add_limit_args(sp)
     sp = add(sub, "serve-shards", cmd_serve_shards, "serve some shards of a token store to a main server")
+    sp.add_argument("--config", metavar="FILE", help="settings from a TOML or YAML file, keyed by flag name; "
+                    "flags on the command line win")
     sp.add_argument("store")
     sp.add_argument("--shards", required=True, help="e.g. 0-3 or 0,2")
     sp.add_argument("--port", type=int, default=50061)
@@ -709,8 +846,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(refused otherwise); only on a network you trust")
     sp.add_argument("--ready-file")
     _add_limit_args(sp)
-    tk = sub.add_parser("token", help="owner credentials: issue, list, revoke").add_subparsers(
+    tk = sub.add_parser("token", help="tokens: the admin and shard tokens, owner credentials").add_subparsers(
         dest="token_command", required=True, metavar="COMMAND")
+    for kind, what in (("admin", "the admin token (silo serve --token-file): opts out anything, compacts, ingests"),
+                       ("shard", "the shard token (--shard-token-file of serve-shards and of serve "
+                                 "--remote-shards)")):
+        sp = add(tk, kind, cmd_token_file, f"write a new random {what}; prints the path, never the token")
+        sp.add_argument("--out", required=True, help="the file to create (mode 0600)")
+        _overwrite_arg(sp, "replace an existing file")
     sp = add(tk, "issue", cmd_token, "a token with which OWNER may opt out (and check) only their documents")
     sp.add_argument("--owner", required=True)
     sp.add_argument("--credentials", required=True, help="credentials file (created; keeps only hashes)")
@@ -729,11 +872,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stop", action="append")
     sp.add_argument("--citations", type=int, default=5)
     sp.add_argument("--trace", action="store_true", help="also trace the output in the ∞-gram store")
-    _add_client_args(sp)
+    _add_client_args(sp, timeout=None)
     _add_retrieval_args(sp)
     sp = add(sub, "score", cmd_score, "per-token log-probs and perplexity of a text over gRPC ('-' reads stdin)")
     sp.add_argument("text")
-    _add_client_args(sp)
+    _add_client_args(sp, timeout=None)
     _add_retrieval_args(sp)
     sp = add(sub, "trace", cmd_trace, "spans of a text found verbatim in a server's ∞-gram store ('-' reads stdin)")
     sp.add_argument("text")
@@ -741,15 +884,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-spans", type=int, default=20)
     sp.add_argument("--max-documents", type=int, default=5, help="documents listed per span")
     _add_client_args(sp)
-    sp = add(sub, "search", cmd_search_remote, "search a server's datastore")
+    sp = add(sub, "search", cmd_search_remote, "search a server's datastore over gRPC (a store folder here, no "
+             "server: `silo datastore search`); a distance for token stores, a score for passage stores")
     sp.add_argument("--query", required=True)
-    sp.add_argument("-k", type=int, default=5)
-    sp.add_argument("--store-kind", default="", help="token (default) or passage")
+    sp.add_argument("-k", type=_positive_int, default=5)
+    sp.add_argument("--store-kind", default="", choices=["", "token", "passage"], metavar="KIND",
+                    help="token (default) or passage")
     sp.add_argument("--nprobe", type=int)
+    sp.add_argument("--refine", type=int, help="re-rank refine x k candidates exactly (stores with --keep-keys)")
     sp.add_argument("--allow-partial", action="store_true")
     _add_client_args(sp)
     _add_policy_args(sp)
-    sp = add(sub, "optout", cmd_optout, "remove documents from a server's datastores, durably")
+    sp = add(sub, "optout", cmd_optout, "remove documents from a server's datastores over gRPC, durably (a "
+             "store folder here, no server: `silo datastore optout`)")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--doc-id", action="append", help="repeatable")
     g.add_argument("--owner")
@@ -761,9 +908,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     sp.add_argument("--confirm-large", action="store_true", help="allow a removal above the server's size limits")
     _add_client_args(sp, token=True)
-    sp = add(sub, "stats", cmd_stats, "a server's stores: entries, live entries, shards")
+    sp = add(sub, "stats", cmd_stats, "a server's stores over gRPC: entries, live entries, shards (a store "
+             "folder here, no server: `silo datastore stats`)")
     _add_client_args(sp)
-    sp = add(sub, "compact", cmd_compact, "physically remove opted-out entries (admin)")
+    sp = add(sub, "compact", cmd_compact, "physically remove opted-out entries from a server's stores over gRPC "
+             "(admin; a store folder here, no server: `silo datastore compact`)")
     _add_client_args(sp, token=True, token_help="file holding the admin token (Compact is admin-only)")
 
     sp = add(sub, "scaling-curve", cmd_scaling_curve,
@@ -785,6 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--oracle")
     sp.add_argument("--passage-store", help="also the RIC-LM curve from this passage store")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--json", action="store_true", help="the curve's rows as JSON on stdout")
 
     sp = add(sub, "plan", cmd_plan, "capacity plan for a store of N tokens (token and passage stores), from costs "
              "measured here")
@@ -813,12 +963,63 @@ def build_parser() -> argparse.ArgumentParser:
                     f"--full {FULL.limit_bytes >> 20}M)")
     sp.add_argument("--steps", type=int, default=None, help=f"LM training steps (default {QUICK.lm_steps}; with "
                     "--full the small config's own)")
-    sp.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
+    _overwrite_arg(sp, "start over instead of reusing finished stages", "--fresh")
     return p
 
 
+def _verb_parser(p: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
+    """The (sub)parser of the verb `argv` names (`datastore build` → its parser), or None."""
+    sub, args = p, list(argv)
+    while True:
+        choices = next((a.choices for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if choices is None:
+            return sub if sub is not p else None
+        while args and args[0].startswith("-"):  # global flags before the verb
+            flag = args.pop(0)
+            if flag == "--log-level" and args:
+                args.pop(0)
+        if not args or args[0] not in choices:
+            return None
+        sub = choices[args.pop(0)]
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line over the environment over `--config FILE` over the defaults
+    (`silo.app.config`). A bad config file or value raises `ConfigError`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = build_parser()
+    sp = _verb_parser(p, argv)
+    if sp is not None:
+        names = {a.dest for a in sp._actions}
+        # `--config FILE` is a settings file for the servers (`lm train --config` is a model size)
+        config = _config_path(argv) if sp.get_default("fn") in (cmd_serve, cmd_serve_shards) else None
+        environ = os.environ if "target" in names else {}  # connection settings: the client verbs only
+        defaults = settings_defaults(sp, config, environ)
+        for action in sp._actions:
+            if action.dest in defaults:
+                action.required = False  # the file supplies it
+        sp.set_defaults(**defaults)
+    return p.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:
+        print(f"silo: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    progress.set_quiet(args.quiet)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(args.log_level.upper())
     try:
         args.fn(args)
     except (*USER_ERRORS, CredentialError) as e:

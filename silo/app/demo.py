@@ -59,9 +59,12 @@ class DemoSize:
     curve_seeds: int
     curve_tokens: int
     workdir: str
+    lm_config: str = "small"  # the LM's (and the oracle's) named size (silo.lm.CONFIGS)
 
 
-QUICK = DemoSize("quick", 12 << 20, 120, 400_000, 8_000, (0.1, 0.3, 1.0), 1, 2_000, "runs/demo")
+# the quick run trains the tiny config (seconds per hundred steps on 2 cores) for longer,
+# where the small config at a few dozen steps would have learnt less in more time
+QUICK = DemoSize("quick", 12 << 20, 600, 300_000, 6_000, (0.1, 0.3, 1.0), 1, 2_000, "runs/demo", lm_config="tiny")
 FULL = DemoSize("full", 40 << 20, None, 1_500_000, 30_000, (0.03, 0.1, 0.3, 1.0), 3, 5_000, "runs/demo-full")
 
 
@@ -73,12 +76,12 @@ def _stage(title: str) -> None:
     print(f"\n=== {title} ===  [{int(elapsed // 60)}m{int(elapsed % 60):02d}s]", flush=True)
 
 
-def _train(corpus: Path, out: Path, steps: int | None, **kw) -> dict:
-    """The demo's LM (the small config), reused when finished."""
+def _train(corpus: Path, out: Path, steps: int | None, config: str, **kw) -> dict:
+    """The demo's LM (or oracle), reused when finished."""
     if (out / "silo_model.json").is_file() and (out / "model.safetensors").is_file():
         print(f"reusing {out}")
         return json.loads((out / "silo_model.json").read_text())
-    return train(TrainArgs(corpus=str(corpus), out=str(out), config="small", steps=steps, max_tokens=20_000_000, **kw))
+    return train(TrainArgs(corpus=str(corpus), out=str(out), config=config, steps=steps, max_tokens=20_000_000, **kw))
 
 
 def _lm_line(rec: dict) -> str:
@@ -127,8 +130,8 @@ def run_demo(size: DemoSize = QUICK, workdir: str | Path | None = None, limit_by
     print_table([[t, v["documents"], v["tokens"], v["bytes"]] for t, v in stats["tier"].items()],
                 ["tier", "documents", "words", "bytes"])
 
-    _stage("2. tokenizer + small Llama-style LM, trained on tiers pd,sw only")
-    rec = _train(corpus, model_dir, steps, tiers=("pd", "sw"))
+    _stage(f"2. tokenizer + {size.lm_config} Llama-style LM, trained on tiers pd,sw only")
+    rec = _train(corpus, model_dir, steps, size.lm_config, tiers=("pd", "sw"))
     figures["lm"] = {k: rec[k] for k in ("parameters", "steps", "tokens_seen", "train_seconds",
                                          "train_tokens_per_second", "val_perplexity", "unigram_val_perplexity")}
     print(_lm_line(rec))
@@ -169,7 +172,8 @@ def run_demo(size: DemoSize = QUICK, workdir: str | Path | None = None, limit_by
                  for n, v in stores_info.items()], ["store", "kind", "index", "entries", "documents", "shards", "bytes"])
 
     _stage("5. oracle LM on all tiers (evaluation only: it shows what the restricted text is worth)")
-    orec = _train(corpus, oracle_dir, steps, tiers=("pd", "sw", "by", "restricted"), allow_restricted=True,
+    orec = _train(corpus, oracle_dir, steps, size.lm_config, tiers=("pd", "sw", "by", "restricted"),
+                  allow_restricted=True,
                   tokenizer=str(model_dir))
     print(_lm_line(orec))
 
@@ -178,7 +182,8 @@ def run_demo(size: DemoSize = QUICK, workdir: str | Path | None = None, limit_by
     ev = dict(model=str(model_dir), corpus=str(corpus), tiers=("restricted",), window=256, stride=128,
               max_tokens=size.eval_tokens, progress=True, oracle=str(oracle_dir))
     rep = run_eval(EvalArgs(stores=(str(token_store), str(infgram_store), str(bm25_store)),
-                            modes=("lm", "knn", "infgram", "ric"), ric_stride=64, sweep=needs_tuning, **ev))
+                            modes=("lm", "knn", "infgram", "ric"), ric_stride=64, sweep=needs_tuning,
+                            save_defaults=needs_tuning, **ev))
     minilm = run_eval(EvalArgs(stores=(str(minilm_store),), modes=("lm", "ric"), ric_retriever="dense",
                                ric_stride=64, **ev))
     (work / "eval.json").write_text(json.dumps({"main": rep, "ric_minilm": minilm}, indent=2))

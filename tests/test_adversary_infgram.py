@@ -32,9 +32,9 @@ from silo.datastore.kinds import open_store
 from silo.datastore.optout import append_removal
 from silo.datastore.policy import RetrievalPolicy
 from silo.server.client import SiloClient
+from test_infgram import build_infgram
 from test_server import TOKEN, code_of, start
 
-from silo.build import BuildArgs, build_store
 from silo.infgram import MAX_CONTEXT, InfgramParams, generate_infgram
 from silo.lm import load_causal_lm
 from silo.tokenizer import text_ids
@@ -101,24 +101,16 @@ def ref_spans(count, ids: list[int], min_len: int) -> list[tuple[int, int, int]]
 
 # ---------------------------------------------------------------------------- store fixtures
 
-WINDOW = 128
-
-
-def _build(out, tiny_model, corpus_dir, **kw):
-    return build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), kind="infgram",
-                                 tiers=("restricted",), progress=False, **kw))
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_causal_lm(tiny_model)
 
 
 @pytest.fixture(scope="module")
 def ig_dir(tmp_path_factory, tiny_model, corpus_dir):
     out = tmp_path_factory.mktemp("ig-adv") / "store"
-    _build(out, tiny_model, corpus_dir, shards=2)
+    build_infgram(out, tiny_model, corpus_dir, shards=2)
     return out
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model):
-    return load_causal_lm(tiny_model)
 
 
 @pytest.fixture
@@ -482,7 +474,7 @@ def test_special_tokens_and_unicode_variants_of_a_removed_document(tmp_path, ig_
     ref = tmp_path / "ref"
     ref.mkdir()
     append_removal(ref, "doc_ids", [victim], [])
-    _build(ref, tiny_model, corpus_dir, shards=2)
+    build_infgram(ref, tiny_model, corpus_dir, shards=2)
     served, sport, _ = start(tiny_model, [path])
     clean, cport, _ = start(tiny_model, [ref])
     try:

@@ -26,7 +26,7 @@ from silo.lm import load_causal_lm
 WINDOW = 128
 
 
-def _build(out, tiny_model, corpus_dir, **kw):
+def build_infgram(out, tiny_model, corpus_dir, **kw):
     return build_store(BuildArgs(model=str(tiny_model), corpus=str(corpus_dir), out=str(out), kind="infgram",
                                  tiers=("restricted",), progress=False, **kw))
 
@@ -34,7 +34,7 @@ def _build(out, tiny_model, corpus_dir, **kw):
 @pytest.fixture(scope="module")
 def ig_dir(tmp_path_factory, tiny_model, corpus_dir):
     out = tmp_path_factory.mktemp("infgram") / "store"
-    _build(out, tiny_model, corpus_dir, shards=3)
+    build_infgram(out, tiny_model, corpus_dir, shards=3)
     return out
 
 
@@ -109,7 +109,7 @@ def test_takedown_is_exact_and_compaction_keeps_the_answers(ig_dir, tmp_path, ti
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     append_removal(ref_dir, "doc_ids", victims, [])  # a rebuild never ingests them
-    _build(ref_dir, tiny_model, corpus_dir, shards=2)
+    build_infgram(ref_dir, tiny_model, corpus_dir, shards=2)
     ref = open_store(ref_dir)
     assert ref.n_documents == store.n_documents - 3
     store.opt_out("doc_ids", victims)

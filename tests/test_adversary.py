@@ -14,7 +14,6 @@ import grpc
 import numpy as np
 import pytest
 from silo.datastore.kinds import open_store
-from silo.datastore.store import Datastore
 from silo.server.client import SiloClient
 
 from silo.app.cli import main
@@ -97,7 +96,7 @@ def test_the_oracle_served_on_purpose_says_what_it_is(oracle, tiny_model, tmp_pa
 # ---------------------------------------------------------------------------- generations in flight
 
 
-def _top_doc(store: Datastore, events) -> str:
+def _top_doc(events) -> str:
     docs = [h["doc_id"] for e in events for h in e.attribution]
     assert docs, "the generation attributed nothing: the test needs a retrieved document"
     return max(set(docs), key=docs.count)
@@ -112,7 +111,7 @@ def test_a_running_ric_generation_drops_a_removed_passage_at_the_next_token(tmp_
     prompt = served.doc_text(3)[:80]
     gen = ric_generate(model, tok, served, prompt, max_new_tokens=12, params=RICParams(stride=64))
     first = [next(gen) for _ in range(3)]
-    doc = _top_doc(served, first)
+    doc = _top_doc(first)
     other.opt_out("doc_ids", [doc])  # acknowledged: in the log, fsync'd
     rest = list(gen)
     assert rest and all(doc not in {h["doc_id"] for h in e.attribution} for e in rest)
@@ -126,7 +125,7 @@ def test_a_running_knn_generation_drops_a_removed_document_at_the_next_token(tmp
     gen = generate(model, tok, prompt, 10, store=served, params=KNNParams(k=16, lam=0.5, temperature=10.0),
                    attribution_top=8)
     first = [next(gen) for _ in range(3)]
-    doc = _top_doc(served, first)
+    doc = _top_doc(first)
     other.opt_out("doc_ids", [doc])
     rest = list(gen)
     assert rest and all(doc not in {h["doc_id"] for h in e.attribution} for e in rest)

@@ -92,10 +92,14 @@ WATCH_METHODS = frozenset({"/grpc.health.v1.Health/Watch",
                            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"})
 
 
+BUSY = "the server is busy"  # how a refusal over a budget begins (HTTP answers it with 429)
+
+
 class Admission(grpc.ServerInterceptor):
     """Per-kind budgets for calls (see the module docstring): a call over its budget is
     refused with RESOURCE_EXHAUSTED before its handler runs; a slot is freed when the call
-    ends, however it ends (finished, failed, cancelled)."""
+    ends, however it ends (finished, failed, cancelled). The HTTP API (`silo.server.http`)
+    takes its slots from the same budgets (`unary`, `stream`)."""
 
     def __init__(self, workers: int, max_concurrent: int, max_streams: int, max_watch_streams: int):
         self.workers, self.max_concurrent = workers, max_concurrent
@@ -104,6 +108,18 @@ class Admission(grpc.ServerInterceptor):
         self.admitted = threading.BoundedSemaphore(max_concurrent)
         self.streams = threading.BoundedSemaphore(max_streams)
         self.watches = threading.BoundedSemaphore(max_watch_streams)
+
+    def _calls(self):
+        return self.admitted, f"{self.max_concurrent} calls in progress (max_concurrent)"
+
+    def unary(self, behaviour):
+        """`behaviour(request, context)` admitted as a unary call: a compute slot while it runs."""
+        return self._computing(behaviour, [self._calls()])
+
+    def stream(self, behaviour):
+        """A streaming `behaviour` admitted as a Generate/AddDocuments stream."""
+        return self._stream(behaviour, [self._calls(), (self.streams, f"{self.max_streams} Generate/AddDocuments "
+                                                                      "streams open (max_streams)")])
 
     @property
     def threads(self) -> int:
@@ -119,7 +135,7 @@ class Admission(grpc.ServerInterceptor):
             if not sem.acquire(blocking=False):
                 for t in taken:
                     t.release()
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is busy: {full}; try again later")
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{BUSY}: {full}; try again later")
             taken.append(sem)
         lock, done = threading.Lock(), []
 
@@ -172,7 +188,7 @@ class Admission(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or details.method in FREE_METHODS:
             return handler
-        calls = (self.admitted, f"{self.max_concurrent} calls in progress (max_concurrent)")
+        calls = self._calls()
         if details.method in WATCH_METHODS:
             slots = [(self.watches, f"{self.max_watch_streams} reflection/watch streams open (max_watch_streams)")]
         elif handler.request_streaming or handler.response_streaming:
@@ -215,20 +231,26 @@ def _add_service(server: grpc.Server, name: str, servicer) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(f"silo.v1.{name}", handlers),))
 
 
+def make_admission(max_workers: int | None = None, max_concurrent: int = 32,
+                   limits: Limits | None = None) -> Admission:
+    """The call budgets of a server (`Admission`), to share between its gRPC and HTTP APIs."""
+    limits = limits or Limits()
+    return Admission(max_workers or os.cpu_count() or 1, max_concurrent, min(limits.max_streams, max_concurrent),
+                     limits.max_watch_streams)
+
+
 def build_server(services: dict, port: int, host: str = "127.0.0.1", auth: Auth | None = None,
                  tls: tuple[bytes, bytes] | None = None, max_workers: int | None = None, max_concurrent: int = 32,
-                 max_message_bytes: int = 16 << 20,
-                 limits: Limits | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+                 max_message_bytes: int = 16 << 20, limits: Limits | None = None,
+                 admission: Admission | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started gRPC server with `services` ({name: servicer}), health and reflection.
     `max_workers` unary calls compute at once (default: one per core; thread counts set to
     match), up to `max_concurrent` calls are in the server, streams have their own budgets
     (`limits.max_streams`, `limits.max_watch_streams`); beyond a budget, RESOURCE_EXHAUSTED
-    (`Admission`). Returns (server, bound port, health servicer)."""
-    max_workers = max_workers or os.cpu_count() or 1
-    limits = limits or Limits()
-    per_request = configure_threads(max_workers)
-    admission = Admission(max_workers, max_concurrent, min(limits.max_streams, max_concurrent),
-                          limits.max_watch_streams)
+    (`Admission`; pass one to share its budgets with an HTTP API). Returns (server, bound
+    port, health servicer)."""
+    admission = admission or make_admission(max_workers, max_concurrent, limits)
+    per_request = configure_threads(admission.workers)
     # OpenMP's thread count is per calling thread: each request thread sets FAISS's own
     pool = futures.ThreadPoolExecutor(max_workers=admission.threads,
                                       initializer=lambda: faiss.omp_set_num_threads(per_request))
@@ -339,9 +361,12 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
           tls_key: str | None = None, shard_ca: str | None = None, remote_shards: list[str] | None = None,
           shard_deadline_s: float = 5.0, max_concurrent: int = 32, workers: int | None = None,
           limits: Limits | None = None, ready_file: str | None = None, allow_restricted_model: bool = False,
-          allow_plaintext_shard_token: bool = False, mode: str = "auto") -> None:
+          allow_plaintext_shard_token: bool = False, mode: str = "auto", http_port: int | None = None,
+          http_host: str | None = None, http_ready_file: str | None = None) -> None:
     """`silo serve`: the LM and its stores over gRPC until SIGINT/SIGTERM. `mode` is what a
-    request that names no retrieval mode gets (`choose_default_mode`: SILO, not the bare LM)."""
+    request that names no retrieval mode gets (`choose_default_mode`: SILO, not the bare LM).
+    With `http_port`, the same process also serves the OpenAI-compatible HTTP API and the
+    data owners' page (`silo.server.http`), on the same state, credentials and budgets."""
     tls = tls_pair(tls_cert, tls_key)
     shard_token = read_secret(shard_token_file, "shard")
     if remote_shards and not shard_token:
@@ -357,14 +382,27 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
     auth = Auth(read_secret(token_file, "admin"), OwnerCredentials(credentials_file) if credentials_file else None)
     state = load_state(model, stores, remote_shards, shard_deadline_s, limits, auth, shard_token, shard_root,
                        allow_restricted_model, mode)
+    admission = make_admission(workers, max_concurrent, limits)
     server, bound, hs = build_server({"LanguageModel": LanguageModelServicer(state),
                                       "Datastore": DatastoreServicer(state)}, port, host, auth, tls,
-                                     max_workers=workers, max_concurrent=max_concurrent, limits=limits)
+                                     limits=limits, admission=admission)
+    http = None
+    if http_port is not None:
+        from silo.server.http import start_http  # FastAPI and uvicorn load only when asked for
+
+        http = start_http(state, admission, http_host or host, http_port, (tls_cert, tls_key) if tls else None)
     print(f"silo: serving {model} with {len(stores)} store(s) on {host}:{bound}"
-          f"{' (TLS)' if tls else ''}; default mode {mode_name(state.default_mode)}", flush=True)
+          f"{' (TLS)' if tls else ''}; default mode {mode_name(state.default_mode)}"
+          + (f"; HTTP on {http.url}" if http else ""), flush=True)
+    if http and http_ready_file:
+        Path(http_ready_file).write_text(str(http.port))
     if ready_file:
         Path(ready_file).write_text(str(bound))
-    wait_for_termination(server, hs)
+    try:
+        wait_for_termination(server, hs)
+    finally:
+        if http:
+            http.stop()
 
 
 def serve_shards(store: str, shards: str, port: int, shard_token_file: str, host: str = "127.0.0.1",

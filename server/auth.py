@@ -208,6 +208,17 @@ class Auth:
             return who.is_admin
         return who.kind == "shard"
 
+    def refuse(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
+        """Why a call of `method` (`/package.Service/Method`) with this metadata may not run —
+        (status code, message) — or None when it may. gRPC's interceptor and the HTTP API
+        both ask here."""
+        access = RPC_ACCESS.get(method)
+        if access is None:
+            return grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method}"
+        if access == PUBLIC or self.allows(access, self.principal(metadata)):
+            return None
+        return grpc.StatusCode.UNAUTHENTICATED, self.refusal(access)
+
     def refusal(self, access: str) -> str:
         if access == ADMIN and not self.admin_token:
             return "this server has no admin token configured (--token-file)"
@@ -226,12 +237,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self.auth = auth
 
     def intercept_service(self, continuation, details):
-        access = RPC_ACCESS.get(details.method)
-        if access is None:
-            return _deny(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {details.method}")
-        if access == PUBLIC or self.auth.allows(access, self.auth.principal(details.invocation_metadata)):
+        refused = self.auth.refuse(details.method, details.invocation_metadata)
+        if refused is None:
             return continuation(details)
-        return _deny(grpc.StatusCode.UNAUTHENTICATED, self.auth.refusal(access), details.method)
+        code, why = refused
+        return _deny(code, why, details.method if code != grpc.StatusCode.UNIMPLEMENTED else "")
 
 
 def _streaming(method: str) -> tuple[bool, bool]:

@@ -73,11 +73,13 @@ class SiloClient:
     def generate(self, prompt: str, max_new_tokens: int | None = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop: tuple[str, ...] = (), attribution_top: int = 3, time_limit_s: float = 0.0,
                  retrieval: pb.RetrievalOptions | None = None, timeout: float | None = None, trace: bool = False,
-                 trace_min_tokens: int = 0, **retrieval_kwargs) -> Iterator[pb.GenerateResponse]:
+                 trace_min_tokens: int = 0, echo: bool = False, top_logprobs: int = 0,
+                 prompt_token_ids: tuple[int, ...] = (), **retrieval_kwargs) -> Iterator[pb.GenerateResponse]:
         req = pb.GenerateRequest(prompt=prompt, temperature=temperature, top_p=top_p, seed=seed,
                                  stop_sequences=list(stop), attribution_top=attribution_top, time_limit_s=time_limit_s,
                                  retrieval=retrieval or retrieval_options(**retrieval_kwargs), trace=trace,
-                                 trace_min_tokens=trace_min_tokens)
+                                 trace_min_tokens=trace_min_tokens, echo=echo, top_logprobs=top_logprobs,
+                                 prompt_token_ids=list(prompt_token_ids))
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
         return self.lm.Generate(req, timeout=timeout or self.timeout)

@@ -70,6 +70,7 @@ from silo.tokenizer import encode_document, text_ids
 
 log = logging.getLogger("silo.server")
 DEFAULT_MAX_NEW_TOKENS = 32
+MAX_TOP_LOGPROBS = 20  # most likely tokens reported per step (OpenAI's own limit)
 
 
 @dataclass
@@ -288,6 +289,13 @@ def neighbour_pb(h: dict) -> pb.Neighbour:
                         passage=h.get("passage", ""))
 
 
+def top_pb(tok, top: list[tuple[int, float]]) -> list[pb.TopToken]:
+    if not top:
+        return []
+    texts = tok.batch_decode([[t] for t, _ in top])
+    return [pb.TopToken(token_id=t, text=x, logprob=lp) for (t, lp), x in zip(top, texts, strict=True)]
+
+
 def attribution_line(h: dict) -> str:
     """The credit line an attribution license asks for; empty where none is required."""
     tier = h.get("tier")
@@ -332,10 +340,20 @@ class LanguageModelServicer:
 
     def _check_generate(self, r) -> int:
         lim = self.s.limits
-        check_text("prompt", r.prompt, lim.max_text_chars)
+        if r.prompt_token_ids:
+            if r.prompt:
+                raise BadRequest("give prompt or prompt_token_ids, not both")
+            check_work("the prompt's tokens", len(r.prompt_token_ids), "max_request_tokens", lim, "a shorter prompt")
+            vocab = len(self.s.tok)
+            bad = next((t for t in r.prompt_token_ids if t >= vocab), None)
+            if bad is not None:
+                raise BadRequest(f"prompt_token_ids: {bad} is not a token id of this model (vocabulary {vocab:,})")
+        else:
+            check_text("prompt", r.prompt, lim.max_text_chars)
         # unset = the default, within the server's limit (never refused for the server's own setting)
         max_new = r.max_new_tokens if r.HasField("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS, lim.max_new_tokens)
-        check_int("max_new_tokens", max_new, 1, lim.max_new_tokens)
+        check_int("max_new_tokens", max_new, 0 if r.echo else 1, lim.max_new_tokens)
+        check_int("top_logprobs", r.top_logprobs, 0, MAX_TOP_LOGPROBS)
         check_sampling_temperature("temperature", r.temperature, 100.0)
         check_float("top_p", r.top_p, 0.0, 1.0)
         check_float("time_limit_s", r.time_limit_s, 0.0, lim.max_time_limit_s)
@@ -353,12 +371,17 @@ class LanguageModelServicer:
         store = params = policy = None
         if mode != pb.RETRIEVAL_NONE:
             policy = checked_policy(r.retrieval.policy, s.limits)
-        prompt_tokens = len(text_ids(s.tok, r.prompt))
+        prompt_ids = list(r.prompt_token_ids) or None
+        prompt_tokens = len(prompt_ids) if prompt_ids else len(text_ids(s.tok, r.prompt))
         check_work("the prompt's tokens", prompt_tokens, "max_request_tokens", s.limits, "a shorter prompt")
+        steps = max_new + (prompt_tokens if r.echo else 0)  # an echoed prompt token costs a step
         if mode == pb.RETRIEVAL_KNN:
             store = s.store("token", "retrieval.mode RETRIEVAL_KNN")
             params = knn_params_from_pb(r.retrieval, store, s.limits)
-            self._check_knn_work(store, params, max_new, "steps (max_new_tokens)")
+            self._check_knn_work(store, params, steps, "steps (echoed prompt tokens + max_new_tokens)")
+        if mode == pb.RETRIEVAL_RIC and r.echo:
+            raise BadRequest("echo is not available with RETRIEVAL_RIC (its passages change as text is generated); "
+                             "score a text under RIC-LM with Score")
         if mode == pb.RETRIEVAL_RIC:
             rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
             window = min(s.window, getattr(s.model.config, "max_position_embeddings", s.window))
@@ -377,27 +400,37 @@ class LanguageModelServicer:
         if mode == pb.RETRIEVAL_RIC:
             passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
             gen = ric_generate(s.model, s.tok, passages, r.prompt, max_new, rp, r.temperature, r.top_p or 1.0,
-                               r.seed, policy, tuple(r.stop_sequences), s.window)
+                               r.seed, policy, tuple(r.stop_sequences), s.window, r.top_logprobs, prompt_ids)
         elif mode == pb.RETRIEVAL_INFGRAM:
             ig = s.store("infgram", "retrieval.mode RETRIEVAL_INFGRAM")
             gen = generate_infgram(s.model, s.tok, ig, r.prompt, max_new, infgram_params_from_pb(r.retrieval, ig),
                                    r.temperature, r.top_p or 1.0, r.seed, policy, tuple(r.stop_sequences),
-                                   r.attribution_top or 3)
+                                   r.attribution_top or 3, echo=r.echo, top_logprobs=r.top_logprobs,
+                                   prompt_ids=prompt_ids)
         else:
             gen = generate(s.model, s.tok, r.prompt, max_new, store=store, params=params or KNNParams(),
                            temperature=r.temperature, top_p=r.top_p or 1.0, seed=r.seed, policy=policy,
-                           stop=tuple(r.stop_sequences), attribution_top=r.attribution_top or 3)
+                           stop=tuple(r.stop_sequences), attribution_top=r.attribution_top or 3, echo=r.echo,
+                           top_logprobs=r.top_logprobs, prompt_ids=prompt_ids)
+        echoed = 0
         for tok_out in gen:
             if not context.is_active():  # client cancelled or deadline passed: stop the work
                 return
-            n += 1
-            pieces.append(tok_out.text)
-            attrs.append(tok_out.attribution)
             first = tok_out.attribution[0] if tok_out.attribution else {}
+            if tok_out.prompt:
+                echoed += 1
+            else:
+                n += 1
+                pieces.append(tok_out.text)
+                attrs.append(tok_out.attribution)
             yield pb.GenerateResponse(token=pb.GeneratedToken(
-                index=n - 1, token_id=tok_out.token_id, text=tok_out.text, logprob=tok_out.logprob,
-                lm_logprob=tok_out.lm_logprob, attribution=[neighbour_pb(h) for h in tok_out.attribution],
-                suffix_tokens=first.get("suffix_tokens", 0), suffix_count=first.get("suffix_count", 0)))
+                index=echoed - 1 if tok_out.prompt else n - 1, token_id=tok_out.token_id, text=tok_out.text,
+                logprob=tok_out.logprob, lm_logprob=tok_out.lm_logprob,
+                attribution=[neighbour_pb(h) for h in tok_out.attribution],
+                suffix_tokens=first.get("suffix_tokens", 0), suffix_count=first.get("suffix_count", 0),
+                prompt=tok_out.prompt, top=top_pb(s.tok, tok_out.top)))
+            if tok_out.prompt:
+                continue
             if tok_out.token_id == s.tok.eos_token_id:
                 stop = pb.EOS_TOKEN
                 break

@@ -146,7 +146,8 @@ def infgram_perplexity(scored: list[DocInfgram], params: InfgramParams) -> float
 def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_tokens: int = 32,
                      params: InfgramParams | None = None, temperature: float = 0.0, top_p: float = 1.0,
                      seed: int = 0, policy: RetrievalPolicy | None = None, stop: tuple[str, ...] = (),
-                     attribution_top: int = 3, max_support: int = 1000) -> Iterator[GeneratedToken]:
+                     attribution_top: int = 3, max_support: int = 1000, echo: bool = False, top_logprobs: int = 0,
+                     prompt_ids: list[int] | None = None) -> Iterator[GeneratedToken]:
     """Tokens one at a time from (1-λ)·p_LM + λ·p_∞ (a normalised distribution; λ = 0 where
     the store holds nothing), each with its attribution: the matched suffix's length and
     count, and documents that continue it with the chosen token."""
@@ -171,7 +172,8 @@ def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_token
         pending.update(context=ids[len(ids) - sl:] if sl else [], sl=sl, count=count, nxt=nxt, lam=lam)
         return (1 - lam) * lm_p + lam * inf_p / inf_p.sum(), []
 
-    for t in generate_mixed(model, tok, prompt, mix, max_new_tokens, temperature, top_p, seed, stop):
+    for t in generate_mixed(model, tok, prompt, mix, max_new_tokens, temperature, top_p, seed, stop, echo,
+                            top_logprobs, prompt_ids):
         m = pending
         if m and m["lam"] > 0 and m["sl"] > 0 and m["nxt"].get(t.token_id):
             docs = store.index_for(policy).documents([*m["context"], t.token_id], attribution_top)

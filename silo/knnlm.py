@@ -306,6 +306,24 @@ class GeneratedToken:
     logprob: float  # log-prob of the token under the distribution it was drawn from
     lm_logprob: float
     attribution: list[dict]  # top neighbours: doc_id, source, license, sentence, weight
+    top: list[tuple[int, float]] = field(default_factory=list)  # the distribution's most likely tokens
+    prompt: bool = False  # an echoed prompt token (scored, not drawn)
+
+
+def top_tokens(p: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    """The `n` most likely tokens of a distribution, with their natural-log probabilities."""
+    if n <= 0:
+        return []
+    vals, idx = torch.topk(p, min(n, p.shape[0]))
+    return [(int(i), float(torch.log(v.clamp_min(1e-30)))) for v, i in zip(vals, idx, strict=True)]
+
+
+def prompt_tokens(tok, prompt: str, prompt_ids: list[int] | None) -> list[int]:
+    """The prompt as ids (given ids win: they are the caller's tokenization), BOS first."""
+    ids = list(prompt_ids) if prompt_ids else text_ids(tok, prompt)
+    if not ids:
+        raise SiloError("empty prompt")
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
 
 
 def sample_token(probs: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -328,44 +346,60 @@ Mixer = Callable[[list[int], torch.Tensor], tuple[torch.Tensor, list[dict]]]
 
 @torch.no_grad()
 def generate_mixed(model, tok, prompt: str, mix: Mixer, max_new_tokens: int = 32, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = ()) -> Iterator[GeneratedToken]:
+                   top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (), echo: bool = False,
+                   top_logprobs: int = 0, prompt_ids: list[int] | None = None) -> Iterator[GeneratedToken]:
     """The decoding loop every mode shares: one forward per token on the KV cache, `mix`
     turns p_LM into the distribution sampled from (and says where the token came from), the
-    streaming detokenizer yields each token's text; ends at EOS, a stop sequence or the limit."""
-    if not prompt:
-        raise SiloError("empty prompt")
+    streaming detokenizer yields each token's text; ends at EOS, a stop sequence or the limit.
+
+    With `echo`, the prompt's own tokens come first (`prompt=True`), each scored under the
+    same mixed distribution as a generated token would be (teacher forcing, one forward per
+    token): the log-likelihood of a text under any mode, the way OpenAI's `echo` +
+    `logprobs` ask for it. `top_logprobs` adds each step's most likely tokens."""
     device = next(model.parameters()).device
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + text_ids(tok, prompt)
+    ids = prompt_tokens(tok, prompt, prompt_ids)
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
-    ids = ids[-max(1, max_pos - max_new_tokens):]
+    if echo:
+        if len(ids) + max_new_tokens > max_pos:
+            raise SiloError(f"the prompt's {len(ids) - 1} tokens and max_new_tokens {max_new_tokens} exceed the "
+                            f"model's {max_pos - 1}-token context (echo scores every prompt token: nothing is cut)")
+        start = 1  # the first token (BOS, or the prompt's first without one) is context, not scored
+        forced, context = ids[start:], ids[:start]
+    else:
+        forced, context = [], ids[-max(1, max_pos - max_new_tokens):]
     gen = torch.Generator().manual_seed(seed)
     text_so_far, past, decoder = "", None, StreamDecoder(tok)
     # transformers ≥ 5.2x calls the KV cache `cache`; earlier releases `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    inp = torch.tensor([ids], device=device)
-    for _ in range(max_new_tokens):
+    inp = torch.tensor([context], device=device)
+    for step in range(len(forced) + max_new_tokens):
         out = model(input_ids=inp, use_cache=True, **{cache_arg: past})
         past = getattr(out, cache_arg)
         lm_p = torch.softmax(out.logits[0, -1].float(), -1).cpu()
-        p, attribution = mix(ids, lm_p)
-        next_id = sample_token(p, temperature, top_p, gen)
+        p, attribution = mix(context, lm_p)
+        is_prompt = step < len(forced)
+        next_id = forced[step] if is_prompt else sample_token(p, temperature, top_p, gen)
         piece = decoder.add(next_id)
         yield GeneratedToken(next_id, piece, float(torch.log(p[next_id].clamp_min(1e-30))),
-                             float(torch.log(lm_p[next_id].clamp_min(1e-30))), attribution)
-        if next_id == tok.eos_token_id:
-            return
-        text_so_far += piece
-        ids.append(next_id)
-        if any(s and s in text_so_far for s in stop):
-            return
+                             float(torch.log(lm_p[next_id].clamp_min(1e-30))), attribution,
+                             top_tokens(p, top_logprobs), is_prompt)
+        context.append(next_id)
+        if not is_prompt:
+            if next_id == tok.eos_token_id:
+                return
+            text_so_far += piece
+            if any(s and s in text_so_far for s in stop):
+                return
         inp = torch.tensor([[next_id]], device=device)
 
 
 def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore | None = None,
              params: KNNParams = KNNParams(), temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              policy: RetrievalPolicy | None = None, stop: tuple[str, ...] = (), attribution_top: int = 3,
+             echo: bool = False, top_logprobs: int = 0, prompt_ids: list[int] | None = None,
              ) -> Iterator[GeneratedToken]:
-    """Yield tokens one at a time, LM-only (store None) or kNN-LM, with attribution."""
+    """Yield tokens one at a time, LM-only (store None) or kNN-LM, with attribution
+    (`echo`, `top_logprobs`, `prompt_ids`: `generate_mixed`)."""
     key_type = store.manifest.key_type if store is not None else "ffn_input"
     with capture_keys(model, key_type or "ffn_input") as box:
 
@@ -387,4 +421,5 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
                 attribution.append(hit)
             return (1 - params.lam) * lm_p + params.lam * knn_p, attribution  # sums to 1: both do
 
-        yield from generate_mixed(model, tok, prompt, mix, max_new_tokens, temperature, top_p, seed, stop)
+        yield from generate_mixed(model, tok, prompt, mix, max_new_tokens, temperature, top_p, seed, stop, echo,
+                                  top_logprobs, prompt_ids)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from silo.embed import passage_search
 from silo.errors import SiloError
 from silo.evaluate import batched, pad_batch
-from silo.knnlm import GeneratedToken, sample_token
+from silo.knnlm import GeneratedToken, prompt_tokens, sample_token, top_tokens
 from silo.tokenizer import StreamDecoder, text_ids
 
 RETRIEVERS = ("bm25", "dense")
@@ -146,7 +146,8 @@ def ric_score_documents(model, tok, store, docs: list[list[int]], window: int = 
 @torch.no_grad()
 def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, params: RICParams | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, policy=None,
-                 stop: tuple[str, ...] = (), window: int | None = None):
+                 stop: tuple[str, ...] = (), window: int | None = None, top_logprobs: int = 0,
+                 prompt_ids: list[int] | None = None):
     """Generation with retrieval in context: every `stride` new tokens, retrieve with the last
     `query_tokens` tokens, put the passages in front, and go on (KV cache in between).
     Yields `silo.knnlm.GeneratedToken`s; each carries the passages in its context.
@@ -154,15 +155,13 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
     A passage whose document is removed while the generation runs leaves the context at
     the next token: before each step the store's opt-out log is checked (a stat when
     nothing changed), and a removed passage in the KV cache forces a new retrieval."""
-    if not prompt:
-        raise SiloError("empty prompt")
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
     window = min(window or max_pos, max_pos)
     p = (params or RICParams()).validate(window)
     device = next(model.parameters()).device
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    ids = bos + text_ids(tok, prompt)
+    ids = prompt_tokens(tok, prompt, prompt_ids)
     gen = torch.Generator().manual_seed(seed)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generated, text_so_far, past, attribution, since = [], "", None, [], p.stride
@@ -203,7 +202,7 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
         since += 1
         piece = decoder.add(next_id)
         lp = float(torch.log(probs[next_id].clamp_min(1e-30)))
-        yield GeneratedToken(next_id, piece, lp, lp, [dict(h) for h in attribution])
+        yield GeneratedToken(next_id, piece, lp, lp, [dict(h) for h in attribution], top_tokens(probs, top_logprobs))
         if next_id == tok.eos_token_id:
             return
         text_so_far += piece

@@ -132,7 +132,7 @@ class Neighbour(_message.Message):
     def __init__(self, entry_id: _Optional[int] = ..., doc_id: _Optional[str] = ..., source: _Optional[str] = ..., license: _Optional[str] = ..., tier: _Optional[str] = ..., owner: _Optional[str] = ..., sentence: _Optional[str] = ..., sentence_index: _Optional[int] = ..., weight: _Optional[float] = ..., distance: _Optional[float] = ..., next_token: _Optional[str] = ..., passage: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop_sequences", "retrieval", "attribution_top", "time_limit_s", "trace", "trace_min_tokens")
+    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop_sequences", "retrieval", "attribution_top", "time_limit_s", "trace", "trace_min_tokens", "echo", "top_logprobs", "prompt_token_ids")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,9 @@ class GenerateRequest(_message.Message):
     TIME_LIMIT_S_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     TRACE_MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ECHO_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     temperature: float
@@ -155,10 +158,23 @@ class GenerateRequest(_message.Message):
     time_limit_s: float
     trace: bool
     trace_min_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., retrieval: _Optional[_Union[RetrievalOptions, _Mapping]] = ..., attribution_top: _Optional[int] = ..., time_limit_s: _Optional[float] = ..., trace: _Optional[bool] = ..., trace_min_tokens: _Optional[int] = ...) -> None: ...
+    echo: bool
+    top_logprobs: int
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., retrieval: _Optional[_Union[RetrievalOptions, _Mapping]] = ..., attribution_top: _Optional[int] = ..., time_limit_s: _Optional[float] = ..., trace: _Optional[bool] = ..., trace_min_tokens: _Optional[int] = ..., echo: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TopToken(_message.Message):
+    __slots__ = ("token_id", "text", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class GeneratedToken(_message.Message):
-    __slots__ = ("index", "token_id", "text", "logprob", "lm_logprob", "attribution", "suffix_tokens", "suffix_count")
+    __slots__ = ("index", "token_id", "text", "logprob", "lm_logprob", "attribution", "suffix_tokens", "suffix_count", "prompt", "top")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +183,8 @@ class GeneratedToken(_message.Message):
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     SUFFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SUFFIX_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
     index: int
     token_id: int
     text: str
@@ -175,7 +193,9 @@ class GeneratedToken(_message.Message):
     attribution: _containers.RepeatedCompositeFieldContainer[Neighbour]
     suffix_tokens: int
     suffix_count: int
-    def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., lm_logprob: _Optional[float] = ..., attribution: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., suffix_tokens: _Optional[int] = ..., suffix_count: _Optional[int] = ...) -> None: ...
+    prompt: bool
+    top: _containers.RepeatedCompositeFieldContainer[TopToken]
+    def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., lm_logprob: _Optional[float] = ..., attribution: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., suffix_tokens: _Optional[int] = ..., suffix_count: _Optional[int] = ..., prompt: _Optional[bool] = ..., top: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("doc_id", "source", "license", "tier", "owner", "total_weight", "tokens", "obligation", "attribution_line")

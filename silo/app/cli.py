@@ -328,7 +328,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
           remote_shards=split_list(a.remote_shards), shard_deadline_s=a.shard_deadline,
           max_concurrent=a.max_concurrent, workers=a.workers, limits=_limits(a), ready_file=a.ready_file,
           allow_restricted_model=a.serve_restricted_model,
-          allow_plaintext_shard_token=a.allow_plaintext_shard_token, mode=a.mode)
+          allow_plaintext_shard_token=a.allow_plaintext_shard_token, mode=a.mode, http_port=a.http_port,
+          http_host=a.http_host, http_ready_file=a.http_ready_file)
 
 
 def cmd_token_file(a: argparse.Namespace) -> None:
@@ -827,6 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-concurrent", type=int, default=32, help="calls beyond this get RESOURCE_EXHAUSTED")
     sp.add_argument("--workers", type=int, help="requests computed at once (default: one per core)")
     sp.add_argument("--ready-file", help="write the bound port here once serving")
+    sp.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API and the data owners' "
+                    "page on this port (0 picks a free one): the same model, stores, tokens and limits as gRPC")
+    sp.add_argument("--http-host", help="the HTTP API's address (default: --host)")
+    sp.add_argument("--http-ready-file", help="write the bound HTTP port here once serving")
     sp.add_argument("--serve-restricted-model", action="store_true",
                     help="serve a model trained on restricted text (an oracle): its weights hold text no opt-out "
                     "reaches; refused without this flag. Private evaluation servers only")

@@ -56,7 +56,8 @@ from silo.datastore.optout import CorruptLog
 from silo.server.auth import Auth, AuthInterceptor, CredentialError, OwnerCredentials, read_secret
 from silo.server.client import mode_name
 from silo.server.gen import silo_pb2 as pb
-from silo.server.limits import Limits
+from silo.server.http import start_http
+from silo.server.limits import BUSY, Limits
 from silo.server.remote import RemoteShardGroup, ShardSearchServicer, parse_shard_range
 from silo.server.servicers import (
     DatastoreServicer,
@@ -90,9 +91,6 @@ FREE_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Healt
 WATCH_METHODS = frozenset({"/grpc.health.v1.Health/Watch",
                            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"})
-
-
-BUSY = "the server is busy"  # how a refusal over a budget begins (HTTP answers it with 429)
 
 
 class Admission(grpc.ServerInterceptor):
@@ -388,8 +386,6 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
                                      limits=limits, admission=admission)
     http = None
     if http_port is not None:
-        from silo.server.http import start_http  # FastAPI and uvicorn load only when asked for
-
         http = start_http(state, admission, http_host or host, http_port, (tls_cert, tls_key) if tls else None)
     print(f"silo: serving {model} with {len(stores)} store(s) on {host}:{bound}"
           f"{' (TLS)' if tls else ''}; default mode {mode_name(state.default_mode)}"

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import grpc
 import uvicorn
@@ -47,9 +47,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from pydantic import BaseModel, ConfigDict, Field
-from silo.server.app import BUSY, Admission
 from silo.server.client import mode_name
 from silo.server.gen import silo_pb2 as pb
+from silo.server.limits import BUSY
 from silo.server.servicers import (
     MODE_OF_KIND,
     DatastoreServicer,
@@ -57,6 +57,9 @@ from silo.server.servicers import (
     ServerState,
 )
 from starlette.concurrency import run_in_threadpool
+
+if TYPE_CHECKING:  # server/app.py imports this module: no import back at run time
+    from silo.server.app import Admission
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 16 << 20  # as gRPC's largest message

@@ -60,6 +60,9 @@ def bounded_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
     return f"{head} … {tail}"
 
 
+BUSY = "the server is busy"  # how a refusal over a call budget begins (server/app.py; HTTP answers it with 429)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_k: int = 4096  # neighbours, passages or hits per query

@@ -1036,6 +1036,70 @@ def bench_grpc_overhead(ctx: Context) -> list[dict]:
     return rows
 
 
+@benchmark("http")
+def bench_http_overhead(ctx: Context) -> list[dict]:
+    """Score (512 tokens) and a 64-token generation over HTTP and gRPC vs the same servicer in-process."""
+    import openai
+    from silo.server.app import make_admission
+    from silo.server.client import retrieval_options
+    from silo.server.gen import silo_pb2 as pb
+    from silo.server.http import HttpCall, start_http
+    from silo.server.servicers import LanguageModelServicer
+
+    server, client, state = _server(ctx, ctx.store_path())
+    http = start_http(state, make_admission(16, 64, state.limits))
+    api = openai.OpenAI(base_url=http.url + "/v1", api_key=ADMIN_TOKEN, max_retries=0)
+    model = Path(state.model_dir).resolve().name
+    in_process = LanguageModelServicer(state)  # the very methods both servers run
+    text = _text_of_tokens(ctx, 512)
+    prompt = _text_of_tokens(ctx, 32)
+    rows = []
+    try:
+        for mode in ("none", "knn"):
+            score = pb.ScoreRequest(text=text, retrieval=retrieval_options(mode))
+            gen = pb.GenerateRequest(prompt=prompt, max_new_tokens=64, retrieval=retrieval_options(mode))
+            calls = {
+                "Score": (lambda score=score: in_process.Score(score, None),
+                          lambda mode=mode: client.score(text, mode=mode),
+                          lambda score=score: http_post(http.url + "/v1/silo/score", score)),
+                "64-token generation": (
+                    lambda gen=gen: list(in_process.Generate(gen, HttpCall(None))),
+                    lambda mode=mode: list(client.generate(prompt, max_new_tokens=64, mode=mode)),
+                    lambda mode=mode: api.completions.create(model=f"{model}:{mode}", prompt=prompt, max_tokens=64,
+                                                             temperature=0)),
+            }
+            for what, fns in calls.items():
+                for fn in fns:
+                    fn()  # warm
+                times = [[], [], []]
+                for _ in range(ctx.args.repeat * 3):  # alternate: all three see the same machine load
+                    for i, fn in enumerate(fns):
+                        times[i].append(best_of(1, fn))
+                lo, gr, ht = (float(np.median(t)) for t in times)
+                rows.append({"figure": f"{what} over HTTP overhead ({mode})",
+                             "value": f"{100 * (ht / lo - 1):+.1f}%",
+                             "against": "the same servicer method called in-process (gRPC beside it)",
+                             "detail": f"median in-process {lo * 1e3:.1f} ms, gRPC {gr * 1e3:.1f} ms "
+                                       f"({100 * (gr / lo - 1):+.1f}%), HTTP {ht * 1e3:.1f} ms; "
+                                       f"store {state.token_store.n_entries:,} entries"})
+    finally:
+        http.stop()
+        server.stop(0)
+        client.close()
+    return rows
+
+
+def http_post(url: str, message) -> dict:
+    """POST a request message as JSON (the /v1/silo/ routes), as a client would."""
+    import urllib.request
+
+    from silo.server.http import to_json
+
+    req = urllib.request.Request(url, json.dumps(to_json(message)).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
 @benchmark("concurrency")
 def bench_concurrency(ctx: Context) -> list[dict]:
     """16 concurrent clients, a fixed number of calls each: errors, p50/p99, throughput."""

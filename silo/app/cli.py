@@ -46,6 +46,7 @@ from silo.evaluate import evaluate_model
 from silo.harvest import harvest_corpus
 from silo.ingest import add_corpus
 from silo.licenses import parse_tiers
+from silo.lmeval_task import task_commands, write_cloze_task
 from silo.plan import capacity_plan, human_bytes, human_time
 from silo.report import print_eval_table, print_table
 from silo.scaling import CurveArgs, scaling_curve
@@ -313,6 +314,19 @@ def cmd_eval(a: argparse.Namespace) -> None:
         print(f"{name} sweep: {tuned or 'λ per suffix length'}; {where}")
     if a.report:
         print(f"report -> {a.report}")
+
+
+def cmd_lm_eval_task(a: argparse.Namespace) -> None:
+    info = write_cloze_task(a.corpus, a.out, split=a.split, tiers=a.tiers, n=a.n, choices=a.choices, seed=a.seed,
+                            overwrite=a.overwrite)
+    info["commands"] = task_commands(info["include_path"], a.model, a.url)
+    if a.json:
+        return _print_json(info)
+    print(f"{info['task']}: {info['items']} items ({info['choices']} choices) from the {a.split} split -> "
+          f"{info['include_path']}")
+    print(f"with `silo serve --model {a.model or 'MODEL_DIR'} --store ... --http-port 8000` running, one run per mode:")
+    for command in info["commands"].values():
+        print(f"  {command}")
 
 
 # ---------------------------------------------------------------------------- serving
@@ -802,6 +816,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="the report as JSON on stdout (instead of the table)")
     sp.add_argument("--report", metavar="FILE", help="also write the report as JSON to FILE")
     _add_policy_args(sp)
+    sp = add(sub, "lm-eval-task", cmd_lm_eval_task, "write a multiple-choice cloze task from held-out documents for "
+             "lm-evaluation-harness, and print the lm_eval commands that run it against `silo serve --http-port`")
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--out", required=True, help="the task folder (lm_eval --include_path)")
+    sp.add_argument("--split", choices=["test", "validation"], default="test")
+    sp.add_argument("--tiers", type=_tiers, default=("restricted",), help="documents' tiers (default restricted)")
+    sp.add_argument("-n", dest="n", type=_positive_int, default=200, help="items, at most (default 200)")
+    sp.add_argument("--choices", type=_positive_int, default=4, help="choices per item (default 4)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--model", help="the served model folder: its name and context go into the printed commands")
+    sp.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP API in the printed commands")
+    _overwrite_arg(sp, "replace a task already in --out")
+    sp.add_argument("--json", action="store_true", help="what was written and the commands, as JSON on stdout")
 
     sp = add(sub, "serve", cmd_serve, "serve the LM and datastores over gRPC")
     sp.add_argument("--config", metavar="FILE", help="settings from a TOML or YAML file, keyed by flag name "

@@ -130,7 +130,7 @@ def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _shingle_hashes(words: list[str]) -> np.ndarray:
+def shingle_hashes(words: list[str]) -> np.ndarray:
     """64-bit hashes (uint64) of every run of SHINGLE_WORDS words: a polynomial over the
     words' hashes, then splitmix64's finaliser so every bit is mixed (for the mod sample)."""
     n = len(words) - SHINGLE_WORDS + 1
@@ -153,7 +153,7 @@ def _shingle_hashes(words: list[str]) -> np.ndarray:
 
 def sampled_shingles(words: list[str]) -> np.ndarray:
     """The sorted, distinct sampled shingle hashes of a normalised text (all of them)."""
-    h = _shingle_hashes(words)
+    h = shingle_hashes(words)
     return np.unique(h[h % np.uint64(SAMPLE_MOD) == 0])
 
 

@@ -69,6 +69,7 @@ from silo.server.servicers import (
 
 from silo.errors import SiloError
 from silo.lm import check_servable, load_causal_lm
+from silo.provenance import TrainingRecord
 
 log = logging.getLogger("silo.server")
 SERVICE_NAMES = ("silo.v1.LanguageModel", "silo.v1.Datastore", "silo.v1.ShardSearch")
@@ -290,7 +291,7 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
                     "never expose this server to users", Path(model_dir).name)
     model, tok = load_causal_lm(model_dir)
     state = ServerState(model_dir=model_dir, model=model, tok=tok, limits=limits or Limits(), auth=auth or Auth(),
-                        shard_token=shard_token)
+                        shard_token=shard_token, training_record=TrainingRecord.open(model_dir))
     for path in stores:
         kind = Manifest.load(path).kind
         if kind in state.stores or kind in state.store_errors:

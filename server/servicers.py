@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 from silo.datastore.compact import compact
 from silo.datastore.errors import FingerprintMismatch, StoreError, StoreLocked, TooMuchWork
+from silo.datastore.ledger import fingerprint
 from silo.datastore.manifest import model_fingerprint
 from silo.datastore.optout import CorruptLog
 from silo.datastore.removal import (
@@ -64,6 +65,7 @@ from silo.ingest import INGEST_KINDS, add_documents
 from silo.knnlm import KNNParams, generate, knn_score, refine_used
 from silo.licenses import license_obligation
 from silo.lm import model_info, trained_tiers
+from silo.provenance import TrainingRecord, check_removal
 from silo.ricl import RICParams, ric_blocks, ric_generate, ric_score_documents
 from silo.search import SEARCH_KINDS, search_text
 from silo.tokenizer import encode_document, text_ids
@@ -90,6 +92,7 @@ class ServerState:
     window: int = 512
     default_mode: int = pb.RETRIEVAL_NONE  # a request that names no mode gets this (`choose_default_mode`)
     shard_token: str | None = None  # presented to remote shard servers
+    training_record: TrainingRecord | None = None  # what the model was trained on (None: an outside checkpoint)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _reopening: threading.Lock = field(default_factory=threading.Lock)
     _release_due: float | None = None  # when to hand a swapped-out store's heap back to the OS
@@ -635,7 +638,10 @@ class DatastoreServicer:
         if record is None:
             if which == "receipt_id":
                 raise UnknownDocuments(f"no opt-out with receipt {shown(key)}")
-            return pb.OptOutStatusResponse(removed=False)
+            texts = [st.doc_text(st.doc_index(key)) for st in stores if st.doc_index(key) is not None][:1]
+            fps = [fp for fp in (fingerprint(key, t[: 1 << 20]) for t in texts) if fp]  # bounded work
+            return pb.OptOutStatusResponse(removed=False,
+                                           weights=self._weights({"doc_ids": [key], "fingerprints": fps}))
         show = who.may_see(record)
         if who.kind == "owner" and not show:
             # someone else's removal: an owner sees only the part of it about their own documents
@@ -653,7 +659,14 @@ class DatastoreServicer:
             stores=[pb.StoreProof(store=p.store, doc_ids=p.doc_ids, tombstoned=p.tombstoned, compacted=p.compacted,
                                   live_entries=p.live_entries) for p in proof.stores]
             # a store this server cannot open proves nothing: listed, not tombstoned
-            + [pb.StoreProof(store=f"{Path(m).name} (cannot be opened: no proof)") for m in proof.missing])
+            + [pb.StoreProof(store=f"{Path(m).name} (cannot be opened: no proof)") for m in proof.missing],
+            weights=self._weights(record))
+
+    def _weights(self, removal: dict) -> pb.WeightsProof:
+        """The weights' side: the served model's training record checked for these documents."""
+        w = check_removal(self.s.training_record, Path(self.s.model_dir).name, removal)
+        return pb.WeightsProof(model=w.model, has_record=w.has_record, trained_doc_ids=w.trained_doc_ids,
+                               trained_text_doc_ids=w.trained_text_doc_ids, shingle_fpr=w.fpr, statement=w.statement)
 
     def _idle_stores(self) -> list[Datastore]:
         """Stores this server was started with and opened, but does not serve (another model's)."""

@@ -34,6 +34,7 @@ from silo.corpus import RestrictedTextError, expected_documents, iter_documents,
 from silo.errors import SiloError
 from silo.lm import CONFIGS, build_model
 from silo.progress import bar as progress_bar
+from silo.provenance import DEFAULT_FPR, RecordWriter, TrainingRecord
 from silo.tokenizer import encode_document, load_tokenizer, train_tokenizer_on_corpus
 
 
@@ -63,6 +64,7 @@ class TrainArgs:
     allow_restricted: bool = False  # oracle models only
     resume: bool = True
     max_tokens: int | None = None  # cap on training tokens tokenized (quick runs)
+    record_fpr: float = DEFAULT_FPR  # the training record's membership filter, per 13-word shingle
     time_budget: float | None = None  # seconds; stop early (the checkpoint stays resumable)
     progress: bool = True
     threads: int | None = None
@@ -82,23 +84,24 @@ class TrainArgs:
 
 def tokenize_split(corpus: str, tok, tiers: tuple[str, ...], split: str, out: Path,
                    allow_restricted: bool = False, max_tokens: int | None = None,
-                   progress: bool = False) -> dict:
-    """Tokenize the allowed documents of one split into a flat uint16/uint32 file."""
+                   progress: bool = False, record: RecordWriter | None = None) -> dict:
+    """Tokenize the allowed documents of one split into a flat uint16/uint32 file; each
+    document whose tokens are written goes into `record` (the training record), if given."""
     dtype = np.uint16 if len(tok) < 2**16 else np.uint32
     tmp = out.with_suffix(".tmp")
     n_docs = n_tokens = 0
-    sources: dict[str, int] = {}
     with open(tmp, "wb") as f:
         docs = iter_documents(corpus, tiers=tiers, split=split,
-                              columns=["text", "source", "license", "license_classifiers"])
+                              columns=["text", "source", "license", "license_classifiers", "owner"])
         for doc in progress_bar(docs, desc=f"tokenize {split}", unit="doc", progress=progress,
                                 total=expected_documents(corpus, tiers, split)):
             tier_guard(doc, tiers, allow_restricted)
             ids = np.asarray(encode_document(tok, doc["text"]), dtype=dtype)
             f.write(ids.tobytes())
+            if record is not None:
+                record.add(doc, len(ids))
             n_docs += 1
             n_tokens += len(ids)
-            sources[doc["source"]] = sources.get(doc["source"], 0) + len(ids)
             if max_tokens is not None and n_tokens >= max_tokens:
                 break
     os.replace(tmp, out)
@@ -217,15 +220,23 @@ def train(args: TrainArgs) -> dict:
                                         allow_restricted=args.allow_restricted)
 
     data_meta_path = work / "data.json"
-    if data_meta_path.is_file() and args.resume:
+    if data_meta_path.is_file() and args.resume and TrainingRecord.open(out) is not None:
         data_meta = json.loads(data_meta_path.read_text())
     else:
-        data_meta = {
-            split: tokenize_split(args.corpus, tok, args.tiers, split, work / f"{split}.bin",
-                                  args.allow_restricted, args.max_tokens if split == "train" else None,
-                                  args.progress)
-            for split in ("train", "validation")
-        }
+        # the training record is written with the training tokens, from the same documents
+        record = RecordWriter(out, args.tiers, args.corpus, fpr=args.record_fpr)
+        try:
+            data_meta = {
+                split: tokenize_split(args.corpus, tok, args.tiers, split, work / f"{split}.bin",
+                                      args.allow_restricted, args.max_tokens if split == "train" else None,
+                                      args.progress, record if split == "train" else None)
+                for split in ("train", "validation")
+            }
+        except BaseException:
+            record.abort()
+            raise
+        record.validation_documents = data_meta["validation"]["documents"]
+        record.close()
         data_meta_path.write_text(json.dumps(data_meta, indent=2))
     train_stream = TokenStream(work / "train.bin", data_meta["train"]["dtype"], seq_len)
     val_file = "validation.bin" if data_meta["validation"]["tokens"] > seq_len + 1 else "train.bin"

@@ -222,6 +222,12 @@ def test_opt_out_over_http_with_owner_tokens(served):
     assert code == 200 and done["receipt_id"] and done["removed_doc_ids"] == [mine]
     code, status = served.curl("/v1/silo/optout/status", {"receipt_id": done["receipt_id"]}, token=served.owner_token)
     assert code == 200 and status["removed"] and status["tombstoned"] and mine in status["removed_doc_ids"]
+    # both halves at once: the served model's training record says it never saw the document
+    weights = status["weights"]
+    assert weights["has_record"] and not weights["trained_doc_ids"] and not weights["trained_text_doc_ids"]
+    assert weights["statement"].startswith(f"not in the training record of the served model {served.model}")
+    with served.client(served.owner_token) as c:  # the same over gRPC
+        assert c.optout_status(receipt_id=done["receipt_id"]).weights.statement == weights["statement"]
     # the promise over HTTP: the removed document is no longer a source
     code, hits = served.curl("/v1/silo/search", {"query": store.doc_text(store.doc_index(mine))[:200], "k": 50})
     assert code == 200 and mine not in {h["doc_id"] for h in hits["hits"]}

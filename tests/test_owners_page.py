@@ -237,6 +237,9 @@ def test_an_owner_finds_removes_and_checks_their_document(page, site):
     assert trained and not site.info["trained_on_restricted"]
     weights = page.text("weights-info")
     assert f"Trained on the tiers\n{trained}" in weights and "Trained on restricted text\nno" in weights, status
+    # the served model's training record, checked for the removed document
+    assert page.text("weights-statement").startswith("not in the training record of the served model"), status
+    assert "Training record of the model\nyes: checked exactly" in page.text("receipt-weights")
     page.shot("05-status", "status-results")
 
     # 6. the same text again: that document is no longer a source of any part of it

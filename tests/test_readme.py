@@ -8,9 +8,11 @@ any more, fails `test_every_example_is_run_or_listed`: a README change comes wit
 How an example runs:
 - `silo` verbs run through `silo.app.cli.main` in this process (the same code as the
   console script, minus the interpreter start of each); `silo serve` and `silo serve-shards`
-  run as real server processes in the background, on a free port (`--port 0 --ready-file`);
-  `python tools/…` scripts run as real subprocesses; `export` sets the environment of the
-  verbs that follow.
+  run as real server processes in the background, on a free port (`--port 0 --ready-file`,
+  and `--http-port 0 --http-ready-file` for the HTTP API); `python tools/…` scripts,
+  `curl` and `lm_eval` run as real subprocesses (the last two through bash, as written);
+  `export` sets the environment of the verbs that follow.
+- A ```python block is one example, run as a script by this interpreter.
 - `[optional flags]` are given; `ID` is the last document id an earlier example printed,
   `RECEIPT` the last opt-out receipt; `MODEL` is the model folder.
 - `data/*` holds the generated test corpus (as JSON lines and parquet), `serve.toml` is the
@@ -57,10 +59,17 @@ def _strip_comment(line: str) -> str:
     return line
 
 
+PYTHON_BLOCK = "python-block\n"
+
+
 def examples(path: Path) -> list[str]:
-    """The commands of a markdown file's ```bash blocks, one per line, whitespace normalised."""
+    """The examples of a markdown file in order: the commands of its ```bash blocks, one per
+    line, whitespace normalised; each ```python block whole, after PYTHON_BLOCK."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+    for kind, block in re.findall(r"```(bash|python)\n(.*?)```", path.read_text(), re.S):
+        if kind == "python":
+            out.append(PYTHON_BLOCK + block)
+            continue
         for line in re.sub(r"\\\n", " ", block).splitlines():
             cmd = " ".join(_strip_comment(line).split())
             if cmd:
@@ -113,20 +122,33 @@ class Shell:
                                      f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         return self._seen(proc.stdout)
 
+    def bash(self, cmd: str) -> str:
+        """`cmd` as written, in bash (its quoting and `$(...)`); fails on a non-zero exit."""
+        proc = subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        return self._seen(proc.stdout)
+
     def start(self, name: str, *argv: str) -> int:
         """A `silo serve`/`serve-shards` process in the background; its port once it serves."""
         argv = _drop_flag(list(argv), "--port")
         ready, log = self.root / f"{name}.ready", self.root / f"{name}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "silo.app.cli", *argv, "--port", "0", "--ready-file",
-                                 str(ready)], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        extra = ["--port", "0", "--ready-file", str(ready)]
+        http_ready = self.root / f"{name}.http-ready"
+        if "--http-port" in argv:  # its HTTP port is `{http}` in later examples
+            argv = _drop_flag(argv, "--http-port")
+            extra += ["--http-port", "0", "--http-ready-file", str(http_ready)]
+        proc = subprocess.Popen([sys.executable, "-m", "silo.app.cli", *argv, *extra], stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         deadline = time.monotonic() + 300
-        while not ready.is_file() or not ready.read_text().strip():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                self.stop(name)
-                raise AssertionError(f"silo {shlex.join(argv)} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        for f in (ready, http_ready) if "--http-port" in extra else (ready,):
+            while not f.is_file() or not f.read_text().strip():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop(name)
+                    raise AssertionError(f"silo {shlex.join(argv)} did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+        if "--http-port" in extra:
+            self.ports["http"] = int(http_ready.read_text())
         self.ports[name] = int(ready.read_text())
         return self.ports[name]
 
@@ -144,13 +166,27 @@ class Shell:
         for name in list(self.procs):
             self.stop(name)
 
+    def subs(self, cmd: str, subs: tuple[tuple[str, str], ...]) -> str:
+        """`cmd` as run here: each (as written, as run) replaced, then `{name}` by its port."""
+        for old, new in subs:
+            assert old in cmd, f"substitution {old!r} no longer applies to: {cmd}"
+            cmd = cmd.replace(old, new)
+        return re.sub(r"\{(\w+)\}", lambda m: str(self.ports[m.group(1)]), cmd)
+
     def run(self, cmd: str, step: Run) -> str:
         if step.before:
             step.before(self)
-        for old, new in step.subs:
-            assert old in cmd, f"substitution {old!r} no longer applies to: {cmd}"
-            cmd = cmd.replace(old, new)
-        cmd = re.sub(r"\{(\w+)\}", lambda m: str(self.ports[m.group(1)]), cmd)
+        cmd = self.subs(cmd, step.subs)
+        if cmd.startswith(PYTHON_BLOCK):
+            out = self.python("-c", cmd.removeprefix(PYTHON_BLOCK))
+            if step.check:
+                step.check(self, out)
+            return out
+        if cmd.split()[0] in ("curl", "lm_eval") or "lm_eval " in cmd:
+            out = self.bash(cmd)
+            if step.check:
+                step.check(self, out)
+            return out
         cmd = re.sub(r"\[([^\]]*)\]", r"\1", cmd)  # optional flags are given
         words = []
         for w in shlex.split(cmd):
@@ -299,6 +335,63 @@ def _proved(sh: Shell, out: str) -> None:
     assert sh.doc_ids[-1] in out or "removed" in out.lower(), out
 
 
+FACT = "The harbour of Tallinn was built in 1785 by John Napier."  # a sentence of the generated corpus
+
+
+def _card(out: str) -> None:
+    assert "## Training data" in out and "| pd |" in out and "| restricted |" not in out, out
+
+
+def _audited(sh: Shell, out: str) -> None:
+    assert out.startswith("text 1: too short") and f"{sh.doc_ids[-1]}: not trained on (exact)" in out, out
+
+
+def _nothing_restricted(sh: Shell, out: str) -> None:
+    texts = json.loads(out)["texts"]
+    assert texts and not any(t["same_documents"] for t in texts), texts  # no restricted document was trained on
+
+
+def _models(sh: Shell, out: str) -> None:
+    ids = {m["id"] for m in json.loads(out)["data"]}
+    assert {"model", "model:none", "model:knn", "model:infgram"} <= ids, ids
+
+
+def _completed_with_citations(sh: Shell, out: str) -> None:
+    choice = json.loads(out)["choices"][0]
+    assert choice["text"] and choice["silo"]["mode"] == "knn" and choice["silo"]["citations"], choice
+    _has_doc(sh, out)
+
+
+def _traced(sh: Shell, out: str) -> None:
+    spans = json.loads(out)["spans"]
+    assert spans and spans[0]["documents"], out
+
+
+def _dry_run(sh: Shell, out: str) -> None:
+    res = json.loads(out)
+    assert res["dry_run"] and res["removed_doc_ids"] and not res["receipt_id"], res
+
+
+def _check_lm_eval_command(sh: Shell, out: str) -> None:
+    """The kNN-LM command `silo lm-eval-task` prints is the README's, as this test runs it."""
+    written = sh.subs(LM_EVAL, RUN[LM_EVAL].subs[:2])
+    printed = [" ".join(line.split()).replace(str(sh.root / "cloze"), "cloze").removesuffix(" --output_path lmeval-knn")
+               for line in out.splitlines() if "model=model:knn" in line]
+    assert printed == [written], (printed, written)
+
+
+def _lm_eval_ran(sh: Shell, out: str) -> None:
+    results = sorted(Path("lm-eval").rglob("results_*.json"))
+    assert results, out
+    acc = json.loads(results[-1].read_text())["results"]["silo_cloze"]
+    assert 0 <= acc["acc,none"] <= 1, acc
+
+
+def _lm_eval_section(path: Path) -> None:
+    table = path.read_text().split("## lm-eval-harness (silo_cloze)", 1)[1]
+    assert re.search(r"^\| infgram \| [0-9.]+ \|", table, re.M), table
+
+
 # ------------------------------------------------------------------------- the table
 
 
@@ -316,6 +409,20 @@ REMOTE = "silo serve --model model --store store --remote-shards node1:50061,nod
          "shard.token --shard-ca ca.pem --token-file admin.token"
 SHARDS = "silo serve-shards store --shards 0-1 --host 0.0.0.0 --port 50061 --shard-token-file shard.token --tls-cert " \
          "node.pem --tls-key node.key"
+HTTP_SERVE = "silo serve --model model --store store --store ngrams --port 50052 --http-port 8000 --token-file " \
+             "admin.token --credentials owners.json"
+OPENAI_EXAMPLE = """from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")  # or an owner's token
+out = client.completions.create(model="model:knn", prompt="The harbour of", max_tokens=16,
+                                extra_body={"silo": {"trace": True}})
+print(out.choices[0].text, out.choices[0].model_extra["silo"]["citations"])
+"""
+LM_EVAL = "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model local-completions --model_args " \
+          "base_url=http://127.0.0.1:8000/v1/completions,model=model:knn,tokenizer_backend=remote,max_length=1023 " \
+          "--include_path cloze --tasks silo_cloze"
+LMEVAL_MODES = "python tools/lmeval_modes.py --model runs/demo/lm-pdsw --store runs/demo/store-token --store " \
+               "runs/demo/store-infgram --corpus runs/demo/corpus --limit 100 --benchmarks BENCHMARKS.md"
 RAY_BUILD = "silo datastore build --kind token --model /shared/models/lm-pdsw --corpus /shared/corpus --tiers " \
             "restricted --shards 256 --memory-budget 200G --out /shared/stores/restricted --backend ray " \
             "--ray-address auto --workers 48"
@@ -346,6 +453,9 @@ RUN: dict[str, Run] = {
         Run(before=train_oracle, check=lambda sh, out: json.loads(Path("report.json").read_text())),
     "silo scaling-curve --model model --store store --corpus corpus --fractions 0.01,0.1,1 --out curve/": Run(),
     "silo plan --tokens 1e12 --calibrate --model model --corpus corpus": Run((("1e12", "1e12 --calibrate-tokens 20000"),)),
+    "silo lm card model": Run(check=lambda sh, out: _card(out)),
+    'silo audit --model model --text "some text" --doc-id ID': Run(check=_audited),
+    "silo audit --model model --corpus corpus --split train --tiers restricted --json": Run(check=_nothing_restricted),
     "silo token admin --out admin.token": Run(),
     "silo token issue --owner alice --credentials owners.json": Run(),
     SERVE: Run(name="serve"),
@@ -359,6 +469,21 @@ RUN: dict[str, Run] = {
     "silo optout --status RECEIPT": Run(check=_proved),
     "silo stats": Run(),
     "silo compact": Run(),
+    HTTP_SERVE: Run(name="http-main"),
+    "curl -s http://127.0.0.1:8000/v1/models": Run(((":8000", ":{http}"),), check=_models),
+    "curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{\"model\": \"model\", "
+    "\"prompt\": \"The harbour of\", \"max_tokens\": 16, \"silo\": {\"mode\": \"knn\", \"k\": 8, \"trace\": true}}'":
+        Run(((":8000", ":{http}"),), check=_completed_with_citations),
+    "curl -s http://127.0.0.1:8000/v1/silo/trace -d '{\"text\": \"The harbour of Hobart is deep\"}'":
+        Run(((":8000", ":{http}"), ("The harbour of Hobart is deep", FACT)), check=_traced),
+    "curl -s http://127.0.0.1:8000/v1/silo/optout -H \"Authorization: Bearer $(cat admin.token)\" -d '{\"text_span\": "
+    "\"The harbour of Hobart\", \"dry_run\": true}'":
+        Run(((":8000", ":{http}"), ("The harbour of Hobart", FACT[:21])), check=_dry_run),
+    PYTHON_BLOCK + OPENAI_EXAMPLE: Run(((":8000", ":{http}"),), check=lambda sh, out: _has_doc(sh, out)),
+    "silo lm-eval-task --corpus corpus --out cloze --model model --url http://127.0.0.1:8000":
+        Run(((":8000", ":{http}"), ("--corpus corpus", "--corpus corpus --tiers restricted,by")), check=_check_lm_eval_command),
+    LM_EVAL: Run(((":8000", ":{http}"), ("max_length=1023", "max_length=511"), ("--tasks silo_cloze", "--tasks silo_cloze --limit 2 --output_path lm-eval")),
+                 check=_lm_eval_ran),
     "silo token shard --out shard.token": Run(),
     SHARDS: Run(name="node1", before=make_certs),
     REMOTE: Run((("node1:50061,node2:50061", "localhost:{node1},localhost:{node2}"),), before=second_shard_node,
@@ -367,6 +492,12 @@ RUN: dict[str, Run] = {
     SOAK: Run((("tools/soak.py", str(ROOT / "tools" / "soak.py")), ("runs/bench/store-restricted-1000000-s1", "store"),
                ("--duration 60", "--duration 8 --model model --work soak --compact-at 4"), ("--clients 16", "--clients 3 --max-rss-growth 0.5"),
                ("runs/bench/soak/summary.json", "soak.json")), before=note_ledger, check=soak_passed),
+    LMEVAL_MODES: Run((("tools/lmeval_modes.py", str(ROOT / "tools" / "lmeval_modes.py")),
+                       ("runs/demo/lm-pdsw", "model"), ("runs/demo/store-token", "store"),
+                       ("runs/demo/store-infgram", "ngrams"), ("runs/demo/corpus", "corpus"),
+                       ("--limit 100", "--limit 2 --modes infgram --tiers restricted,by --work lmeval-work"),
+                       ("BENCHMARKS.md", "bench.md")),
+                      check=lambda sh, out: _lm_eval_section(Path("bench.md"))),
     RAY_BUILD: Run((("/shared/", "shared/"), ("--shards 256", "--shards 4"), ("--workers 48", "--workers 2"),
                     ("shared/models/lm-pdsw", "model"), ("shared/corpus", "corpus")),
                    before=start_ray_cluster, check=stop_ray_cluster),

@@ -1287,11 +1287,14 @@ HEADER = "| benchmark | figure | value | measured against | detail | date | mach
 def write_markdown(rows: list[dict], path: Path, machine: str, ran: list[str]) -> None:
     """Rewrite the table: this run's rows, and the rows of benchmarks not run this time as
     they were (rows written by an older version of this script, without a benchmark
-    column, are dropped)."""
+    column, are dropped). The sections after the table (`## ...`, written by other tools
+    such as tools/lmeval_modes.py) are kept as they were."""
     date = time.strftime("%Y-%m-%d")
     old = path.read_text() if path.exists() else ""
+    table, heading, sections = old.partition("\n## ")
+    sections = heading.lstrip("\n") + sections if heading else ""
     keep = []
-    for line in old.splitlines():
+    for line in table.splitlines():
         if line.startswith("| ") and not line.startswith(("| figure", "| benchmark")) and not line.startswith("|---"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) == 7 and cells[0] in BENCHMARKS and cells[0] not in ran:
@@ -1307,7 +1310,7 @@ def write_markdown(rows: list[dict], path: Path, machine: str, ran: list[str]) -
     # benchmarks in their registration order, rows of one benchmark together
     order = {name: i for i, name in enumerate(BENCHMARKS)}
     body = sorted(lines[6:], key=lambda x: order.get(x.strip("|").split("|")[0].strip(), 99))
-    path.write_text("\n".join(lines[:6] + body) + "\n")
+    path.write_text("\n".join(lines[:6] + body) + "\n" + ("\n" + sections if sections else ""))
 
 
 def _prepare_growth(ctx: Context) -> str:

@@ -53,6 +53,8 @@ def start_server(model: str, stores: list[str], work: Path, timeout_s: float = 6
     ready, http_ready = work / "grpc.port", work / "http.port"
     for f in (ready, http_ready):
         f.unlink(missing_ok=True)
+    # absolute paths: the server runs in the repository's folder, not the caller's
+    model, stores = str(Path(model).resolve()), [str(Path(s).resolve()) for s in stores]
     cmd = [sys.executable, "-m", "silo", "--quiet", "serve", "--model", model, "--port", "0", "--host", "127.0.0.1",
            "--ready-file", str(ready), "--http-port", "0", "--http-ready-file", str(http_ready)]
     for s in stores:

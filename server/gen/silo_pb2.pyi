@@ -454,7 +454,7 @@ class StoreProof(_message.Message):
     def __init__(self, store: _Optional[str] = ..., doc_ids: _Optional[_Iterable[str]] = ..., tombstoned: _Optional[bool] = ..., compacted: _Optional[bool] = ..., live_entries: _Optional[int] = ...) -> None: ...
 
 class OptOutStatusResponse(_message.Message):
-    __slots__ = ("removed", "receipt_id", "logged_at", "by", "values", "removed_doc_ids", "compacted", "logged", "tombstoned", "made_by", "values_redacted", "stores")
+    __slots__ = ("removed", "receipt_id", "logged_at", "by", "values", "removed_doc_ids", "compacted", "logged", "tombstoned", "made_by", "values_redacted", "stores", "weights")
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
     LOGGED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +467,7 @@ class OptOutStatusResponse(_message.Message):
     MADE_BY_FIELD_NUMBER: _ClassVar[int]
     VALUES_REDACTED_FIELD_NUMBER: _ClassVar[int]
     STORES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     removed: bool
     receipt_id: str
     logged_at: str
@@ -479,7 +480,24 @@ class OptOutStatusResponse(_message.Message):
     made_by: str
     values_redacted: bool
     stores: _containers.RepeatedCompositeFieldContainer[StoreProof]
-    def __init__(self, removed: _Optional[bool] = ..., receipt_id: _Optional[str] = ..., logged_at: _Optional[str] = ..., by: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., compacted: _Optional[bool] = ..., logged: _Optional[bool] = ..., tombstoned: _Optional[bool] = ..., made_by: _Optional[str] = ..., values_redacted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreProof, _Mapping]]] = ...) -> None: ...
+    weights: WeightsProof
+    def __init__(self, removed: _Optional[bool] = ..., receipt_id: _Optional[str] = ..., logged_at: _Optional[str] = ..., by: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., compacted: _Optional[bool] = ..., logged: _Optional[bool] = ..., tombstoned: _Optional[bool] = ..., made_by: _Optional[str] = ..., values_redacted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreProof, _Mapping]]] = ..., weights: _Optional[_Union[WeightsProof, _Mapping]] = ...) -> None: ...
+
+class WeightsProof(_message.Message):
+    __slots__ = ("model", "has_record", "trained_doc_ids", "trained_text_doc_ids", "shingle_fpr", "statement")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HAS_RECORD_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TEXT_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    SHINGLE_FPR_FIELD_NUMBER: _ClassVar[int]
+    STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    has_record: bool
+    trained_doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    trained_text_doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    shingle_fpr: float
+    statement: str
+    def __init__(self, model: _Optional[str] = ..., has_record: _Optional[bool] = ..., trained_doc_ids: _Optional[_Iterable[str]] = ..., trained_text_doc_ids: _Optional[_Iterable[str]] = ..., shingle_fpr: _Optional[float] = ..., statement: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

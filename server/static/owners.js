@@ -366,9 +366,16 @@ function weightsSection(status, info) {
     box.append(el("p", "The model's training record could not be read.", { class: "error" }));
   }
   if (status.weights && typeof status.weights === "object") {
-    box.append(el("h4", "Weights in this receipt"));
-    box.append(pairs(Object.entries(status.weights).map(([k, v]) =>
-      [k, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v)]), { id: "receipt-weights" }));
+    // the served model's training record, checked for these documents by id and by text
+    const w = status.weights;
+    const trained = (w.trained_doc_ids || []).concat(w.trained_text_doc_ids || []);
+    box.append(el("h4", "These documents and the weights"));
+    box.append(el("p", w.statement || "", { id: "weights-statement", class: trained.length ? "error" : "" }));
+    box.append(pairs([
+      ["Training record of the model", w.has_record ? "yes: checked exactly" : "none (an outside checkpoint)"],
+      ["Trained on, by document id", (w.trained_doc_ids || []).join(", ") || "none"],
+      ["Trained on, by text", (w.trained_text_doc_ids || []).join(", ") || "none"],
+    ], { id: "receipt-weights" }));
   }
   return box;
 }

@@ -19,6 +19,7 @@ store folder here; each help line says which it is.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from silo import progress
 from silo.app.config import ConfigError, settings_defaults
 from silo.app.demo import FULL, QUICK, run_demo
 from silo.build import BuildArgs, build_store
-from silo.corpus import corpus_stats, import_files
+from silo.corpus import corpus_stats, import_files, iter_documents
 from silo.datastore.check import check_store
 from silo.datastore.compact import compact
 from silo.datastore.kinds import open_store, store_stats
@@ -48,6 +49,7 @@ from silo.ingest import add_corpus
 from silo.licenses import parse_tiers
 from silo.lmeval_task import task_commands, write_cloze_task
 from silo.plan import capacity_plan, human_bytes, human_time
+from silo.provenance import TrainingRecord, audit, model_card
 from silo.report import print_eval_table, print_table
 from silo.scaling import CurveArgs, scaling_curve
 from silo.search import search_store
@@ -186,6 +188,37 @@ def cmd_lm_eval(a: argparse.Namespace) -> None:
             for kind in ("tier", "source") for k, v in rep[kind].items()]
     rows.append(["overall", rep["documents"], rep["tokens"], f"{rep['perplexity']:.2f}"])
     print_table(rows, ["group", "documents", "tokens", "perplexity"])
+
+
+def cmd_lm_card(a: argparse.Namespace) -> None:
+    if a.json:
+        record = TrainingRecord.open(a.model)
+        return _print_json({"model": str(a.model), "record": record.record if record else None,
+                            "attributions": record.attributions() if record else []})
+    print(model_card(a.model))
+
+
+def cmd_audit(a: argparse.Namespace) -> None:
+    texts = [(f"text {i + 1}", sys.stdin.read() if t == "-" else t) for i, t in enumerate(a.text or [])]
+    texts += [(f, Path(f).read_text(encoding="utf-8")) for f in a.file or []]
+    if a.corpus:
+        docs = iter_documents(a.corpus, tiers=a.tiers, split=a.split, columns=["text"])
+        texts += [(d["doc_id"], d["text"]) for d in itertools.islice(docs, a.max_docs)]
+    if not texts and not a.doc_id:
+        raise SiloError("nothing to audit: give --text, --file, --doc-id or --corpus")
+    rep = audit(a.model, texts, a.doc_id or [])
+    if a.json:
+        return _print_json(rep)
+    if not rep["record"]:
+        print(f"{rep['model']}: {rep['message']}")
+        return
+    for t in rep["texts"]:
+        print(f"{t['name']}: {t['verdict']} ({t['found']}/{t['shingles']} 13-word shingles in the training record"
+              + (f", the longest run {t['longest_run_words']} words" if t["longest_run_words"] else "")
+              + (f"; the same text as training document(s) {', '.join(t['same_documents'])}"
+                 if t["same_documents"] else "") + ")")
+    for d in rep["documents"]:
+        print(f"{d['doc_id']}: {'trained on' if d['trained'] else 'not trained on'} (exact)")
 
 
 # ---------------------------------------------------------------------------- datastore
@@ -702,6 +735,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--max-docs", type=int)
     sp.add_argument("--max-tokens", type=int)
+    sp.add_argument("--json", action="store_true")
+
+    sp = add(lm, "card", cmd_lm_card, "the model card: training data by tier, license and source, the "
+             "attributions it obliges, the membership record (or that there is none)")
+    sp.add_argument("model")
+    sp.add_argument("--json", action="store_true", help="the training record and attributions as JSON")
+    sp = add(sub, "audit", cmd_audit, "did this model's training data contain these texts or documents? "
+             "(from the training record SILO writes with every model it trains)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--text", action="append", help="a text to check ('-' reads stdin); repeat for several")
+    sp.add_argument("--file", action="append", help="a UTF-8 text file to check; repeat for several")
+    sp.add_argument("--doc-id", action="append", help="a document id to check (exact); repeat for several")
+    sp.add_argument("--corpus", help="check every document of a corpus split")
+    sp.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    sp.add_argument("--tiers", type=_tiers, default=None, help="with --corpus: only these tiers")
+    sp.add_argument("--max-docs", type=_positive_int, default=None, help="with --corpus: at most this many")
     sp.add_argument("--json", action="store_true")
 
     ds = sub.add_parser("datastore", help="build, search and inspect datastores").add_subparsers(

@@ -141,6 +141,7 @@ class RecordWriter:
         self._fingerprint = hashlib.sha256()
         self._shingles = 0
         self.validation_documents = 0  # read to pick the checkpoint, never trained on
+        self.leakage: dict | None = None  # the leakage scan's report (silo.leakage), written beside the record
 
     def add(self, doc: dict, tokens: int) -> None:
         """A training document (`iter_documents` fields) and its token count."""
@@ -184,6 +185,9 @@ class RecordWriter:
                            "hashes": bloom.k, "fpr": self.fpr, "fill": round(bloom.fill(), 4),
                            "bytes": len(bloom.bits), "bytes_per_token": round(len(bloom.bits) / max(tokens, 1), 3)},
         }
+        if self.leakage is not None:
+            (self.tmp / "leakage.json").write_text(json.dumps(self.leakage, indent=2))
+            record["leakage"] = {k: v for k, v in self.leakage.items() if k != "documents"}
         (self.tmp / "record.json").write_text(json.dumps(record, indent=2))
         shutil.rmtree(self.out, ignore_errors=True)
         os.replace(self.tmp, self.out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -90,15 +90,19 @@ def _train_sentencepiece(chunks: list[str], model: io.BytesIO, vocab_size: int) 
 
 
 def train_tokenizer_on_corpus(corpus: str | os.PathLike, out: str | os.PathLike, tiers: Iterable[str],
-                              vocab_size: int = 8192, max_chars: int = 50_000_000, allow_restricted: bool = False):
-    """Train the tokenizer on the train split of the given tiers only (same guard as the LM)."""
+                              vocab_size: int = 8192, max_chars: int = 50_000_000, allow_restricted: bool = False,
+                              clean: Callable[[dict], str | None] | None = None):
+    """Train the tokenizer on the train split of the given tiers only (same guard as the LM);
+    `clean` (the leakage scan's) gives each document's text to train on, None to leave it out."""
     tiers = tuple(tiers)
 
     def texts() -> Iterator[str]:
         for doc in iter_documents(corpus, tiers=tiers, split="train",
                                   columns=["text", "license", "license_classifiers"]):
             tier_guard(doc, tiers, allow_restricted)
-            yield doc["text"]
+            text = doc["text"] if clean is None else clean(doc)
+            if text is not None:
+                yield text
 
     # the corpus manifest's bytes of these tiers bound the text read (all splits; characters ≤ bytes)
     expected = sum(open_corpus(corpus).get("bytes", {}).get(t, 0) for t in tiers) or None

@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from silo.corpus import RestrictedTextError, expected_documents, iter_documents, tier_guard
 from silo.errors import SiloError
+from silo.leakage import DEFAULT_MIN_WORDS, LeakageScan
 from silo.lm import CONFIGS, build_model
 from silo.progress import bar as progress_bar
 from silo.provenance import DEFAULT_FPR, RecordWriter, TrainingRecord
@@ -65,6 +66,9 @@ class TrainArgs:
     resume: bool = True
     max_tokens: int | None = None  # cap on training tokens tokenized (quick runs)
     record_fpr: float = DEFAULT_FPR  # the training record's membership filter, per 13-word shingle
+    leakage_scan: bool = True  # cut copies of restricted text out of the trained tiers first (silo.leakage)
+    leakage_min_words: int = DEFAULT_MIN_WORDS
+    leakage_action: str = "cut"  # or "exclude" the whole document
     time_budget: float | None = None  # seconds; stop early (the checkpoint stays resumable)
     progress: bool = True
     threads: int | None = None
@@ -82,11 +86,23 @@ class TrainArgs:
 # ---------------------------------------------------------------------------- data
 
 
+def _leakage_report(args: TrainArgs, scan: LeakageScan | None, tokenize_seconds: float) -> dict:
+    """The leakage scan's report for the training record; why there is none when skipped."""
+    if scan is None:
+        why = ("the trained tiers include restricted (an oracle)" if "restricted" in args.tiers
+               else "skipped by --skip-leakage-scan: copies of restricted text were trained on unchecked")
+        return {"skipped": why}
+    # the scan's own time beside the tokenization it ran inside (the plain tokenization's cost)
+    return scan.report() | {"tokenize_seconds": round(tokenize_seconds - scan.seconds, 3)}
+
+
 def tokenize_split(corpus: str, tok, tiers: tuple[str, ...], split: str, out: Path,
                    allow_restricted: bool = False, max_tokens: int | None = None,
-                   progress: bool = False, record: RecordWriter | None = None) -> dict:
+                   progress: bool = False, record: RecordWriter | None = None,
+                   scan: LeakageScan | None = None) -> dict:
     """Tokenize the allowed documents of one split into a flat uint16/uint32 file; each
-    document whose tokens are written goes into `record` (the training record), if given."""
+    document whose tokens are written goes into `record` (the training record), if given,
+    with the text the leakage `scan` left of it (copies of restricted text cut, or left out)."""
     dtype = np.uint16 if len(tok) < 2**16 else np.uint32
     tmp = out.with_suffix(".tmp")
     n_docs = n_tokens = 0
@@ -96,6 +112,11 @@ def tokenize_split(corpus: str, tok, tiers: tuple[str, ...], split: str, out: Pa
         for doc in progress_bar(docs, desc=f"tokenize {split}", unit="doc", progress=progress,
                                 total=expected_documents(corpus, tiers, split)):
             tier_guard(doc, tiers, allow_restricted)
+            if scan is not None:
+                text = scan.clean(doc)
+                if text is None:
+                    continue
+                doc = {**doc, "text": text}
             ids = np.asarray(encode_document(tok, doc["text"]), dtype=dtype)
             f.write(ids.tobytes())
             if record is not None:
@@ -212,12 +233,24 @@ def train(args: TrainArgs) -> dict:
         have = ", ".join(f"{t}: {n}" for t, n in sorted(found.items())) or "no documents at all"
         raise NoTrainableTextError(f"no trainable text in tiers {','.join(args.tiers)}; corpus has {have}")
 
+    scan: LeakageScan | None = None
+
+    def leakage_scan() -> LeakageScan | None:
+        """The restricted tier's index, built once, the first time a pass over the text needs it."""
+        nonlocal scan
+        if scan is None and args.leakage_scan and "restricted" not in args.tiers:
+            scan = LeakageScan.build(args.corpus, min_words=args.leakage_min_words, action=args.leakage_action,
+                                     progress=args.progress)
+        return scan
+
     tok_dir = Path(args.tokenizer) if args.tokenizer else work / "tokenizer"
     if args.tokenizer or (tok_dir / "tokenizer.json").is_file() and args.resume:
         tok = load_tokenizer(tok_dir)
     else:
+        cleaner = leakage_scan()
         tok = train_tokenizer_on_corpus(args.corpus, tok_dir, args.tiers, args.vocab_size,
-                                        allow_restricted=args.allow_restricted)
+                                        allow_restricted=args.allow_restricted,
+                                        clean=cleaner.clean if cleaner else None)
 
     data_meta_path = work / "data.json"
     if data_meta_path.is_file() and args.resume and TrainingRecord.open(out) is not None:
@@ -226,16 +259,19 @@ def train(args: TrainArgs) -> dict:
         # the training record is written with the training tokens, from the same documents
         record = RecordWriter(out, args.tiers, args.corpus, fpr=args.record_fpr)
         try:
+            t0 = time.perf_counter()
             data_meta = {
                 split: tokenize_split(args.corpus, tok, args.tiers, split, work / f"{split}.bin",
                                       args.allow_restricted, args.max_tokens if split == "train" else None,
-                                      args.progress, record if split == "train" else None)
+                                      args.progress, record if split == "train" else None, leakage_scan())
                 for split in ("train", "validation")
             }
+            tokenize_seconds = time.perf_counter() - t0
         except BaseException:
             record.abort()
             raise
         record.validation_documents = data_meta["validation"]["documents"]
+        record.leakage = _leakage_report(args, scan, tokenize_seconds)
         record.close()
         data_meta_path.write_text(json.dumps(data_meta, indent=2))
     train_stream = TokenStream(work / "train.bin", data_meta["train"]["dtype"], seq_len)

@@ -1,10 +1,11 @@
-"""The `silo` command end to end, as a user types it (real subprocesses for the main paths)."""
+"""The `silo` command end to end, as a user types it (through its `main`, in this process)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -16,12 +17,21 @@ SUBCOMMANDS = [
     ["lm", "eval"], ["scaling-curve"], ["serve"], ["serve-shards"], ["generate"], ["score"], ["search"], ["optout"],
     ["stats"], ["compact"], ["plan"], ["datastore", "build"], ["datastore", "search"], ["datastore", "stats"], ["eval"], ["demo"],
     ["trace"], ["token", "issue"], ["token", "list"], ["token", "revoke"], ["datastore", "add"], ["datastore", "check"],
-    ["datastore", "optout"], ["datastore", "compact"], ["lm-eval-task"],
+    ["datastore", "optout"], ["datastore", "compact"], ["lm-eval-task"], ["lm", "card"], ["audit"],
 ]
 
 
 def silo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "silo.app.cli", *args], capture_output=True, text=True, timeout=600)
+    """`silo ARGS` through the console script's own `main`, in this process, with its output
+    and exit code (a fresh interpreter per call costs ~6 s of imports; tests/test_cli_e2e.py
+    and tests/test_readme.py run the verbs as real processes)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    proc = subprocess.CompletedProcess(["silo", *args], code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"silo {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

@@ -232,22 +232,41 @@ def _echo(server, model: str, ids: list[int]) -> np.ndarray:
         return np.asarray(json.loads(r.read())["choices"][0]["logprobs"]["token_logprobs"][:-1])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["none", "knn", "infgram"])
-def test_lm_eval_harness_scores_like_silo_eval(mode, server, task_dir, library, tiny_model, tmp_path,
-                                               tmp_path_factory):
+MODES = ("none", "knn", "infgram")
+
+
+@pytest.fixture(scope="module")
+def harness_runs(server, task_dir, tiny_model, tmp_path_factory) -> dict:
+    """The harness run once per mode, the three at the same time against the one server (each
+    a fresh interpreter: starting them together overlaps their imports): mode -> (its
+    command, its folder, the finished process)."""
     pytest.importorskip("lm_eval")
-    model_id = f"{tiny_model.resolve().name}:{mode}"
-    # the command `silo lm-eval-task --model` prints, as printed (the harness as `python -m lm_eval`)
-    command = task_commands(task_dir, tiny_model, server.url, program=f"{shlex.quote(sys.executable)} -m lm_eval")
-    assert f"model={model_id}," in command[mode] and f"max_length={library[0].config.max_position_embeddings - 1}" \
-        in command[mode]
+    # the commands `silo lm-eval-task --model` prints, as printed (the harness as `python -m lm_eval`)
+    commands = task_commands(task_dir, tiny_model, server.url, program=f"{shlex.quote(sys.executable)} -m lm_eval")
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path_factory.getbasetemp() / "hf-datasets")}
-    run = subprocess.run(f"{command[mode]} --limit {LIMIT} --log_samples", shell=True, cwd=tmp_path,
-                         capture_output=True, text=True, env=env, timeout=600)
+    runs = {}
+    for mode in MODES:
+        cwd = tmp_path_factory.mktemp(f"harness-{mode}")
+        runs[mode] = (commands[mode], cwd, subprocess.Popen(f"{commands[mode]} --limit {LIMIT} --log_samples",
+                                                            shell=True, cwd=cwd, stdout=subprocess.PIPE,
+                                                            stderr=subprocess.PIPE, text=True, env=env))
+    finished = {}
+    for mode, (command, cwd, proc) in runs.items():
+        out, err = proc.communicate(timeout=900)
+        finished[mode] = (command, cwd, subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return finished
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_lm_eval_harness_scores_like_silo_eval(mode, harness_runs, server, library, tiny_model):
+    model_id = f"{tiny_model.resolve().name}:{mode}"
+    command, cwd, run = harness_runs[mode]
+    assert f"model={model_id}," in command and f"max_length={library[0].config.max_position_embeddings - 1}" \
+        in command
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 
-    metrics, samples = read_results(tmp_path / f"lmeval-{mode}")
+    metrics, samples = read_results(cwd / f"lmeval-{mode}")
     assert 0.0 <= metrics["acc,none"] <= 1.0 and 0.0 <= metrics["acc_norm,none"] <= 1.0
     assert len(samples) == LIMIT
     # the harness's accuracy is the share of items whose true sentence scored highest

@@ -143,6 +143,8 @@ def main() -> None:
     p.add_argument("--work", default="runs/lmeval")
     p.add_argument("--benchmarks", metavar="FILE", help="add or replace the section in this markdown file")
     a = p.parse_args()
+    # a SIGTERM runs the `finally` below like Ctrl-C does: the server is never left running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     tiers = tuple(t for t in a.tiers.split(",") if t)

@@ -46,6 +46,7 @@ from silo.eval_modes import EvalArgs, run_eval
 from silo.evaluate import evaluate_model
 from silo.harvest import harvest_corpus
 from silo.ingest import add_corpus
+from silo.leakage import ACTIONS, DEFAULT_MIN_WORDS, summary_line, train_tokenizer_checked
 from silo.licenses import parse_tiers
 from silo.lmeval_task import task_commands, write_cloze_task
 from silo.plan import capacity_plan, human_bytes, human_time
@@ -59,7 +60,7 @@ from silo.server.client import SiloClient, mode_name, retrieval_options, to_dict
 from silo.server.gen import silo_pb2 as pb
 from silo.server.limits import Limits
 from silo.server.servicers import DEFAULT_MODES
-from silo.tokenizer import load_tokenizer, train_tokenizer_on_corpus
+from silo.tokenizer import load_tokenizer
 from silo.train import TrainArgs, train
 
 
@@ -155,23 +156,39 @@ def cmd_corpus_stats(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- tokenizer / LM
 
 
+def _warn_unscanned(a: argparse.Namespace) -> None:
+    if a.skip_leakage_scan:
+        print("WARNING: --skip-leakage-scan: copies of restricted text inside the trained tiers are trained on "
+              "unchecked; the record says so", file=sys.stderr)
+
+
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
-    tok = train_tokenizer_on_corpus(a.corpus, a.out, a.tiers, a.vocab_size)
+    _warn_unscanned(a)
+    tok, leakage = train_tokenizer_checked(a.corpus, a.out, a.tiers, a.vocab_size, a.leakage_min_words,
+                                           a.leakage_action, skip=a.skip_leakage_scan, progress=True)
     if a.json:
-        return _print_json({"vocab_size": len(tok), "out": str(a.out)})
+        return _print_json({"vocab_size": len(tok), "out": str(a.out), "leakage": leakage})
+    if "skipped" not in leakage:
+        print(summary_line(leakage) + f"; report -> {Path(a.out) / 'leakage.json'}")
     print(f"tokenizer with {len(tok)} tokens -> {a.out}")
 
 
 def cmd_lm_train(a: argparse.Namespace) -> None:
+    _warn_unscanned(a)
     rec = train(TrainArgs(
         corpus=a.corpus, out=a.out, tiers=a.tiers, config=a.config, tokenizer=a.tokenizer,
         vocab_size=a.vocab_size, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
         seed=a.seed, allow_restricted=a.allow_restricted, resume=not a.overwrite, max_tokens=a.max_tokens,
-        time_budget=a.time_budget, checkpoint_every=a.checkpoint_every, threads=a.threads))
+        time_budget=a.time_budget, checkpoint_every=a.checkpoint_every, threads=a.threads,
+        leakage_scan=not a.skip_leakage_scan, leakage_min_words=a.leakage_min_words, leakage_action=a.leakage_action))
     summary = {k: rec[k] for k in ("steps", "tokens_seen", "train_seconds", "parameters", "loss_first", "loss_last",
                                    "val_perplexity", "unigram_val_perplexity")}
+    record = TrainingRecord.open(a.out)
+    leakage = record.record.get("leakage", {}) if record else {}
     if a.json:
-        return _print_json(summary | {"out": str(a.out)})
+        return _print_json(summary | {"out": str(a.out), "leakage": leakage})
+    if leakage and "skipped" not in leakage:
+        print(summary_line(leakage) + f"; report -> {Path(a.out) / 'provenance' / 'leakage.json'}")
     print(f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens in {summary['train_seconds']:.0f} s; "
           f"{summary['parameters']:,} parameters; loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}")
     print(f"validation perplexity {summary['val_perplexity']:.2f} (unigram baseline "
@@ -222,6 +239,17 @@ def cmd_audit(a: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- datastore
+
+
+def _add_leakage_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--leakage-min-words", type=_positive_int, default=DEFAULT_MIN_WORDS,
+                    help=f"the shortest copy of restricted text the leakage scan cuts (default {DEFAULT_MIN_WORDS} "
+                    "words)")
+    sp.add_argument("--leakage-action", choices=ACTIONS, default="cut",
+                    help="cut the copied spans (default) or exclude the whole document")
+    sp.add_argument("--skip-leakage-scan", action="store_true",
+                    help="DANGEROUS: train on the tiers' text without checking it for copies of restricted text "
+                    "(the record says so)")
 
 
 def _policy(a: argparse.Namespace) -> RetrievalPolicy:
@@ -702,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--vocab-size", type=int, default=8192)
     sp.add_argument("--out", required=True)
     sp.add_argument("--json", action="store_true")
+    _add_leakage_args(sp)
 
     lm = sub.add_parser("lm", help="train and evaluate the parametric LM").add_subparsers(
         dest="lm_command", required=True, metavar="COMMAND")
@@ -725,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="the training summary as JSON on stdout")
     sp.add_argument("--allow-restricted", action="store_true",
                     help="oracle models only: allow tier 'restricted' (the model is marked as such)")
+    _add_leakage_args(sp)
     sp = add(lm, "eval", cmd_lm_eval, "sliding-window perplexity of any local causal LM over a corpus split")
     sp.add_argument("model")
     sp.add_argument("--corpus", required=True)

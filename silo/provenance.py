@@ -375,7 +375,8 @@ def audit(model_dir: str | os.PathLike, texts: list[tuple[str, str]] = (), doc_i
     record = TrainingRecord.open(model_dir)
     out: dict = {"model": Path(model_dir).resolve().name, "record": record is not None}
     if record is None:
-        return out | {"message": NO_RECORD, "texts": [], "documents": []}
+        return out | {"message": NO_RECORD, "texts": [{"name": name} for name, _ in texts],
+                      "documents": [{"doc_id": d, "trained": None} for d in doc_ids]}
     out["training_set_sha256"] = record.record["training_set_sha256"]
     out["texts"] = [{"name": name, **record.audit_text(text).to_json()} for name, text in texts]
     out["documents"] = [{"doc_id": d, "trained": record.has_document(d)} for d in doc_ids]

@@ -111,15 +111,23 @@ def test_card_lists_the_attributions_the_training_data_obliges(attributed_model,
     assert record.record["training_set_sha256"] in card and "| by |" in card
 
 
-def test_an_outside_checkpoint_has_no_record_and_says_so(tiny_model, tmp_path, capsys):
+def test_an_outside_checkpoint_has_no_record_and_says_so(tiny_model, corpus_dir, tmp_path, capsys):
     outside = tmp_path / "outside"
     shutil.copytree(tiny_model, outside, ignore=shutil.ignore_patterns("provenance", "work"))
     assert TrainingRecord.open(outside) is None
     rep = audit(outside, [("t", "any text at all")], ["doc-0001"])
-    assert rep["record"] is False and "no training record" in rep["message"] and not rep["texts"]
+    assert rep["record"] is False and "no training record" in rep["message"]
+    assert rep["texts"] == [{"name": "t"}] and rep["documents"] == [{"doc_id": "doc-0001", "trained": None}]
     assert "No training record" in model_card(outside)
-    main(["audit", "--model", str(outside), "--text", "any text", "--json"])
-    assert json.loads(capsys.readouterr().out)["record"] is False
+    # what is left for an outside checkpoint: the weights' own membership scores
+    main(["audit", "--model", str(outside), "--text", _fresh_text(4), "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    (t,) = rep["texts"]
+    assert rep["record"] is False and "verdict" not in t and t["membership"]["min_k"] < 0
+    assert t["membership"]["reference_documents"] == 0  # no record, no reference given: no percentile
+    main(["audit", "--model", str(outside), "--text", _fresh_text(4), "--reference", str(corpus_dir)])
+    out = capsys.readouterr().out
+    assert "no training record" in out and "held-out non-members" in out, out
 
 
 def test_a_torn_record_is_refused_by_name(tiny_model, tmp_path):
@@ -142,6 +150,7 @@ def test_cli_audit_and_card(tiny_model, corpus_dir, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("text 1: trained") and doc["doc_id"] in out[0]
     assert out[1].startswith("text 2: not (0/")
+    assert "Min-K%++" in out[1] and "held-out non-members" in out[1]  # the weights' scores, calibrated
     assert out[2] == f"{doc['doc_id']}: trained on (exact)"
     assert out[3] == f"{restricted['doc_id']}: not trained on (exact)"
     main(["audit", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--split", "train", "--tiers", "sw",

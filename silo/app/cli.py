@@ -49,6 +49,7 @@ from silo.ingest import add_corpus
 from silo.leakage import ACTIONS, DEFAULT_MIN_WORDS, summary_line, train_tokenizer_checked
 from silo.licenses import parse_tiers
 from silo.lmeval_task import task_commands, write_cloze_task
+from silo.membership import membership_auroc, weights_audit
 from silo.plan import capacity_plan, human_bytes, human_time
 from silo.provenance import TrainingRecord, audit, model_card
 from silo.report import print_eval_table, print_table
@@ -221,21 +222,46 @@ def cmd_audit(a: argparse.Namespace) -> None:
     if a.corpus:
         docs = iter_documents(a.corpus, tiers=a.tiers, split=a.split, columns=["text"])
         texts += [(d["doc_id"], d["text"]) for d in itertools.islice(docs, a.max_docs)]
+    if a.auroc:
+        if not a.corpus:
+            raise SiloError("--auroc needs --corpus (members: its train split; non-members: its test split)")
+        rep = membership_auroc(a.model, a.corpus, a.tiers or ("pd", "sw"), n=a.max_docs or 200, k=a.k,
+                               progress=True)
+        if a.json:
+            return _print_json(rep)
+        held = (f"{rep['in_record']} of the train documents are in the training record" if rep["record"]
+                else "no training record: by split")
+        print(f"{rep['members']} train vs {rep['nonmembers']} test documents ({','.join(rep['tiers'])}; {held}):")
+        for name, label in (("min_k", "Min-K%"), ("min_k_pp", "Min-K%++")):
+            lo, hi = rep[name]["ci95"]
+            print(f"  {label:9s} AUROC {rep[name]['auroc']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
+        return
     if not texts and not a.doc_id:
         raise SiloError("nothing to audit: give --text, --file, --doc-id or --corpus")
     rep = audit(a.model, texts, a.doc_id or [])
+    if not a.record_only and texts:
+        for t, m in zip(rep["texts"], weights_audit(a.model, texts, a.k, a.reference), strict=True):
+            t["membership"] = m
     if a.json:
         return _print_json(rep)
     if not rep["record"]:
         print(f"{rep['model']}: {rep['message']}")
-        return
     for t in rep["texts"]:
-        print(f"{t['name']}: {t['verdict']} ({t['found']}/{t['shingles']} 13-word shingles in the training record"
-              + (f", the longest run {t['longest_run_words']} words" if t["longest_run_words"] else "")
-              + (f"; the same text as training document(s) {', '.join(t['same_documents'])}"
-                 if t["same_documents"] else "") + ")")
+        line = f"{t['name']}: "
+        if rep["record"]:
+            line += (f"{t['verdict']} ({t['found']}/{t['shingles']} 13-word shingles in the training record"
+                     + (f", the longest run {t['longest_run_words']} words" if t["longest_run_words"] else "")
+                     + (f"; the same text as training document(s) {', '.join(t['same_documents'])}"
+                        if t["same_documents"] else "") + ")")
+        m = t.get("membership")
+        if m:
+            line += (("; " if rep["record"] else "") + f"Min-K% {m['min_k']:.3f}, Min-K%++ {m['min_k_pp']:.3f}"
+                     + (f" (percentile {m['min_k_percentile']:.0f} / {m['min_k_pp_percentile']:.0f} among "
+                        f"{m['reference_documents']} held-out non-members)" if m["reference_documents"] else ""))
+        print(line)
     for d in rep["documents"]:
-        print(f"{d['doc_id']}: {'trained on' if d['trained'] else 'not trained on'} (exact)")
+        print(f"{d['doc_id']}: " + ("no training record" if d["trained"] is None else
+                                    "trained on (exact)" if d["trained"] else "not trained on (exact)"))
 
 
 # ---------------------------------------------------------------------------- datastore
@@ -781,6 +807,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", choices=["train", "validation", "test"], default="test")
     sp.add_argument("--tiers", type=_tiers, default=None, help="with --corpus: only these tiers")
     sp.add_argument("--max-docs", type=_positive_int, default=None, help="with --corpus: at most this many")
+    sp.add_argument("--record-only", action="store_true",
+                    help="only the training record: skip Min-K%% / Min-K%%++ (which load the model)")
+    sp.add_argument("-k", dest="k", type=float, default=0.2, help="the share of least likely tokens (default 0.2)")
+    sp.add_argument("--reference", help="a corpus whose test split is the reference of non-members (default: the "
+                    "training record's corpus)")
+    sp.add_argument("--auroc", action="store_true",
+                    help="with --corpus [--tiers]: how well Min-K%% and Min-K%%++ tell the train split (members) from "
+                    "the test split, with 95%% intervals")
     sp.add_argument("--json", action="store_true")
 
     ds = sub.add_parser("datastore", help="build, search and inspect datastores").add_subparsers(

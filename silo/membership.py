@@ -115,16 +115,21 @@ def bootstrap_interval(members: np.ndarray, nonmembers: np.ndarray, rounds: int 
 
 
 def _documents(corpus: str | os.PathLike, tiers: tuple[str, ...] | None, split: str, n: int,
-               never_trained: TrainingRecord | None = None) -> list[tuple[str, str]]:
-    """Up to `n` (doc id, text) of a split; with `never_trained`, only documents that record
-    proves were not trained on."""
-    out = []
+               never_trained: TrainingRecord | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """`n` (doc id, text) drawn uniformly from a split (reservoir sampling: a corpus is stored
+    in harvest order, by source, so its first documents are not a sample of it); with
+    `never_trained`, only documents that record proves were not trained on."""
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, str]] = []
+    seen = 0
     for doc in iter_documents(corpus, tiers=tiers, split=split):
         if never_trained is not None and never_trained.has_document(doc["doc_id"]):
             continue
-        out.append((doc["doc_id"], doc["text"]))
-        if len(out) >= n:
-            break
+        seen += 1
+        if len(out) < n:
+            out.append((doc["doc_id"], doc["text"]))
+        elif (j := int(rng.integers(seen))) < n:
+            out[j] = (doc["doc_id"], doc["text"])
     return out
 
 

@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import code_text, prose_text
 
 from silo.app.cli import main
 from silo.corpus import split_of, write_corpus
@@ -92,3 +93,19 @@ def test_a_model_tells_its_training_documents_apart_and_silo_cannot_for_restrict
     main(["audit", "--model", str(tmp_path / "oracle"), "--corpus", str(corpus), "--tiers", "restricted",
           "--max-docs", "20", "--auroc", "--json"])
     assert json.loads(capsys.readouterr().out)["min_k_pp"]["auroc"] > 0.5
+
+
+def test_members_and_non_members_are_samples_of_their_splits(tiny_model, tmp_path):
+    """A corpus is stored in harvest order (by source, by kind): the first documents of a split
+    are not a sample of it. Here the restricted tier is 200 code files, then 200 prose
+    documents; the tiny LM (trained on code) finds code likely. Drawn uniformly, members
+    and non-members are alike and the AUROC is ≈ 0.5; the first 30 train documents (all
+    code) against the test split (both kinds) gave ≈ 0.8."""
+    rng = random.Random(1)
+    records = [{"doc_id": f"r-{i:04d}", "text": code_text(rng) if i < 200 else prose_text(rng), "source": "s",
+                "owner": "o", "license": "All rights reserved"} for i in range(400)]
+    write_corpus(records, tmp_path / "corpus")
+    rep = membership_auroc(tiny_model, tmp_path / "corpus", ("restricted",), n=30)
+    for name in ("min_k", "min_k_pp"):
+        lo, hi = rep[name]["ci95"]
+        assert lo < 0.5 < hi, rep

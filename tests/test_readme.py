@@ -351,6 +351,10 @@ def _nothing_restricted(sh: Shell, out: str) -> None:
     assert texts and not any(t["same_documents"] for t in texts), texts  # no restricted document was trained on
 
 
+def _auroc(out: str) -> None:
+    assert "0 of the train documents are in the training record" in out and "Min-K%++ AUROC" in out, out
+
+
 def _models(sh: Shell, out: str) -> None:
     ids = {m["id"] for m in json.loads(out)["data"]}
     assert {"model", "model:none", "model:knn", "model:infgram"} <= ids, ids
@@ -456,6 +460,7 @@ RUN: dict[str, Run] = {
     "silo lm card model": Run(check=lambda sh, out: _card(out)),
     'silo audit --model model --text "some text" --doc-id ID': Run(check=_audited),
     "silo audit --model model --corpus corpus --split train --tiers restricted --json": Run(check=_nothing_restricted),
+    "silo audit --model model --corpus corpus --tiers restricted --auroc": Run(check=lambda sh, out: _auroc(out)),
     "silo token admin --out admin.token": Run(),
     "silo token issue --owner alice --credentials owners.json": Run(),
     SERVE: Run(name="serve"),

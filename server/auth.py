@@ -41,6 +41,7 @@ RPC_ACCESS: dict[str, str] = {
     "/silo.v1.LanguageModel/Tokenize": PUBLIC,
     "/silo.v1.LanguageModel/ModelInfo": PUBLIC,
     "/silo.v1.LanguageModel/Trace": PUBLIC,
+    "/silo.v1.LanguageModel/Audit": PUBLIC,
     "/silo.v1.Datastore/Search": PUBLIC,
     "/silo.v1.Datastore/Stats": PUBLIC,
     "/silo.v1.Datastore/OptOut": OWNER,

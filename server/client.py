@@ -97,6 +97,11 @@ class SiloClient:
                               policy=retrieval_options(**policy).policy)
         return self.lm.Trace(req, timeout=self.timeout)
 
+    def audit(self, text: str = "", doc_ids: list[str] = (), membership: bool = False) -> pb.AuditResponse:
+        """Was this text (were these documents) in the served model's training data?"""
+        return self.lm.Audit(pb.AuditRequest(text=text, doc_ids=list(doc_ids), membership=membership),
+                             timeout=self.timeout)
+
     def add_documents(self, documents: list[dict], store: str = "") -> pb.AddDocumentsResponse:
         """Live ingest (admin token): documents as dicts with text and optional doc_id,
         source, license, owner, license_classifiers."""

@@ -453,6 +453,7 @@ def _silo_part(summary: pb.GenerationSummary) -> dict:
 SILO_ROUTES = {
     ("POST", "/v1/silo/search"): ("Datastore", "Search"),
     ("POST", "/v1/silo/trace"): ("LanguageModel", "Trace"),
+    ("POST", "/v1/silo/audit"): ("LanguageModel", "Audit"),
     ("POST", "/v1/silo/score"): ("LanguageModel", "Score"),
     ("POST", "/v1/silo/tokenize"): ("LanguageModel", "Tokenize"),
     ("GET", "/v1/silo/info"): ("LanguageModel", "ModelInfo"),

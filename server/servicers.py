@@ -65,7 +65,8 @@ from silo.ingest import INGEST_KINDS, add_documents
 from silo.knnlm import KNNParams, generate, knn_score, refine_used
 from silo.licenses import license_obligation
 from silo.lm import model_info, trained_tiers
-from silo.provenance import TrainingRecord, check_removal
+from silo.membership import score_text
+from silo.provenance import TrainingRecord, audit_record, audit_statement, check_removal
 from silo.ricl import RICParams, ric_blocks, ric_generate, ric_score_documents
 from silo.search import SEARCH_KINDS, search_text
 from silo.tokenizer import encode_document, text_ids
@@ -533,6 +534,34 @@ class LanguageModelServicer:
         check_work("the text's tokens", n_tokens, "max_request_tokens", lim, "trace a shorter text")
         spans = trace(store, s.tok, r.text, min_tokens, max_spans, max_docs, checked_policy(r.policy, lim))
         return pb.TraceResponse(spans=[traced_pb(sp) for sp in spans], tokens=n_tokens)
+
+    @guarded
+    def Audit(self, r, context):
+        s, lim = self.s, self.s.limits
+        if not r.text and not r.doc_ids:
+            raise BadRequest("give a text or doc_ids to audit")
+        if r.text:
+            check_text("text", r.text, lim.max_text_chars)
+        check_int("doc_ids", len(r.doc_ids), 0, lim.max_optout_values)
+        for d in r.doc_ids:
+            check_text("doc_ids", d, lim.max_value_chars)
+        name = Path(s.model_dir).name
+        rep = audit_record(s.training_record, name, [("text", r.text)] if r.text else [], list(r.doc_ids))
+        out = pb.AuditResponse(model=name, has_record=rep["record"],
+                               trained_doc_ids=[d["doc_id"] for d in rep["documents"] if d["trained"]])
+        if rep["record"] and rep["texts"]:
+            t = rep["texts"][0]
+            out.MergeFrom(pb.AuditResponse(verdict=t["verdict"], words=t["words"], shingles=t["shingles"],
+                                           found=t["found"], longest_run_words=t["longest_run_words"],
+                                           same_documents=t["same_documents"], shingle_fpr=t["fpr"]))
+        out.statement = audit_statement(rep)
+        if r.membership and r.text:
+            n_tokens = len(text_ids(s.tok, r.text))
+            check_work("the text's tokens", n_tokens, "max_request_tokens", lim, "audit a shorter text")
+            scores = score_text(s.model, s.tok, r.text)  # one forward pass over at most the model's window
+            if scores is not None:
+                out.scored, out.min_k, out.min_k_pp = True, scores.min_k, scores.min_k_pp
+        return out
 
     @guarded
     def Tokenize(self, r, context):

@@ -372,8 +372,13 @@ def audit(model_dir: str | os.PathLike, texts: list[tuple[str, str]] = (), doc_i
 
     {"model", "record": bool, "message" (without a record), "training_set_sha256",
      "texts": [{"name", **TextAudit.to_json()}], "documents": [{"doc_id", "trained"}]}"""
-    record = TrainingRecord.open(model_dir)
-    out: dict = {"model": Path(model_dir).resolve().name, "record": record is not None}
+    return audit_record(TrainingRecord.open(model_dir), Path(model_dir).resolve().name, texts, doc_ids)
+
+
+def audit_record(record: TrainingRecord | None, model: str, texts: list[tuple[str, str]] = (),
+                 doc_ids: list[str] = ()) -> dict:
+    """`audit` on a record already open (the server's)."""
+    out: dict = {"model": model, "record": record is not None}
     if record is None:
         return out | {"message": NO_RECORD, "texts": [{"name": name} for name, _ in texts],
                       "documents": [{"doc_id": d, "trained": None} for d in doc_ids]}
@@ -381,6 +386,23 @@ def audit(model_dir: str | os.PathLike, texts: list[tuple[str, str]] = (), doc_i
     out["texts"] = [{"name": name, **record.audit_text(text).to_json()} for name, text in texts]
     out["documents"] = [{"doc_id": d, "trained": record.has_document(d)} for d in doc_ids]
     return out
+
+
+def audit_statement(rep: dict) -> str:
+    """One sentence for an `audit_record` answer about one text and/or document ids."""
+    if not rep["record"]:
+        return f"{rep['model']}: {NO_RECORD}"
+    parts = []
+    for t in rep["texts"]:
+        parts.append({"trained": "the text is in the training data",
+                      "partly": f"part of the text is in the training data (a run of {t['longest_run_words']} words)",
+                      "not": "the text is not in the training data",
+                      "too short": "the text is too short to check by its words (under 13 words)"}[t["verdict"]])
+    trained = [d["doc_id"] for d in rep["documents"] if d["trained"]]
+    if rep["documents"]:
+        parts.append(f"trained on {', '.join(trained[:5])}{', …' if len(trained) > 5 else ''}" if trained
+                     else "none of the documents was trained on")
+    return f"{rep['model']}: " + "; ".join(parts) + " (from its training record)"
 
 
 # ---------------------------------------------------------------------------- the weights' side of a removal

@@ -12,6 +12,8 @@ import math
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import openai
@@ -25,6 +27,7 @@ from silo.server.limits import Limits
 from silo.server.servicers import DatastoreServicer, LanguageModelServicer
 
 from silo.build import BuildArgs, build_store
+from silo.corpus import iter_documents
 
 ADMIN = "http-admin-token-0123456789abcdef"
 WINDOW = 128
@@ -299,3 +302,24 @@ def test_grpc_echo_and_token_id_prompts(served):
         with pytest.raises(grpc.RpcError) as e:
             list(c.generate(PROMPT, max_new_tokens=0))  # 0 new tokens only with echo
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_audit_over_grpc_and_http_is_public_bounded_and_from_the_record(served, corpus_dir):
+    """Anyone can ask whether a text or a document was in the served model's training data."""
+    trained = next(iter_documents(corpus_dir, tiers=("sw",), split="train"))
+    restricted = next(iter_documents(corpus_dir, tiers=("restricted",), split="train", columns=[]))
+    with served.client() as c:  # no token: public
+        r = c.audit(trained["text"], [trained["doc_id"], restricted["doc_id"]], membership=True)
+    assert r.has_record and r.verdict == "trained" and trained["doc_id"] in r.same_documents
+    assert list(r.trained_doc_ids) == [trained["doc_id"]] and r.shingle_fpr == pytest.approx(1e-4)
+    assert r.statement.startswith(f"{served.model}: the text is in the training data; trained on {trained['doc_id']}")
+    assert r.scored and r.min_k < 0 and r.min_k_pp != 0
+    code, body = served.curl("/v1/silo/audit", {"text": "zzq " * 40})
+    assert code == 200 and body["verdict"] == "not" and body["found"] == 0 and not body["scored"]
+    code, err = served.curl("/v1/silo/audit", {})
+    assert code == 400 and "give a text or doc_ids" in err["error"]["message"]
+    big = json.dumps({"text": "x" * (served.state.limits.max_text_chars + 1)}).encode()
+    req = urllib.request.Request(served.http.url + "/v1/silo/audit", data=big, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:  # over the text limit: refused before any work
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400 and "text" in json.loads(e.value.read())["error"]["message"]

@@ -200,6 +200,8 @@ def test_an_owner_finds_removes_and_checks_their_document(page, site):
     listed = next(e.text for e in page.d.find_elements("css selector", "#span-list li.doc")
                   if e.text.startswith(doc["doc_id"]))
     assert doc["source"] in listed and OWNER in listed and (doc["license"] or "none given") in listed
+    # and the weights: the served model's training record says the (restricted) text was never trained on
+    assert "the text is not in the training data" in page.text("audit-statement")
     page.shot("01-trace", "trace-results")
 
     # 2. signing in with the owner token says who it is; the token is nowhere to be seen

@@ -305,6 +305,48 @@ class TraceResponse(_message.Message):
     tokens: int
     def __init__(self, spans: _Optional[_Iterable[_Union[TracedSpan, _Mapping]]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
+class AuditRequest(_message.Message):
+    __slots__ = ("text", "doc_ids", "membership")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    membership: bool
+    def __init__(self, text: _Optional[str] = ..., doc_ids: _Optional[_Iterable[str]] = ..., membership: _Optional[bool] = ...) -> None: ...
+
+class AuditResponse(_message.Message):
+    __slots__ = ("model", "has_record", "verdict", "words", "shingles", "found", "longest_run_words", "same_documents", "trained_doc_ids", "shingle_fpr", "statement", "scored", "min_k", "min_k_pp")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HAS_RECORD_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    SHINGLES_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    LONGEST_RUN_WORDS_FIELD_NUMBER: _ClassVar[int]
+    SAME_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    SHINGLE_FPR_FIELD_NUMBER: _ClassVar[int]
+    STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    MIN_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_K_PP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    has_record: bool
+    verdict: str
+    words: int
+    shingles: int
+    found: int
+    longest_run_words: int
+    same_documents: _containers.RepeatedScalarFieldContainer[str]
+    trained_doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    shingle_fpr: float
+    statement: str
+    scored: bool
+    min_k: float
+    min_k_pp: float
+    def __init__(self, model: _Optional[str] = ..., has_record: _Optional[bool] = ..., verdict: _Optional[str] = ..., words: _Optional[int] = ..., shingles: _Optional[int] = ..., found: _Optional[int] = ..., longest_run_words: _Optional[int] = ..., same_documents: _Optional[_Iterable[str]] = ..., trained_doc_ids: _Optional[_Iterable[str]] = ..., shingle_fpr: _Optional[float] = ..., statement: _Optional[str] = ..., scored: _Optional[bool] = ..., min_k: _Optional[float] = ..., min_k_pp: _Optional[float] = ...) -> None: ...
+
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,11 @@ class LanguageModelStub:
                 request_serializer=silo_dot_v1_dot_silo__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=silo_dot_v1_dot_silo__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/silo.v1.LanguageModel/Audit',
+                request_serializer=silo_dot_v1_dot_silo__pb2.AuditRequest.SerializeToString,
+                response_deserializer=silo_dot_v1_dot_silo__pb2.AuditResponse.FromString,
+                _registered_method=True)
 
 
 class LanguageModelServicer:
@@ -102,6 +107,15 @@ class LanguageModelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Audit(self, request, context):
+        """Was this text (or were these documents) in the served model's training data? From the
+        training record `silo lm train` writes (exact by id; by text with no false negatives),
+        and, when asked, the weights' own Min-K% / Min-K%++ scores. Public, like Trace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LanguageModelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +143,11 @@ def add_LanguageModelServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=silo_dot_v1_dot_silo__pb2.ModelInfoRequest.FromString,
                     response_serializer=silo_dot_v1_dot_silo__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=silo_dot_v1_dot_silo__pb2.AuditRequest.FromString,
+                    response_serializer=silo_dot_v1_dot_silo__pb2.AuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +287,33 @@ class LanguageModel:
             '/silo.v1.LanguageModel/ModelInfo',
             silo_dot_v1_dot_silo__pb2.ModelInfoRequest.SerializeToString,
             silo_dot_v1_dot_silo__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/silo.v1.LanguageModel/Audit',
+            silo_dot_v1_dot_silo__pb2.AuditRequest.SerializeToString,
+            silo_dot_v1_dot_silo__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -196,6 +196,14 @@ async function onTrace(event) {
     }
     nodes.push(list);
   }
+  // the other half: was this text in the model's training data? (its training record)
+  try {
+    const audit = await api("POST", "v1/silo/audit", { text });
+    nodes.push(el("h3", "And the model's weights?"));
+    nodes.push(el("p", audit.statement, { id: "audit-statement" }));
+  } catch (err) {
+    nodes.push(errorNode(err));
+  }
   show(region, ...nodes);
   renderDocChoices();
 }

@@ -453,7 +453,7 @@ class InfgramIndex:
                 return q[i:]
         return q
 
-    def _longest_suffix(self, st: _State, q: list[int]) -> tuple[int, int]:
+    def _longest_suffix(self, st: _State, q: list[int], at_most: int | None = None) -> tuple[int, int]:
         q = self._context(q)
         if st.main is None or not q:
             return 0, self._count(st, [])
@@ -463,7 +463,13 @@ class InfgramIndex:
                 return 0, self._count(st, [])
             return int(r["suffix_len"]), int(r["prompt_cnt"])
         n = len(q)
-        lo = _longest(n, lambda length: self._count(st, q[n - length:]) > 0)
+        if at_most is not None:  # a known bound: one count when the match grew, else bisection below it
+            cand = min(at_most, n)
+            if cand and (c := self._count(st, q[n - cand:])) > 0:
+                return cand, c
+            lo = _longest(max(cand - 1, 0), lambda length: self._count(st, q[n - length:]) > 0)
+        else:
+            lo = _longest(n, lambda length: self._count(st, q[n - length:]) > 0)
         return lo, self._count(st, q[n - lo:]) if lo else self._count(st, [])
 
     def longest_suffix(self, context) -> tuple[int, int]:
@@ -523,13 +529,18 @@ class InfgramIndex:
             sl[t - 1], sc[t - 1], cc[t - 1] = length, count, cont
         return sl, sc, cc
 
-    def next_tokens(self, context, max_support: int = 1000) -> tuple[int, int, dict[int, int]]:
+    def next_tokens(self, context, max_support: int = 1000, at_most: int | None = None
+                    ) -> tuple[int, int, dict[int, int]]:
         """(suffix length, its count, {next token: count}) for the longest matching suffix
         (the ∞-gram distribution). Above `max_support` occurrences the engine estimates from a
         sample; every token a removed occurrence continues with is counted exactly (see the
-        module docstring). A document's end is the token EOS."""
+        module docstring). A document's end is the token EOS.
+
+        `at_most`: a bound the caller knows on the suffix length — a context extended by one
+        token since the last call on this same index matches at most one token more than it
+        did — which saves the doubling search (one count where the match grew)."""
         st, q = self._st(), self._q(context)
-        sl, n = self._longest_suffix(st, q)
+        sl, n = self._longest_suffix(st, q, at_most)
         if sl == 0 or n == 0:
             return 0, n, {int(t): int(c) for t in np.flatnonzero(st.unigram) if (c := st.unigram[t]) > 0}
         tail = q[len(q) - sl:]

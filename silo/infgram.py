@@ -154,11 +154,17 @@ def generate_infgram(model, tok, store: InfgramStore, prompt: str, max_new_token
     p_ = (params or InfgramParams.merged(store.manifest.defaults)).validate()
     store.index_for(policy)  # refused before the first token if the policy's view is over its cap
     pending: dict = {}  # the step's match, for attributing the token once it is chosen
+    last: dict = {"index": None, "len": -1, "sl": 0}  # the previous step's index, context length and match
 
     def mix(ids: list[int], lm_p: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         # taken per step (a tombstone version compare when nothing changed): a removal
         # acknowledged while the generation streams holds from the next token on
-        sl, count, nxt = store.index_for(policy).next_tokens(ids[-MAX_CONTEXT:], max_support)
+        index = store.index_for(policy)
+        context = ids[-MAX_CONTEXT:]
+        # one token more than last step, on the same index: the match grows by one token at most
+        grown = index is last["index"] and len(ids) == last["len"] + 1
+        sl, count, nxt = index.next_tokens(context, max_support, at_most=last["sl"] + 1 if grown else None)
+        last.update(index=index, len=len(ids), sl=sl)
         pending.clear()
         if count <= 0 or not nxt:
             return lm_p, []

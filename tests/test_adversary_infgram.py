@@ -150,9 +150,13 @@ def test_no_match_spans_a_document_separator(tmp_path):
         for a in range(len(text)):
             for b in range(a + 1, len(text) + 1):
                 assert ix.count(text[a:b]) == bf_count(live, text[a:b]), (removed, text[a:b])
+        prev = 0
         for t in range(1, len(text) + 1):
             assert ix.longest_suffix(text[:t]) == bf_longest(live, text[:t]), (removed, t)
             assert ix.next_tokens(text[:t]) == bf_next(live, text[:t]), (removed, t)
+            # a generation's bound (last step's match + 1) gives the same answer
+            assert ix.next_tokens(text[:t], at_most=prev + 1) == bf_next(live, text[:t]), (removed, t)
+            prev = ix.next_tokens(text[:t])[0]
             sl, n, nxt = bf_next(live, text[:t])
             for target in (3, 7, 8, EOS):
                 want = nxt.get(target, 0) if sl else sum(d.count(target) for d in live) * (target != EOS)

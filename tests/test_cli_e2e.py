@@ -5,7 +5,8 @@ passage store, an admin token and owner credentials). The client verbs run as a 
 types them: a few as real subprocesses, the rest through `silo.app.cli.main` in this process
 (the same code, minus a second of interpreter start each). Local verbs that no other test
 runs end to end are here too: harvest, tokenizer training, the scaling curve, a
-calibrated plan, token revocation and shard servers behind a main server.
+calibrated plan and token revocation. Shard servers behind a main server run in
+tests/test_readme.py (the README's own commands), where remote and local search are compared.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from silo.build import BuildArgs, build_store
 
 WINDOW = 128
 ADMIN = "cli-admin-token-0123456789abcdef"
-SHARD = "cli-shard-token-0123456789abcdef"
 TEXT = "The lighthouse of Lisbon was built in 1700 by Ada Lovelace. In 1717, Alan Turing finished the observatory."
 
 
@@ -214,33 +214,6 @@ def test_optout_status_and_compact(served, capsys, tiny_model):
 def test_unreachable_server_is_one_line(capsys):
     code, _, err = run(capsys, "stats", "--target", "127.0.0.1:9")
     assert code == 1 and "UNAVAILABLE" in err and "Traceback" not in err
-
-
-def test_shard_servers_behind_a_main_server(tmp_path, capsys, tiny_model, stores):
-    """`silo serve-shards` for each half of a token store, `silo serve --remote-shards` in front."""
-    store = shutil.copytree(stores["token"], tmp_path / "token")
-    (tmp_path / "shard.token").write_text(SHARD)
-    procs = []
-    try:
-        ports = []
-        for i, shards in enumerate(("0", "1")):
-            procs.append(start_server(["serve-shards", str(store), "--shards", shards, "--shard-token-file",
-                                       str(tmp_path / "shard.token")], tmp_path / f"p{i}", tmp_path / f"s{i}.log"))
-            ports.append((tmp_path / f"p{i}").read_text().strip())
-        procs.append(start_server(["serve", "--model", str(tiny_model), "--store", str(store), "--remote-shards",
-                                   ",".join(f"127.0.0.1:{p}" for p in ports), "--shard-token-file",
-                                   str(tmp_path / "shard.token")], tmp_path / "main", tmp_path / "main.log"))
-        t = f"127.0.0.1:{(tmp_path / 'main').read_text().strip()}"
-        query = "The bridge of Quito was built in"
-        remote = json.loads(run(capsys, "search", "--target", t, "--query", query, "-k", "5", "--json")[1])["hits"]
-        local = json.loads(run(capsys, "datastore", "search", str(store), "--query", query, "-k", "5",
-                               "--json")[1])["hits"]
-        assert [h["doc_id"] for h in remote] == [h["doc_id"] for h in local] and len(remote) == 5
-        code, out, _ = run(capsys, "score", "--target", t, TEXT, "--mode", "knn")
-        assert code == 0 and out.startswith("perplexity")
-    finally:
-        for p in procs:
-            stop_server(p)
 
 
 def test_harvest_tokenizer_and_token_revoke(tmp_path, capsys, corpus_dir):

@@ -317,9 +317,14 @@ def _server_answers(name: str, stop: bool) -> Callable[[Shell, str], None]:
 
 
 def _remote_main_scores(sh: Shell, out: str) -> None:
-    res = json.loads(sh.silo("score", "The harbour of Hobart", "--mode", "knn", "--json", "--target",
-                             f"127.0.0.1:{sh.ports['remote-main']}"))
+    """The main server over two shard servers scores, and finds what the store finds locally."""
+    target = f"127.0.0.1:{sh.ports['remote-main']}"
+    res = json.loads(sh.silo("score", "The harbour of Hobart", "--mode", "knn", "--json", "--target", target))
     assert res["mode"] == "RETRIEVAL_KNN" and res["num_tokens"] > 0, res
+    query = "The bridge of Quito was built in"
+    remote = json.loads(sh.silo("search", "--target", target, "--query", query, "-k", "5", "--json"))["hits"]
+    local = json.loads(sh.silo("datastore", "search", "store", "--query", query, "-k", "5", "--json"))["hits"]
+    assert [h["doc_id"] for h in remote] == [h["doc_id"] for h in local] and len(remote) == 5, (remote, local)
     sh.stop_all()
 
 

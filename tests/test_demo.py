@@ -23,6 +23,10 @@ def test_the_demo_runs_every_stage(tmp_path, capsys):
     assert serving["victim"] and serving["before"] and not serving["after"] and not serving["cited_after"]
     assert not serving["traced_after"]
     assert "status: logged True" in out and "compaction:" in out
+    # the weights' side: the LM's training record, and the removed (restricted) document is not in it
+    assert "training record:" in out and "leakage scan:" in out
+    assert serving["weights"].startswith("not in the training record of the served model") and \
+        not serving["weights_trained"], serving["weights"]
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved["size"]["name"] == "tiny"
     # the opt-out went to the corpus's ledger: every store built from the corpus honours it

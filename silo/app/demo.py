@@ -36,7 +36,9 @@ from silo.errors import SiloError
 from silo.eval_modes import EvalArgs, run_eval
 from silo.evaluate import evaluate_lm
 from silo.harvest import harvest_corpus
+from silo.leakage import summary_line
 from silo.lm import load_causal_lm
+from silo.provenance import TrainingRecord
 from silo.report import EVAL_HEADER, MODE_NAMES, eval_rows, mode_figures, print_table
 from silo.scaling import CurveArgs, scaling_curve
 from silo.server.app import build_server, load_state, new_token
@@ -135,6 +137,16 @@ def run_demo(size: DemoSize = QUICK, workdir: str | Path | None = None, limit_by
     figures["lm"] = {k: rec[k] for k in ("parameters", "steps", "tokens_seen", "train_seconds",
                                          "train_tokens_per_second", "val_perplexity", "unigram_val_perplexity")}
     print(_lm_line(rec))
+    record = TrainingRecord.open(model_dir)
+    if record is not None:  # the weights' side: what was cut before training, and what was trained on
+        leakage = record.record.get("leakage", {})
+        figures["training_record"] = {"documents": record.record["documents"], "tokens": record.record["tokens"],
+                                      "leakage": {k: leakage.get(k) for k in ("documents_with_copies", "words_cut")}}
+        if "documents_scanned" in leakage:
+            print(summary_line(leakage))
+        print(f"training record: {record.record['documents']:,} documents, {record.record['tokens']:,} tokens, "
+              f"membership filter {record.record['membership']['bytes_per_token']} bytes/token "
+              f"(`silo lm card {model_dir}`)")
 
     _stage("3. LM perplexity on held-out text (test split)")
     model, tok = load_causal_lm(model_dir)
@@ -274,11 +286,13 @@ def serve_and_opt_out(model_dir: Path, token_store: Path, infgram_store: Path, w
         print(f"  cited by the generation: before {victim in cited}, after {victim in cited2}; "
               f"in its trace after: {victim in traced2}")
         print(f"  status: logged {status.logged}, tombstoned in {len(status.stores)} open store(s) {status.tombstoned}")
+        print(f"  weights: {status.weights.statement}")
         print(f"  generated after: {prompt}\033[1m{events2[-1].summary.text}\033[0m")
         c = client.compact()
         print(f"  compaction: {c.rewritten_shards} shard(s) rewritten, {c.removed_entries} entries physically removed")
         out.update(victim=victim, receipt=r.receipt_id, before=victim in before, after=victim in after,
                    cited_after=victim in cited2, traced_after=victim in traced2, generated=summary.text,
+                   weights=status.weights.statement, weights_trained=list(status.weights.trained_doc_ids),
                    trace=[{"text": sp.text, "tokens": sp.end_token - sp.start_token, "count": sp.count,
                            "documents": [d.doc_id for d in sp.documents]} for sp in summary.trace])
     finally:

@@ -113,10 +113,14 @@ class LeakageScan:
 
     def find(self, text: str) -> list[Copy]:
         """The copies of restricted text in `text`, in order."""
+        return self._scan(text)[1]
+
+    def _scan(self, text: str) -> tuple[int, list[Copy]]:
+        """(the text's words, its copies)."""
         words, starts, ends = words_with_offsets(text)
         h = shingle_hashes(words)
         if not len(h) or not len(self.hashes):
-            return []
+            return len(words), []
         at = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
         hit = (self.hashes[at] == h) & (self.counts[at] <= self.boilerplate_docs)
         out = []
@@ -133,7 +137,7 @@ class LeakageScan:
             doc_id, lic, source = self.meta[votes.most_common(1)[0][0]]
             start, end = int(starts[a]), int(ends[b - 1 + SHINGLE_WORDS - 1])
             out.append(Copy(start, end, n_words, doc_id, lic, source, " ".join(text[start:end].split()[:12])))
-        return out
+        return len(words), out
 
     def clean(self, doc: dict) -> str | None:
         """The text of `doc` to train on: its copies cut out, or None when it is excluded."""
@@ -141,8 +145,8 @@ class LeakageScan:
         doc_id, text = doc["doc_id"], doc["text"]
         if doc_id not in self.scanned:  # a document is scanned once (tokenizer and LM passes share it)
             self.scanned.add(doc_id)
-            self.words += len(_WORD.findall(text))
-            found = self.find(text)
+            n_words, found = self._scan(text)
+            self.words += n_words
             if found:
                 self.copies[doc_id] = found
                 if self.action == "exclude":

@@ -142,7 +142,7 @@ def test_a_torn_record_is_refused_by_name(tiny_model, tmp_path):
         TrainingRecord.open(copy)
 
 
-def test_cli_audit_and_card(tiny_model, corpus_dir, capsys):
+def test_cli_audit_and_card(tiny_model, corpus_dir, tmp_path, capsys):
     doc = next(iter_documents(corpus_dir, tiers=("pd",), split="train"))
     restricted = next(iter_documents(corpus_dir, tiers=("restricted",), split="train", columns=[]))
     main(["audit", "--model", str(tiny_model), "--text", doc["text"], "--text", _fresh_text(3),
@@ -159,6 +159,14 @@ def test_cli_audit_and_card(tiny_model, corpus_dir, capsys):
     assert len(rep["texts"]) == 3 and all(t["verdict"] == "trained" for t in rep["texts"])
     main(["lm", "card", str(tiny_model)])
     assert "## Training data" in capsys.readouterr().out
+    main(["lm", "card", str(tiny_model), "--json"])
+    card = json.loads(capsys.readouterr().out)
+    assert card["record"]["documents"] == TrainingRecord.open(tiny_model).record["documents"]
+    path = tmp_path / "doc.txt"
+    path.write_text(doc["text"])
+    main(["audit", "--model", str(tiny_model), "--file", str(path), "--record-only"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{path}: trained") and "Min-K" not in line  # --record-only: the record alone
     with pytest.raises(SystemExit) as e:
         main(["audit", "--model", str(tiny_model)])
     assert e.value.code == 2 and "nothing to audit" in capsys.readouterr().err

@@ -151,6 +151,13 @@ def shingle_hashes(words: list[str]) -> np.ndarray:
     return h
 
 
+def words_sha256(words: list[str]) -> str:
+    """SHA-256 of normalised words (`normalize`): equal for texts that differ only in case,
+    whitespace and punctuation. Removal fingerprints and training records both use it, so
+    one can be checked against the other."""
+    return hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest()
+
+
 def sampled_shingles(words: list[str]) -> np.ndarray:
     """The sorted, distinct sampled shingle hashes of a normalised text (all of them)."""
     h = shingle_hashes(words)
@@ -164,7 +171,7 @@ def fingerprint(doc_id: str, text: str) -> dict | None:
         return None
     kept = sampled_shingles(words)
     capped = len(kept) > MAX_SHINGLES
-    return {"doc_id": doc_id, "sha256": hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest(),
+    return {"doc_id": doc_id, "sha256": words_sha256(words),
             "shingles": [f"{int(x):016x}" for x in kept[:MAX_SHINGLES]], "capped": capped}
 
 
@@ -196,7 +203,7 @@ class CopyFinder:
         words = normalize(text)
         if not words:
             return None
-        sha = hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest()
+        sha = words_sha256(words)
         if sha in self.exact:
             doc_id, receipt = self.exact[sha]
             return {"original": doc_id, "receipt": receipt, "how": "the same normalised text"}

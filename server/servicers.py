@@ -65,7 +65,7 @@ from silo.ingest import INGEST_KINDS, add_documents
 from silo.knnlm import KNNParams, generate, knn_score, refine_used
 from silo.licenses import license_obligation
 from silo.lm import model_info, trained_tiers
-from silo.membership import score_text
+from silo.membership import score_ids
 from silo.provenance import TrainingRecord, audit_record, audit_statement, check_removal
 from silo.ricl import RICParams, ric_blocks, ric_generate, ric_score_documents
 from silo.search import SEARCH_KINDS, search_text
@@ -556,9 +556,9 @@ class LanguageModelServicer:
                                            same_documents=t["same_documents"], shingle_fpr=t["fpr"]))
         out.statement = audit_statement(rep)
         if r.membership and r.text:
-            n_tokens = len(text_ids(s.tok, r.text))
-            check_work("the text's tokens", n_tokens, "max_request_tokens", lim, "audit a shorter text")
-            scores = score_text(s.model, s.tok, r.text)  # one forward pass over at most the model's window
+            ids = text_ids(s.tok, r.text)
+            check_work("the text's tokens", len(ids), "max_request_tokens", lim, "audit a shorter text")
+            scores = score_ids(s.model, s.tok, ids)  # one forward pass over at most the model's window
             if scores is not None:
                 out.scored, out.min_k, out.min_k_pp = True, scores.min_k, scores.min_k_pp
         return out
@@ -667,8 +667,9 @@ class DatastoreServicer:
         if record is None:
             if which == "receipt_id":
                 raise UnknownDocuments(f"no opt-out with receipt {shown(key)}")
-            texts = [st.doc_text(st.doc_index(key)) for st in stores if st.doc_index(key) is not None][:1]
-            fps = [fp for fp in (fingerprint(key, t[: 1 << 20]) for t in texts) if fp]  # bounded work
+            holder = next((st for st in stores if st.doc_index(key) is not None), None)
+            text = holder.doc_text(holder.doc_index(key))[: 1 << 20] if holder is not None else ""  # bounded work
+            fps = [fp for fp in (fingerprint(key, text),) if fp]
             return pb.OptOutStatusResponse(removed=False,
                                            weights=self._weights({"doc_ids": [key], "fingerprints": fps}))
         show = who.may_see(record)

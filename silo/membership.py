@@ -71,9 +71,13 @@ def _lowest_mean(x: np.ndarray, k: float) -> float:
 
 def score_text(model, tok, text: str, k: float = DEFAULT_K) -> MembershipScores | None:
     """Min-K% and Min-K%++ of a text; None when it has fewer than MIN_TOKENS tokens."""
+    return score_ids(model, tok, text_ids(tok, text), k)
+
+
+def score_ids(model, tok, ids: list[int], k: float = DEFAULT_K) -> MembershipScores | None:
+    """`score_text` of a text already tokenized (`text_ids`)."""
     if not 0 < k <= 1:
         raise SiloError(f"k must be in (0, 1], not {k}")
-    ids = text_ids(tok, text)
     if len(ids) < MIN_TOKENS:
         return None
     lp, mu, sigma = token_statistics(model, ids, tok.bos_token_id)

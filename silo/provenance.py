@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from silo.datastore.ledger import SHINGLE_WORDS, normalize, shingle_hashes
+from silo.datastore.ledger import SHINGLE_WORDS, normalize, shingle_hashes, words_sha256
 from silo.errors import SiloError
 
 FORMAT_VERSION = 1
@@ -65,7 +65,7 @@ class ProvenanceError(SiloError):
 
 def text_sha256(text: str) -> str:
     """SHA-256 of the normalised text (the removal ledger's normal form)."""
-    return hashlib.sha256(" ".join(normalize(text)).encode("utf-8")).hexdigest()
+    return words_sha256(normalize(text))
 
 
 # ---------------------------------------------------------------------------- the Bloom filter
@@ -154,7 +154,7 @@ class RecordWriter:
         self._fingerprint.update(f"{doc['doc_id']}\t{raw}\n".encode())
         for name, value in (("doc_id", doc["doc_id"]), ("tier", doc["tier"]), ("license", doc["license"]),
                             ("source", doc["source"]), ("owner", doc.get("owner") or ""), ("tokens", int(tokens)),
-                            ("sha256", hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest())):
+                            ("sha256", words_sha256(words))):
             self._rows[name].append(value)
 
     def close(self) -> dict:

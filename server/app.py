@@ -67,6 +67,7 @@ from silo.server.servicers import (
     choose_default_mode,
 )
 
+from silo.corpus import open_corpus
 from silo.errors import SiloError
 from silo.lm import check_servable, load_causal_lm
 from silo.provenance import TrainingRecord
@@ -278,20 +279,28 @@ def build_server(services: dict, port: int, host: str = "127.0.0.1", auth: Auth 
 def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | None = None,
                shard_deadline_s: float = 5.0, limits: Limits | None = None, auth: Auth | None = None,
                shard_token: str | None = None, shard_root_cert: bytes | None = None,
-               allow_restricted_model: bool = False, mode: str = "auto") -> ServerState:
+               allow_restricted_model: bool = False, mode: str = "auto",
+               membership_reference: str | None = None, membership_documents: int = 100) -> ServerState:
     """Load the model and stores once. A store built for another model, or one whose
     opt-out log is corrupt (or whose removal ledger is missing), is kept out of use
     (retrieving calls get FAILED_PRECONDITION naming the problem) rather than served; the
     LM and the other stores still serve. Out of use is not forgotten (`ServerState.idle`):
     opt-outs are still logged in another model's store, and refused while a store cannot be
     opened at all, so that no store serves a removed document once it is back. A model
-    trained on restricted text is refused unless `allow_restricted_model` (`check_servable`)."""
+    trained on restricted text is refused unless `allow_restricted_model` (`check_servable`).
+    `membership_reference` is the corpus whose test split calibrates membership percentiles
+    (default: the training record's corpus; an outside checkpoint has none unless given)."""
+    if membership_reference is not None:
+        open_corpus(membership_reference)  # a wrong path is refused at start, not at the first audit
+    if not 1 <= membership_documents <= 10_000:
+        raise SiloError(f"membership_documents must be in 1..10000, got {membership_documents}")
     if check_servable(model_dir, allow_restricted_model).get("trained_on_restricted"):
         log.warning("SERVING A MODEL TRAINED ON RESTRICTED TEXT (%s): removed text can surface from its weights; "
                     "never expose this server to users", Path(model_dir).name)
     model, tok = load_causal_lm(model_dir)
     state = ServerState(model_dir=model_dir, model=model, tok=tok, limits=limits or Limits(), auth=auth or Auth(),
-                        shard_token=shard_token, training_record=TrainingRecord.open(model_dir))
+                        shard_token=shard_token, training_record=TrainingRecord.open(model_dir),
+                        membership_corpus=membership_reference, membership_documents=membership_documents)
     for path in stores:
         kind = Manifest.load(path).kind
         if kind in state.stores or kind in state.store_errors:
@@ -361,7 +370,8 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
           shard_deadline_s: float = 5.0, max_concurrent: int = 32, workers: int | None = None,
           limits: Limits | None = None, ready_file: str | None = None, allow_restricted_model: bool = False,
           allow_plaintext_shard_token: bool = False, mode: str = "auto", http_port: int | None = None,
-          http_host: str | None = None, http_ready_file: str | None = None) -> None:
+          http_host: str | None = None, http_ready_file: str | None = None,
+          membership_reference: str | None = None, membership_documents: int = 100) -> None:
     """`silo serve`: the LM and its stores over gRPC until SIGINT/SIGTERM. `mode` is what a
     request that names no retrieval mode gets (`choose_default_mode`: SILO, not the bare LM).
     With `http_port`, the same process also serves the OpenAI-compatible HTTP API and the
@@ -380,7 +390,10 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
                               f"{PLAINTEXT_FLAG} on a network you trust")
     auth = Auth(read_secret(token_file, "admin"), OwnerCredentials(credentials_file) if credentials_file else None)
     state = load_state(model, stores, remote_shards, shard_deadline_s, limits, auth, shard_token, shard_root,
-                       allow_restricted_model, mode)
+                       allow_restricted_model, mode, membership_reference, membership_documents)
+    # the membership reference (forward passes over its documents) is computed now, beside
+    # the first requests, rather than by the first audit that needs it
+    threading.Thread(target=state.membership_reference, name="membership-reference", daemon=True).start()
     admission = make_admission(workers, max_concurrent, limits)
     server, bound, hs = build_server({"LanguageModel": LanguageModelServicer(state),
                                       "Datastore": DatastoreServicer(state)}, port, host, auth, tls,

@@ -65,7 +65,13 @@ from silo.ingest import INGEST_KINDS, add_documents
 from silo.knnlm import KNNParams, generate, knn_score, refine_used
 from silo.licenses import license_obligation
 from silo.lm import model_info, trained_tiers
-from silo.membership import score_ids
+from silo.membership import (
+    MAX_CHECKED_DOCUMENTS,
+    Reference,
+    load_reference,
+    membership_check,
+    score_ids,
+)
 from silo.provenance import TrainingRecord, audit_record, audit_statement, check_removal
 from silo.ricl import RICParams, ric_blocks, ric_generate, ric_score_documents
 from silo.search import SEARCH_KINDS, search_text
@@ -94,6 +100,13 @@ class ServerState:
     default_mode: int = pb.RETRIEVAL_NONE  # a request that names no mode gets this (`choose_default_mode`)
     shard_token: str | None = None  # presented to remote shard servers
     training_record: TrainingRecord | None = None  # what the model was trained on (None: an outside checkpoint)
+    # the reference documents of membership percentiles: a corpus's test split (None: the
+    # training record's corpus), computed once, on first use (`membership_reference`)
+    membership_corpus: str | None = None
+    membership_documents: int = 100
+    _reference: Reference | None = None
+    _reference_loaded: bool = False
+    _reference_lock: threading.Lock = field(default_factory=threading.Lock)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _reopening: threading.Lock = field(default_factory=threading.Lock)
     _release_due: float | None = None  # when to hand a swapped-out store's heap back to the OS
@@ -103,6 +116,17 @@ class ServerState:
         the first request after `RELEASE_AFTER_S` (no extra thread, which could still be
         running when the process exits)."""
         self._release_due = time.monotonic() + RELEASE_AFTER_S
+
+    def membership_reference(self) -> Reference | None:
+        """Min-K% / Min-K%++ of the reference documents (`silo.membership.load_reference`),
+        computed by the first caller (`membership_documents` forward passes) while others
+        wait; None when there is no corpus to draw them from."""
+        with self._reference_lock:
+            if not self._reference_loaded:
+                self._reference = load_reference(self.model, self.tok, self.model_dir, self.membership_corpus,
+                                                 n=self.membership_documents)
+                self._reference_loaded = True
+            return self._reference
 
     def mode_of(self, retrieval: pb.RetrievalOptions) -> int:
         """The request's retrieval mode, or the server's default where it names none."""
@@ -561,6 +585,10 @@ class LanguageModelServicer:
             scores = score_ids(s.model, s.tok, ids)  # one forward pass over at most the model's window
             if scores is not None:
                 out.scored, out.min_k, out.min_k_pp = True, scores.min_k, scores.min_k_pp
+                ref = s.membership_reference()
+                if ref is not None:
+                    out.min_k_percentile, out.min_k_pp_percentile = ref.percentiles(scores)
+                    out.reference_documents, out.reference_proven = ref.documents, ref.proven
         return out
 
     @guarded
@@ -667,11 +695,10 @@ class DatastoreServicer:
         if record is None:
             if which == "receipt_id":
                 raise UnknownDocuments(f"no opt-out with receipt {shown(key)}")
-            holder = next((st for st in stores if st.doc_index(key) is not None), None)
-            text = holder.doc_text(holder.doc_index(key))[: 1 << 20] if holder is not None else ""  # bounded work
-            fps = [fp for fp in (fingerprint(key, text),) if fp]
+            texts = self._held_texts(stores, [key])
+            fps = [fp for fp in (fingerprint(key, texts.get(key, "")),) if fp]
             return pb.OptOutStatusResponse(removed=False,
-                                           weights=self._weights({"doc_ids": [key], "fingerprints": fps}))
+                                           weights=self._weights({"doc_ids": [key], "fingerprints": fps}, texts))
         show = who.may_see(record)
         if who.kind == "owner" and not show:
             # someone else's removal: an owner sees only the part of it about their own documents
@@ -690,13 +717,36 @@ class DatastoreServicer:
                                   live_entries=p.live_entries) for p in proof.stores]
             # a store this server cannot open proves nothing: listed, not tombstoned
             + [pb.StoreProof(store=f"{Path(m).name} (cannot be opened: no proof)") for m in proof.missing],
-            weights=self._weights(record))
+            weights=self._weights(record, None if self.s.training_record else
+                                  self._held_texts(stores, record["doc_ids"][:MAX_CHECKED_DOCUMENTS])))
 
-    def _weights(self, removal: dict) -> pb.WeightsProof:
-        """The weights' side: the served model's training record checked for these documents."""
-        w = check_removal(self.s.training_record, Path(self.s.model_dir).name, removal)
+    @staticmethod
+    def _held_texts(stores: list[Datastore], doc_ids: list[str]) -> dict[str, str]:
+        """doc id -> its text (at most 1 MiB: bounded work), where a store still holds it
+        (removed documents keep their text until compaction)."""
+        out = {}
+        for d in doc_ids:
+            for st in stores:
+                i = st.doc_index(d)
+                if i is not None and not st.is_compacted(i):
+                    out[d] = st.doc_text(i)[: 1 << 20]
+                    break
+        return out
+
+    def _weights(self, removal: dict, texts: dict[str, str] | None = None) -> pb.WeightsProof:
+        """The weights' side: the served model's training record checked for these documents;
+        without a record, the weights asked (Min-K%++ of the texts still held, `texts`)."""
+        s = self.s
+        membership = None
+        if s.training_record is None and texts is not None:
+            membership = membership_check(s.model, s.tok, s.membership_reference(), texts)
+        w = check_removal(s.training_record, Path(s.model_dir).name, removal, membership)
+        m = w.membership or {}
         return pb.WeightsProof(model=w.model, has_record=w.has_record, trained_doc_ids=w.trained_doc_ids,
-                               trained_text_doc_ids=w.trained_text_doc_ids, shingle_fpr=w.fpr, statement=w.statement)
+                               trained_text_doc_ids=w.trained_text_doc_ids, shingle_fpr=w.fpr, statement=w.statement,
+                               scored="percentile" in m, membership_percentile=m.get("percentile", 0.0),
+                               reference_documents=m.get("reference_documents", 0),
+                               scored_doc_ids=m.get("scored_doc_ids", []))
 
     def _idle_stores(self) -> list[Datastore]:
         """Stores this server was started with and opened, but does not serve (another model's)."""

@@ -95,6 +95,7 @@ class BuildArgs:
     max_docs: int | None = None
     max_tokens: int | None = None
     exclude_doc_ids: tuple[str, ...] = ()
+    only_doc_ids: tuple[str, ...] = ()  # only these documents of the tiers and split (empty: all)
     progress: bool = True
     seed: int = 0
     backend: str = "local"  # local | ray: where shard jobs run (silo.parallel)
@@ -366,6 +367,7 @@ def start_build(args: BuildArgs, out: Path) -> Path:
     build.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(args).items() if k not in RUN_ONLY}
     settings["exclude_doc_ids"] = sorted(settings["exclude_doc_ids"])
+    settings["only_doc_ids"] = sorted(settings["only_doc_ids"])
     settings_path = build / "settings.json"
     if settings_path.is_file() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
         raise StoreError(f"{out} holds an unfinished build with other settings; remove it to start over")
@@ -443,10 +445,14 @@ def _build(args: BuildArgs) -> Manifest:
         plan = json.loads((build / "plan.json").read_text())
     else:
         docs_in = iter_documents(args.corpus, tiers=args.tiers, split=args.split)
+        expected = expected_documents(args.corpus, args.tiers, args.split)
+        if args.only_doc_ids:
+            only = set(args.only_doc_ids)
+            docs_in, expected = (d for d in docs_in if d["doc_id"] in only), len(only)
         removals = read_ledger(ledger, into=read_log(out))
         plan = plan_documents(docs_in, tok, build, removals, args.kind, args.passage_tokens, args.shards,
                               set(args.exclude_doc_ids), max_docs=args.max_docs, max_tokens=args.max_tokens,
-                              progress=args.progress, expected=expected_documents(args.corpus, args.tiers, args.split))
+                              progress=args.progress, expected=expected)
     if plan["documents"] == 0:
         raise StoreError(f"no documents of tiers {','.join(args.tiers)} in split {args.split!r} of {args.corpus}")
     docs = DocTokens(build, args.kind, args.passage_tokens)

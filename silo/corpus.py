@@ -5,6 +5,9 @@ On disk a corpus is one folder:
     CORPUS/corpus.json        format version, shard list, counts per tier, skipped input
     CORPUS/part-NNNNN.parquet doc_id, text, source, license, tier, license_classifiers,
                               owner, sentence_starts
+    CORPUS/removals.log       the removal ledger (silo.datastore.ledger), once a store is
+                              built; a corpus written again in place keeps it
+    CORPUS/traps.json         the copyright traps planted in it, if any (silo.traps)
 
 `tier` is computed here from `license` (never taken from the input), and
 `sentence_starts` are the character offsets from `silo.sentences.segment`, so attribution
@@ -31,6 +34,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from silo.datastore.ledger import LEDGER_NAME
+from silo.datastore.manifest import fsync_path
 from silo.errors import SiloError
 from silo.licenses import TIERS, classify_license, stricter
 from silo.progress import bar as progress_bar
@@ -166,8 +171,14 @@ class CorpusWriter:
         meta = {"format_version": FORMAT_VERSION, "shards": self._shards, **self.stats.to_json()}
         (self.tmp / "corpus.json").write_text(json.dumps(meta, indent=2))
         if self.out.exists():
+            # the removal ledger is the corpus's record of opt-outs, not part of its text: a
+            # corpus written again keeps it (the same file, so appends in flight land in it)
+            ledger = self.out / LEDGER_NAME
+            if ledger.is_file():
+                os.replace(ledger, self.tmp / LEDGER_NAME)
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)
+        fsync_path(self.out.parent)
         return self.stats
 
     def abort(self) -> None:

@@ -38,6 +38,7 @@ from silo.tokenizer import text_ids
 
 DEFAULT_K = 0.2
 MIN_TOKENS = 8  # shorter texts say too little to score
+MAX_CHECKED_DOCUMENTS = 4  # a removal's documents scored by `membership_check` (one forward pass each)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class MembershipScores:
     tokens: int
     min_k: float
     min_k_pp: float
+    mean_logprob: float  # the plain loss attack (Min-K% at k = 100%)
 
 
 @torch.no_grad()
@@ -81,7 +83,7 @@ def score_ids(model, tok, ids: list[int], k: float = DEFAULT_K) -> MembershipSco
     if len(ids) < MIN_TOKENS:
         return None
     lp, mu, sigma = token_statistics(model, ids, tok.bos_token_id)
-    return MembershipScores(len(lp), _lowest_mean(lp, k), _lowest_mean((lp - mu) / sigma, k))
+    return MembershipScores(len(lp), _lowest_mean(lp, k), _lowest_mean((lp - mu) / sigma, k), float(lp.mean()))
 
 
 def auroc(members: np.ndarray, nonmembers: np.ndarray) -> float:
@@ -167,11 +169,36 @@ def membership_auroc(model_dir: str | os.PathLike, corpus: str | os.PathLike, ti
     return out
 
 
-def reference_scores(model, tok, model_dir: str | os.PathLike, corpus: str | os.PathLike | None = None,
-                     tiers: tuple[str, ...] | None = None, n: int = 100, k: float = DEFAULT_K) -> np.ndarray | None:
-    """Min-K% and Min-K%++ of reference non-members: test-split documents of the record's
-    corpus and tiers (or of `corpus`), never trained on; None when there is no corpus to
-    draw them from."""
+@dataclass
+class Reference:
+    """Min-K% and Min-K%++ of reference documents: what the model's scores look like on text
+    it did not train on. `proven`: the training record proves every one a non-member; for a
+    checkpoint without a record, the operator vouches for them (e.g. text written after it)."""
+
+    scores: np.ndarray  # (n, 2): min_k, min_k_pp
+    corpus: str
+    proven: bool
+
+    def __post_init__(self) -> None:
+        assert self.scores.ndim == 2 and self.scores.shape[1] == 2 and len(self.scores), self.scores.shape
+
+    @property
+    def documents(self) -> int:
+        return len(self.scores)
+
+    @property
+    def label(self) -> str:
+        return "held-out non-members" if self.proven else "reference documents (not proven non-members)"
+
+    def percentiles(self, s: MembershipScores) -> tuple[float, float]:
+        """The Min-K% and Min-K%++ percentiles of `s` among the reference."""
+        return percentile(self.scores[:, 0], s.min_k), percentile(self.scores[:, 1], s.min_k_pp)
+
+
+def load_reference(model, tok, model_dir: str | os.PathLike, corpus: str | os.PathLike | None = None,
+                   tiers: tuple[str, ...] | None = None, n: int = 100, k: float = DEFAULT_K) -> Reference | None:
+    """The reference of `model_dir`: test-split documents of the record's corpus and tiers (or
+    of `corpus`), never trained on by the record; None when there is no corpus to draw from."""
     record = TrainingRecord.open(model_dir)
     if corpus is None and record is not None:
         corpus = record.record["corpus"]
@@ -180,7 +207,7 @@ def reference_scores(model, tok, model_dir: str | os.PathLike, corpus: str | os.
     tiers = tiers or (tuple(record.record["tiers"]) if record else None)
     docs = _documents(corpus, tiers, "test", n, never_trained=record)
     scores = _scored(model, tok, docs, k, "reference", False)
-    return scores if len(scores) else None
+    return Reference(scores, str(corpus), record is not None) if len(scores) else None
 
 
 def percentile(reference: np.ndarray, value: float) -> float:
@@ -191,10 +218,10 @@ def percentile(reference: np.ndarray, value: float) -> float:
 def weights_audit(model_dir: str | os.PathLike, texts: list[tuple[str, str]], k: float = DEFAULT_K,
                   reference_corpus: str | os.PathLike | None = None, reference_n: int = 100,
                   loaded: tuple | None = None) -> list[dict | None]:
-    """Per text: its Min-K% and Min-K%++ and, where reference non-members exist, their
+    """Per text: its Min-K% and Min-K%++ and, where reference documents exist, their
     percentiles among them (None for a text under MIN_TOKENS tokens)."""
     model, tok = loaded or load_causal_lm(model_dir)
-    reference = reference_scores(model, tok, model_dir, reference_corpus, n=reference_n, k=k)
+    reference = load_reference(model, tok, model_dir, reference_corpus, n=reference_n, k=k)
     out = []
     for _, text in texts:
         s = score_text(model, tok, text, k)
@@ -202,9 +229,34 @@ def weights_audit(model_dir: str | os.PathLike, texts: list[tuple[str, str]], k:
             out.append(None)
             continue
         row = {"tokens": s.tokens, "min_k": round(s.min_k, 4), "min_k_pp": round(s.min_k_pp, 4), "k": k,
-               "reference_documents": 0 if reference is None else len(reference)}
+               "reference_documents": 0 if reference is None else reference.documents}
         if reference is not None:
-            row["min_k_percentile"] = round(percentile(reference[:, 0], s.min_k), 1)
-            row["min_k_pp_percentile"] = round(percentile(reference[:, 1], s.min_k_pp), 1)
+            p, pp = reference.percentiles(s)
+            row |= {"min_k_percentile": round(p, 1), "min_k_pp_percentile": round(pp, 1),
+                    "reference_proven": reference.proven}
         out.append(row)
     return out
+
+
+def membership_check(model, tok, reference: Reference | None, texts: dict[str, str], k: float = DEFAULT_K) -> dict:
+    """The weights' side of a removal for a checkpoint without a training record: the removed
+    documents' texts still held (doc id -> text; at most MAX_CHECKED_DOCUMENTS scored, each
+    on the model's first window) scored with Min-K%++ among the reference. Returns the
+    highest percentile, or `why` there is none (`WeightsCheck.membership`)."""
+    if reference is None:
+        return {"why": "no reference documents to compare the weights' scores with (start the server with "
+                       "--membership-reference CORPUS)"}
+    window = getattr(model.config, "max_position_embeddings", 2048)
+    scored, best = [], None
+    for doc_id, text in list(texts.items())[:MAX_CHECKED_DOCUMENTS]:
+        s = score_text(model, tok, text[: window * 16], k)  # a window's tokens are in far fewer characters
+        if s is None:
+            continue
+        p = reference.percentiles(s)[1]
+        best = p if best is None else max(best, p)
+        scored.append(doc_id)
+    if not scored:
+        return {"why": "no text of the removed documents is held here any more (compacted) or long enough to "
+                       "score: send it to Audit with membership to ask the weights"}
+    return {"percentile": round(best, 1), "reference_documents": reference.documents,
+            "reference_proven": reference.proven, "scored_doc_ids": scored}

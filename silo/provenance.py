@@ -420,12 +420,26 @@ class WeightsCheck:
     trained_doc_ids: list[str]  # removed documents trained on, by id (exact)
     trained_text_doc_ids: list[str]  # removed documents whose text the training data holds
     fpr: float
+    # without a record, the weights asked instead (`membership_check`): percentile,
+    # reference_documents, reference_proven, scored_doc_ids; or `why` nothing was scored
+    membership: dict | None = None
 
     @property
     def statement(self) -> str:
         if not self.has_record:
-            return (f"{self.model} has no training record (an outside checkpoint): whether its weights saw "
-                    f"these documents cannot be checked")
+            base = (f"{self.model} has no training record (an outside checkpoint): whether its weights saw "
+                    f"these documents cannot be checked exactly")
+            m = self.membership
+            if m is None:
+                return base
+            if m.get("percentile") is None:
+                return f"{base}; {m['why']}"
+            among = ("held-out non-members" if m["reference_proven"]
+                     else "reference documents the operator vouches were not trained on")
+            return (f"{base}; membership percentile {m['percentile']:.0f} (Min-K%++ of the removed text of "
+                    f"{', '.join(m['scored_doc_ids'][:3])}{', …' if len(m['scored_doc_ids']) > 3 else ''} among "
+                    f"{m['reference_documents']} {among}: about 50 is what unseen text scores, near 100 suggests "
+                    f"the weights saw it; a signal, not a proof)")
         hit = sorted(set(self.trained_doc_ids) | set(self.trained_text_doc_ids))
         if not hit:
             return (f"not in the training record of the served model {self.model} (exact by document id; by text, "
@@ -435,11 +449,13 @@ class WeightsCheck:
                 f"trained on them")
 
 
-def check_removal(record: TrainingRecord | None, model: str, removal: dict) -> WeightsCheck:
+def check_removal(record: TrainingRecord | None, model: str, removal: dict,
+                  membership: dict | None = None) -> WeightsCheck:
     """The weights' side of one removal (an opt-out log record: `doc_ids`, and the
-    `fingerprints` of the removed texts, so the check holds after compaction)."""
+    `fingerprints` of the removed texts, so the check holds after compaction). Without a
+    record, `membership` (`silo.membership.membership_check`) is what the weights say."""
     if record is None:
-        return WeightsCheck(model, False, [], [], 0.0)
+        return WeightsCheck(model, False, [], [], 0.0, membership)
     by_id = [d for d in removal.get("doc_ids", ()) if record.has_document(d)]
     by_text = []
     for fp in removal.get("fingerprints") or ():

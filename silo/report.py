@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 MODE_NAMES = {"lm": "LM only", "knn": "kNN-LM", "infgram": "∞-gram", "ric": "RIC-LM", "oracle": "oracle LM"}
+
+
+def write_section(path: Path, heading: str, lines: list[str]) -> None:
+    """Add or replace the section `heading` ("## …") of a markdown file, up to the next
+    heading of its level or above (the tools' figures in BENCHMARKS.md)."""
+    old = path.read_text() if path.exists() else ""
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^#{{1,2}} |\Z)", re.M | re.S)
+    new = "\n".join([heading, "", *lines, ""]) + "\n"
+    if pattern.search(old):
+        text = pattern.sub(lambda _: new, old, count=1)
+    else:
+        text = (old.rstrip("\n") + "\n\n" if old.strip() else "") + new
+    path.write_text(text.rstrip("\n") + "\n")
 
 
 def print_table(rows: list[list], header: list[str]) -> None:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
+from silo.datastore.kinds import open_store
 
 from silo.app.demo import QUICK, DemoSize, run_demo
+from silo.corpus import iter_documents
+from silo.traps import TrapSpec, load_traps
 
-TINY = DemoSize("tiny", 2 << 20, 8, 20_000, 1_000, (0.5, 1.0), 1, 500, "", lm_config="tiny")
+TINY = DemoSize("tiny", 2 << 20, 8, 20_000, 1_000, (0.5, 1.0), 1, 500, "", lm_config="tiny",
+                traps=TrapSpec(lengths=(16,), repeats=(1, 10), per_cell=2))
 
 
 @pytest.mark.slow
 def test_the_demo_runs_every_stage(tmp_path, capsys):
     figures = run_demo(TINY, tmp_path / "demo")
     out = capsys.readouterr().out
-    for stage in range(1, 9):
+    for stage in range(1, 10):
         assert f"=== {stage}. " in out, stage
     table = figures["silo_table"]
     assert {"LM only", "kNN-LM", "∞-gram", "RIC-LM (BM25)", "RIC-LM (MiniLM)", "oracle LM"} <= set(table), table
@@ -27,6 +31,15 @@ def test_the_demo_runs_every_stage(tmp_path, capsys):
     assert "training record:" in out and "leakage scan:" in out
     assert serving["weights"].startswith("not in the training record of the served model") and \
         not serving["weights_trained"], serving["weights"]
+    # copyright traps: planted at step 1, kept out of the demo's own stores, measured at step 9
+    traps, store = figures["traps"]["weights"], figures["traps"]["datastore"]
+    assert set(traps) == {"SILO LM", "oracle"} and traps["SILO LM"][-1]["traps"] == 4
+    hosts = {t.host for t in load_traps(tmp_path / "demo" / "corpus") if t.host}
+    assert len(hosts) == 4 and hosts <= {d["doc_id"] for d in iter_documents(tmp_path / "demo" / "corpus")}
+    assert store["traps_in_store"] == 4 and min(store["before"]["infgram_counts"]) >= 1
+    assert store["after"]["infgram_counts"] == [0] * 4 and store["after"]["traced_in_hosts"] == 0
+    served = open_store(tmp_path / "demo" / "store-token", load_index=False, with_text=False)
+    assert not hosts & {served.doc_id(d) for d in range(served.n_documents)}
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved["size"]["name"] == "tiny"
     # the opt-out went to the corpus's ledger: every store built from the corpus honours it

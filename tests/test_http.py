@@ -314,6 +314,8 @@ def test_audit_over_grpc_and_http_is_public_bounded_and_from_the_record(served, 
     assert list(r.trained_doc_ids) == [trained["doc_id"]] and r.shingle_fpr == pytest.approx(1e-4)
     assert r.statement.startswith(f"{served.model}: the text is in the training data; trained on {trained['doc_id']}")
     assert r.scored and r.min_k < 0 and r.min_k_pp != 0
+    # calibrated against held-out documents the record proves were never trained on
+    assert r.reference_proven and r.reference_documents > 0 and 0 <= r.min_k_pp_percentile <= 100
     code, body = served.curl("/v1/silo/audit", {"text": "zzq " * 40})
     assert code == 200 and body["verdict"] == "not" and body["found"] == 0 and not body["scored"]
     code, err = served.curl("/v1/silo/audit", {})

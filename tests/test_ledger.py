@@ -38,7 +38,7 @@ from test_server import TOKEN, start
 
 from silo.app.cli import main as silo_main
 from silo.build import BuildArgs, build_store
-from silo.corpus import write_corpus
+from silo.corpus import iter_documents, write_corpus
 
 _WORDS = ["amber", "basalt", "cedar", "dune", "ember", "fjord", "glacier", "heron", "iris", "juniper", "kelp", "lagoon", "meadow", "nebula", "ochre", "prairie", "quartz", "reef", "sierra", "tundra", "umber", "valley", "willow", "xenon", "yarrow", "zephyr"]
 HEADER = ("Copyright 2019 the Free Text Collective. This work may not be copied, reproduced or distributed "
@@ -330,3 +330,18 @@ def test_bm25_statistics_leave_out_removed_passages(fresh, tmp_path, tiny_model)
     compact(a)
     for g, w in zip(_scores(open_store(a), queries), want, strict=True):
         assert g.keys() == w.keys() and np.allclose([g[k] for k in w], [w[k] for k in w], rtol=1e-5)
+
+
+def test_rewriting_a_corpus_keeps_its_removal_ledger(fresh, tmp_path, tiny_model):
+    """A corpus written again in place (`silo corpus import --overwrite`, a harvest, traps
+    planted) replaced its folder, and the ledger beside its shards went with it: every store
+    of the corpus was then refused (LedgerMissing), and a rebuild served the removed
+    documents again."""
+    a = tmp_path / "a"
+    build_store(_args(tiny_model, fresh, a))
+    res = remove([open_store(a)], "doc_ids", ["orig"])
+    write_corpus(list(iter_documents(fresh)), fresh, overwrite=True)
+    assert res.receipt in (fresh / "removals.log").read_text()
+    assert "orig" not in _live(open_store(a))
+    build_store(_args(tiny_model, fresh, tmp_path / "b"))
+    assert "orig" not in _ids(open_store(tmp_path / "b"))

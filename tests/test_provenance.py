@@ -15,9 +15,14 @@ import shutil
 import numpy as np
 import pytest
 from silo.datastore.ledger import SHINGLE_WORDS, fingerprint, normalize
+from silo.server.client import SiloClient
+from test_server import TOKEN, start
 
 from silo.app.cli import main
+from silo.build import BuildArgs, build_store
 from silo.corpus import iter_documents
+from silo.lm import load_causal_lm
+from silo.membership import load_reference, membership_check
 from silo.provenance import (
     BloomFilter,
     ProvenanceError,
@@ -127,7 +132,8 @@ def test_an_outside_checkpoint_has_no_record_and_says_so(tiny_model, corpus_dir,
     assert t["membership"]["reference_documents"] == 0  # no record, no reference given: no percentile
     main(["audit", "--model", str(outside), "--text", _fresh_text(4), "--reference", str(corpus_dir)])
     out = capsys.readouterr().out
-    assert "no training record" in out and "held-out non-members" in out, out
+    # without a record nothing proves the reference documents were not trained on: said so
+    assert "no training record" in out and "reference documents, not proven non-members" in out, out
 
 
 def test_a_torn_record_is_refused_by_name(tiny_model, tmp_path):
@@ -192,3 +198,48 @@ def test_the_weights_side_of_a_removal(tiny_model, corpus_dir):
     assert not w.trained_doc_ids and w.trained_text_doc_ids == ["copy-1"]
     w = check_removal(None, "outside", removal)
     assert not w.has_record and "no training record" in w.statement
+
+
+def test_an_outside_checkpoints_optout_status_asks_the_weights(tiny_model, corpus_dir, tmp_path):
+    """No training record: the weights section of OptOutStatus gives the removed text's
+    Min-K%++ percentile among the operator's reference documents (not proven non-members),
+    says so when there is no reference, and, once compaction dropped the text, that there is
+    nothing left to score."""
+    outside = tmp_path / "outside"
+    shutil.copytree(tiny_model, outside, ignore=shutil.ignore_patterns("provenance", "work"))
+    store = tmp_path / "store"
+    build_store(BuildArgs(model=str(outside), corpus=str(corpus_dir), out=str(store), tiers=("restricted",),
+                          window=128, stride=64, progress=False, ledger=str(tmp_path / "removals.log")))
+    server, port, state = start(outside, [store], membership_reference=str(corpus_dir))
+    try:
+        st = state.stores["token"]
+        victim, text = st.doc_id(0), st.doc_text(0)
+        with SiloClient(f"127.0.0.1:{port}", token=TOKEN) as c:
+            w = c.optout_status(doc_id=victim).weights  # not removed yet: the question is the same
+            assert not w.has_record and w.scored and list(w.scored_doc_ids) == [victim]
+            model, tok = load_causal_lm(outside)
+            expected = membership_check(model, tok, load_reference(model, tok, outside, corpus_dir), {victim: text})
+            assert w.reference_documents == expected["reference_documents"] > 0
+            assert w.membership_percentile == pytest.approx(expected["percentile"]) and 0 <= expected["percentile"] <= 100
+            assert "no training record" in w.statement and "membership percentile" in w.statement
+            assert "vouches were not trained on" in w.statement  # an outside model's reference proves nothing
+            receipt = c.optout(doc_ids=[victim]).receipt_id
+            removed = c.optout_status(receipt_id=receipt).weights  # tombstoned: its text is still held
+            assert removed.scored and removed.membership_percentile == pytest.approx(w.membership_percentile)
+            a = c.audit(text, membership=True)
+            assert a.scored and not a.has_record and not a.reference_proven
+            assert a.reference_documents == w.reference_documents and 0 <= a.min_k_pp_percentile <= 100
+            c.compact()
+            gone = c.optout_status(receipt_id=receipt).weights
+            assert not gone.scored and "no text of the removed documents is held here" in gone.statement
+    finally:
+        server.stop(0)
+    server, port, state = start(outside, [store])  # no reference corpus: no percentile, and how to get one
+    try:
+        with SiloClient(f"127.0.0.1:{port}", token=TOKEN) as c:
+            w = c.optout_status(doc_id=st.doc_id(1)).weights
+            assert not w.scored and "--membership-reference" in w.statement
+            a = c.audit(text, membership=True)
+            assert a.scored and a.reference_documents == 0 and a.min_k_pp_percentile == 0
+    finally:
+        server.stop(0)

@@ -525,6 +525,8 @@ SKIPPED: dict[str, str] = {
         "needs the cached 1M- and 10M-entry stores (an hour of building); figures in BENCHMARKS.md",
     "python tools/bench.py --prepare store,store8,big": "builds the 1M- and 10M-entry stores (an hour)",
     "python tools/bench.py --prepare tiny,growth": "builds the 0.5M…16M-token growth series (hours)",
+    "python tools/traps.py --corpus runs/corpus --work runs/traps --per-cell 16 --benchmarks BENCHMARKS.md":
+        "trains two LMs on a harvest (10 minutes); tests/test_traps.py runs the same experiment small",
     "ray up tools/ray-cluster.yaml": "starts cloud machines; the build below runs on a local two-node Ray cluster",
     "silo serve-shards /shared/stores/restricted --shards 0-63 --host 0.0.0.0 --port 50061 --shard-token-file "
     "/shared/secrets/shard.token --tls-cert node1.pem --tls-key node1.key":

@@ -40,7 +40,8 @@ def start(model, stores, **kw):
     auth = Auth(admin_token=kw.get("token", TOKEN), owners=kw.get("owners"))
     state = load_state(str(model), [str(s) for s in stores], auth=auth, limits=kw.get("limits"),
                        shard_token=SHARD_TOKEN, **{k: v for k, v in kw.items()
-                                                   if k in ("remote_shards", "shard_deadline_s", "shard_root_cert")})
+                                                   if k in ("remote_shards", "shard_deadline_s", "shard_root_cert",
+                                                            "membership_reference")})
     server, port, _ = build_server({"LanguageModel": LanguageModelServicer(state), "Datastore": DatastoreServicer(state)},
                                    0, auth=auth, max_concurrent=kw.get("max_concurrent", 32), tls=kw.get("tls"),
                                    max_workers=kw.get("max_workers"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from silo.lmeval_task import (  # noqa: E402
     read_results,
     write_cloze_task,
 )
-from silo.report import print_table  # noqa: E402
+from silo.report import print_table, write_section  # noqa: E402
 
 SECTION = f"## lm-eval-harness ({TASK})"
 HEADER = ["mode", "acc", "acc_norm", "items", "seconds"]
@@ -115,21 +114,6 @@ def table_rows(rows: list[dict]) -> list[list]:
     return [[r["mode"], f"{r['acc']:.3f}", f"{r['acc_norm']:.3f}", r["items"], f"{r['seconds']:.0f}"] for r in rows]
 
 
-def write_section(path: Path, rows: list[dict], about: str) -> None:
-    """Add or replace the section SECTION of a markdown file (up to the next heading)."""
-    lines = [SECTION, "", about, "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
-             *("| " + " | ".join(str(c) for c in r) + " |" for r in table_rows(rows)), ""]
-    old = path.read_text() if path.exists() else ""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^#{{1,2}} |\Z)", re.M | re.S)
-    new = "\n".join(lines) + "\n"
-    if pattern.search(old):
-        text = pattern.sub(lambda _: new, old, count=1)
-    else:
-        text = (old.rstrip("\n") + "\n\n" if old.strip() else "") + new
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="the model folder to serve")
@@ -170,7 +154,9 @@ def main() -> None:
                  f"{f', the first {a.limit} run' if a.limit else ''}), model `{Path(a.model).name}` served by "
                  f"`silo serve --http-port` with {', '.join(Path(s).name for s in a.store)}; seconds are each "
                  "run's wall time, harness start-up included.")
-        write_section(Path(a.benchmarks), rows, about)
+        write_section(Path(a.benchmarks), SECTION, [
+            about, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in table_rows(rows))])
         print(f"-> {a.benchmarks}")
 
 

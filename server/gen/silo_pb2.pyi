@@ -316,7 +316,7 @@ class AuditRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., doc_ids: _Optional[_Iterable[str]] = ..., membership: _Optional[bool] = ...) -> None: ...
 
 class AuditResponse(_message.Message):
-    __slots__ = ("model", "has_record", "verdict", "words", "shingles", "found", "longest_run_words", "same_documents", "trained_doc_ids", "shingle_fpr", "statement", "scored", "min_k", "min_k_pp")
+    __slots__ = ("model", "has_record", "verdict", "words", "shingles", "found", "longest_run_words", "same_documents", "trained_doc_ids", "shingle_fpr", "statement", "scored", "min_k", "min_k_pp", "min_k_percentile", "min_k_pp_percentile", "reference_documents", "reference_proven")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HAS_RECORD_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +331,10 @@ class AuditResponse(_message.Message):
     SCORED_FIELD_NUMBER: _ClassVar[int]
     MIN_K_FIELD_NUMBER: _ClassVar[int]
     MIN_K_PP_FIELD_NUMBER: _ClassVar[int]
+    MIN_K_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    MIN_K_PP_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_PROVEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     has_record: bool
     verdict: str
@@ -345,7 +349,11 @@ class AuditResponse(_message.Message):
     scored: bool
     min_k: float
     min_k_pp: float
-    def __init__(self, model: _Optional[str] = ..., has_record: _Optional[bool] = ..., verdict: _Optional[str] = ..., words: _Optional[int] = ..., shingles: _Optional[int] = ..., found: _Optional[int] = ..., longest_run_words: _Optional[int] = ..., same_documents: _Optional[_Iterable[str]] = ..., trained_doc_ids: _Optional[_Iterable[str]] = ..., shingle_fpr: _Optional[float] = ..., statement: _Optional[str] = ..., scored: _Optional[bool] = ..., min_k: _Optional[float] = ..., min_k_pp: _Optional[float] = ...) -> None: ...
+    min_k_percentile: float
+    min_k_pp_percentile: float
+    reference_documents: int
+    reference_proven: bool
+    def __init__(self, model: _Optional[str] = ..., has_record: _Optional[bool] = ..., verdict: _Optional[str] = ..., words: _Optional[int] = ..., shingles: _Optional[int] = ..., found: _Optional[int] = ..., longest_run_words: _Optional[int] = ..., same_documents: _Optional[_Iterable[str]] = ..., trained_doc_ids: _Optional[_Iterable[str]] = ..., shingle_fpr: _Optional[float] = ..., statement: _Optional[str] = ..., scored: _Optional[bool] = ..., min_k: _Optional[float] = ..., min_k_pp: _Optional[float] = ..., min_k_percentile: _Optional[float] = ..., min_k_pp_percentile: _Optional[float] = ..., reference_documents: _Optional[int] = ..., reference_proven: _Optional[bool] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens")
@@ -526,20 +534,28 @@ class OptOutStatusResponse(_message.Message):
     def __init__(self, removed: _Optional[bool] = ..., receipt_id: _Optional[str] = ..., logged_at: _Optional[str] = ..., by: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., removed_doc_ids: _Optional[_Iterable[str]] = ..., compacted: _Optional[bool] = ..., logged: _Optional[bool] = ..., tombstoned: _Optional[bool] = ..., made_by: _Optional[str] = ..., values_redacted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreProof, _Mapping]]] = ..., weights: _Optional[_Union[WeightsProof, _Mapping]] = ...) -> None: ...
 
 class WeightsProof(_message.Message):
-    __slots__ = ("model", "has_record", "trained_doc_ids", "trained_text_doc_ids", "shingle_fpr", "statement")
+    __slots__ = ("model", "has_record", "trained_doc_ids", "trained_text_doc_ids", "shingle_fpr", "statement", "scored", "membership_percentile", "reference_documents", "scored_doc_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HAS_RECORD_FIELD_NUMBER: _ClassVar[int]
     TRAINED_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     TRAINED_TEXT_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     SHINGLE_FPR_FIELD_NUMBER: _ClassVar[int]
     STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    SCORED_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     has_record: bool
     trained_doc_ids: _containers.RepeatedScalarFieldContainer[str]
     trained_text_doc_ids: _containers.RepeatedScalarFieldContainer[str]
     shingle_fpr: float
     statement: str
-    def __init__(self, model: _Optional[str] = ..., has_record: _Optional[bool] = ..., trained_doc_ids: _Optional[_Iterable[str]] = ..., trained_text_doc_ids: _Optional[_Iterable[str]] = ..., shingle_fpr: _Optional[float] = ..., statement: _Optional[str] = ...) -> None: ...
+    scored: bool
+    membership_percentile: float
+    reference_documents: int
+    scored_doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., has_record: _Optional[bool] = ..., trained_doc_ids: _Optional[_Iterable[str]] = ..., trained_text_doc_ids: _Optional[_Iterable[str]] = ..., shingle_fpr: _Optional[float] = ..., statement: _Optional[str] = ..., scored: _Optional[bool] = ..., membership_percentile: _Optional[float] = ..., reference_documents: _Optional[int] = ..., scored_doc_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

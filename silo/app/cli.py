@@ -257,7 +257,9 @@ def cmd_audit(a: argparse.Namespace) -> None:
         if m:
             line += (("; " if rep["record"] else "") + f"Min-K% {m['min_k']:.3f}, Min-K%++ {m['min_k_pp']:.3f}"
                      + (f" (percentile {m['min_k_percentile']:.0f} / {m['min_k_pp_percentile']:.0f} among "
-                        f"{m['reference_documents']} held-out non-members)" if m["reference_documents"] else ""))
+                        f"{m['reference_documents']} "
+                        + ("held-out non-members)" if m["reference_proven"] else
+                           "reference documents, not proven non-members)") if m["reference_documents"] else ""))
         print(line)
     for d in rep["documents"]:
         print(f"{d['doc_id']}: " + ("no training record" if d["trained"] is None else
@@ -430,7 +432,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
           max_concurrent=a.max_concurrent, workers=a.workers, limits=_limits(a), ready_file=a.ready_file,
           allow_restricted_model=a.serve_restricted_model,
           allow_plaintext_shard_token=a.allow_plaintext_shard_token, mode=a.mode, http_port=a.http_port,
-          http_host=a.http_host, http_ready_file=a.http_ready_file)
+          http_host=a.http_host, http_ready_file=a.http_ready_file, membership_reference=a.membership_reference,
+          membership_documents=a.membership_documents)
 
 
 def cmd_token_file(a: argparse.Namespace) -> None:
@@ -972,6 +975,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "page on this port (0 picks a free one): the same model, stores, tokens and limits as gRPC")
     sp.add_argument("--http-host", help="the HTTP API's address (default: --host)")
     sp.add_argument("--http-ready-file", help="write the bound HTTP port here once serving")
+    sp.add_argument("--membership-reference", metavar="CORPUS",
+                    help="a corpus whose test split calibrates the Min-K%%++ percentiles of Audit and of an opt-out's "
+                         "weights section (default: the training record's corpus; an outside checkpoint: give "
+                         "text it was not trained on, e.g. written after it)")
+    sp.add_argument("--membership-documents", type=int, default=100, metavar="N",
+                    help="reference documents drawn from it (default 100)")
     sp.add_argument("--serve-restricted-model", action="store_true",
                     help="serve a model trained on restricted text (an oracle): its weights hold text no opt-out "
                     "reaches; refused without this flag. Private evaluation servers only")

@@ -10,6 +10,9 @@
  7. the datastore scaling curve (plot)
  8. a gRPC server: kNN-LM generation with sources and a verbatim trace of its output,
     an opt-out, the document gone, a compaction
+ 9. copyright traps (planted into the harvest's restricted tier at step 1): the oracle's
+    weights detect the frequent ones, SILO's LM's cannot; stores of their documents serve
+    them until the owners opt out, then nothing of them (silo.traps)
 
 Each finished stage is kept in the work folder and reused by the next run (`--fresh`
 starts over), so an interrupted demo continues where it stopped.
@@ -46,6 +49,19 @@ from silo.server.auth import Auth
 from silo.server.client import SiloClient
 from silo.server.servicers import DatastoreServicer, LanguageModelServicer
 from silo.train import TrainArgs, train
+from silo.traps import (
+    Trap,
+    TrapSpec,
+    build_trap_stores,
+    datastore_side,
+    load_traps,
+    make_traps,
+    plant_traps,
+    print_datastore,
+    print_detection,
+    trap_vocabulary,
+    weights_side,
+)
 
 
 @dataclass(frozen=True)
@@ -62,11 +78,13 @@ class DemoSize:
     curve_tokens: int
     workdir: str
     lm_config: str = "small"  # the LM's (and the oracle's) named size (silo.lm.CONFIGS)
+    traps: TrapSpec = TrapSpec()  # copyright traps planted into the harvest (step 9)
 
 
 # the quick run trains the tiny config (seconds per hundred steps on 2 cores) for longer,
 # where the small config at a few dozen steps would have learnt less in more time
-QUICK = DemoSize("quick", 12 << 20, 600, 300_000, 6_000, (0.1, 0.3, 1.0), 1, 2_000, "runs/demo", lm_config="tiny")
+QUICK = DemoSize("quick", 12 << 20, 600, 300_000, 6_000, (0.1, 0.3, 1.0), 1, 2_000, "runs/demo", lm_config="tiny",
+                 traps=TrapSpec(per_cell=4))
 FULL = DemoSize("full", 40 << 20, None, 1_500_000, 30_000, (0.03, 0.1, 0.3, 1.0), 3, 5_000, "runs/demo-full")
 
 
@@ -127,6 +145,8 @@ def run_demo(size: DemoSize = QUICK, workdir: str | Path | None = None, limit_by
         print(f"reusing {corpus}")
     except SiloError:
         harvest_corpus(corpus, limit_bytes, overwrite=True)
+    traps = _planted_traps(corpus, size.traps)
+    hosts = tuple(sorted(t.host for t in traps if t.host))
     stats = corpus_stats(corpus)
     figures["corpus"] = stats["tier"]
     print_table([[t, v["documents"], v["tokens"], v["bytes"]] for t, v in stats["tier"].items()],
@@ -165,7 +185,9 @@ def run_demo(size: DemoSize = QUICK, workdir: str | Path | None = None, limit_by
     print("The LM never saw restricted text: its perplexity there is what the datastore has to close.")
 
     _stage("4. datastores over the restricted tier (train split): token, ∞-gram, passages (BM25, MiniLM)")
-    common = dict(model=str(model_dir), corpus=str(corpus), store_tokens=size.store_tokens)
+    # the trap-bearing documents get stores of their own at step 9 (their opt-out is the
+    # experiment's), so these stores, served and opted out of at step 8, hold none of them
+    common = dict(model=str(model_dir), corpus=str(corpus), store_tokens=size.store_tokens, exclude_doc_ids=hosts)
     token_store = _store(work / "store-token", **common, kind="token", shards=2, window=256, stride=128,
                          batch_size=16, keep_keys=True)
     infgram_store = _store(work / "store-infgram", **common, kind="infgram", shards=2)
@@ -231,10 +253,58 @@ def run_demo(size: DemoSize = QUICK, workdir: str | Path | None = None, limit_by
     _stage("8. serving: kNN-LM generation with sources and a verbatim trace, then an opt-out")
     figures["serving"] = serve_and_opt_out(model_dir, token_store, infgram_store, work)
 
+    _stage("9. copyright traps: the owners' canaries, in the weights and in the datastore")
+    figures["traps"] = trap_experiment(traps, model_dir, oracle_dir, corpus, work / "traps")
+
     figures["seconds"] = round(time.perf_counter() - t_start, 1)
     (work / "demo.json").write_text(json.dumps(figures, indent=2, default=str))
     print(f"\ndemo finished in {figures['seconds']:.0f} s; figures -> {work / 'demo.json'}")
     return figures
+
+
+def _planted_traps(corpus: Path, spec: TrapSpec) -> list[Trap]:
+    """The traps of the corpus, planted now if it has none; whatever else the work folder
+    holds was made from the corpus before them, and goes."""
+    traps = load_traps(corpus)
+    if traps is None:
+        traps = plant_traps(corpus, make_traps(spec, trap_vocabulary(corpus)), seed=spec.seed)
+        for stale in corpus.parent.iterdir():
+            if stale != corpus:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    planted = [t for t in traps if t.planted]
+    lengths = sorted({t.words for t in planted})
+    repeats = sorted({t.repeats for t in planted})
+    print(f"copyright traps: {len(planted)} random sentences of {'/'.join(map(str, lengths))} words, each planted "
+          f"{'/'.join(map(str, repeats))} times into its own restricted training document; "
+          f"{len(traps) - len(planted)} controls planted nowhere ({corpus / 'traps.json'}; checked at step 9)")
+    return traps
+
+
+def trap_experiment(traps: list[Trap], model_dir: Path, oracle_dir: Path, corpus: Path, out: Path) -> dict:
+    """Step 9 (silo.traps): trap detection from both models' weights; the datastore half on
+    stores of the trap-bearing documents (and as much other restricted text), whose hosts are
+    opted out. Reused when finished."""
+    report = out / "traps-report.json"
+    if report.is_file():
+        rep = json.loads(report.read_text())
+        print(f"reusing {report}")
+    else:
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished run may have removed hosts already
+        rep = {"weights": weights_side({"SILO LM": model_dir, "oracle": oracle_dir}, traps)}
+        stores = build_trap_stores(model_dir, corpus, traps, out, progress=True)
+        rep["datastore"] = datastore_side(model_dir, stores["token"], stores["infgram"], traps,
+                                          reason="demo: the trap owners opted out")
+        report.write_text(json.dumps(rep, indent=2))
+    print("Can the weights tell a planted trap from a control never planted? (AUC; 0.5: they cannot)")
+    print_detection(rep["weights"])
+    print("SILO's LM never trained on restricted text: its AUC is 0.5 up to noise. The oracle, trained on it, "
+          "detects the traps it saw often.")
+    print(f"\nThe datastore: {rep['datastore'].get('traps_in_store', 0)} traps in stores of their documents and "
+          "as much other restricted text; their owners opt out:")
+    print_datastore(rep["datastore"])
+    print("After the opt-out the ∞-gram store counts none of them, Trace finds none, and kNN-LM predicts them as "
+          "it does text no store ever held (the controls).")
+    return rep
 
 
 def serve_and_opt_out(model_dir: Path, token_store: Path, infgram_store: Path, work: Path) -> dict:

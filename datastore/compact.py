@@ -116,12 +116,14 @@ def _compact(path: Path, only_shards: set[int] | None) -> dict:
     dead_by_shard = [todo[s.info.first_doc : s.info.first_doc + s.info.documents] for s in store.shards]
     rewrite = [bool(d.any()) and (only_shards is None or no in only_shards) for no, d in enumerate(dead_by_shard)]
     bm25 = None
-    if any(rewrite) and "bm25" in m.retrievers:
+    stale = bool((m.build.get("bm25") or {}).get("stale"))  # shards added by live ingest
+    if (any(rewrite) or (stale and only_shards is None)) and "bm25" in m.retrievers:
         # BM25 scores carry store-wide statistics: every shard is re-indexed without the removed text
         rewrite = [True] * len(store.shards)
         texts = passage_texts(store, store.dead_docs | docs.removed)
         bm25 = (write_bm25, texts, bm25_statistics(texts))
-        m.build["bm25"] = {**m.build.get("bm25", {}), "passages": bm25[2]["passages"], "avg_len": bm25[2]["avg_len"]}
+        m.build["bm25"] = {**m.build.get("bm25", {}), "passages": bm25[2]["passages"], "avg_len": bm25[2]["avg_len"],
+                           "stale": False}
     new_shards, rewritten, removed_entries = [], [], 0
     for no, s in enumerate(store.shards):
         if not rewrite[no]:

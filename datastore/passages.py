@@ -21,8 +21,16 @@ tombstoned but still in the files, the query's terms are scored exactly with the
 statistics — passages, document frequencies and total length minus the removed passages'
 (read from those postings, so it costs what scoring costs). The store-wide statistics the
 files were written with are in the manifest (`build.bm25`). Stores written before these
-files existed keep their build statistics until their next compaction. Dense search takes query vectors from the caller's
+files existed keep their build statistics until their next compaction. Live ingest adds
+a shard written with its own statistics and marks the store's `stale` (`build.bm25`):
+every query is then scored the same exact way, with the statistics of every shard, until
+a compaction re-indexes them all. Dense search takes query vectors from the caller's
 embedder (`embed`), since the engine knows no model.
+
+A store built with both retrievers can also be searched `hybrid`: BM25's and the dense
+index's top lists (each `HYBRID_DEPTH` x k deep) fused by reciprocal rank (Cormack et
+al., 2009: a passage scores Σ 1 / (RRF_K + rank) over the lists it is in), which needs no
+calibration between BM25 scores and inner products.
 
 Retrieval policy and opt-out tombstones are applied inside the search (`weight_mask` for
 BM25, `IDSelectorBitmap` for FAISS) so the top-k is the exact top-k of what is allowed,
@@ -50,10 +58,32 @@ from silo.datastore.manifest import Manifest
 from silo.datastore.policy import RetrievalPolicy
 from silo.datastore.store import Datastore
 
-RETRIEVERS = ("bm25", "dense")
+RETRIEVERS = ("bm25", "dense")  # what a store is built with
+SEARCH_RETRIEVERS = (*RETRIEVERS, "hybrid")  # what a search may ask for (hybrid: both, fused)
+RRF_K = 60
+HYBRID_DEPTH = 2
 BM25_PARAMS = {"k1": 0.9, "b": 0.4, "method": "lucene"}  # In-Context RALM's BM25
 BM25_STOPWORDS = "en"
 PASSAGE_COLUMNS = ("doc", "position", "end", "sentence", "char_start", "char_end")
+
+
+def reciprocal_rank_fusion(lists: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse ranked id lists ((n, d) each, best first, -1 = none) into the top-k by
+    Σ 1 / (RRF_K + rank): (scores (n, k) float32, ids (n, k) int64), -inf / -1 where fewer;
+    ties go to the smaller id."""
+    assert lists and all(x.ndim == 2 and x.shape[0] == lists[0].shape[0] for x in lists), [x.shape for x in lists]
+    n = lists[0].shape[0]
+    scores, ids = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+    for q in range(n):
+        fused: dict[int, float] = {}
+        for ranked in lists:
+            for rank, i in enumerate(int(x) for x in ranked[q]):
+                if i >= 0:
+                    fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
+        top = sorted(fused.items(), key=lambda t: (-t[1], t[0]))[:k]
+        for j, (i, sc) in enumerate(top):
+            ids[q, j], scores[q, j] = i, sc
+    return scores, ids
 
 
 # ---------------------------------------------------------------------------- BM25
@@ -231,11 +261,12 @@ class PassageStore(Datastore):
         """Top-k passages per query text: (scores (n, k) float32, ids (n, k) int64), best
         first, -inf / -1 where fewer. An empty query (no words) has no hits. Dense search
         embeds the queries with `embed` (texts -> (n, dim) float32, the store's embedder)."""
-        if retriever not in RETRIEVERS:
-            raise ValueError(f"unknown retriever {retriever!r}; expected one of {', '.join(RETRIEVERS)}")
-        if retriever not in self.manifest.retrievers:
-            raise StoreError(f"store {self.path} was built without the {retriever} retriever "
-                             f"(it has {', '.join(self.manifest.retrievers)})")
+        if retriever not in SEARCH_RETRIEVERS:
+            raise ValueError(f"unknown retriever {retriever!r}; expected one of {', '.join(SEARCH_RETRIEVERS)}")
+        needs = RETRIEVERS if retriever == "hybrid" else (retriever,)
+        if any(r not in self.manifest.retrievers for r in needs):
+            raise StoreError(f"store {self.path} was built without the {' and '.join(needs)} retriever"
+                             f"{'s' if len(needs) > 1 else ''} (it has {', '.join(self.manifest.retrievers)})")
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         if isinstance(queries, str):
@@ -244,6 +275,10 @@ class PassageStore(Datastore):
         nq = len(queries)
         if nq == 0:
             return np.full((0, k), -np.inf, np.float32), np.full((0, k), -1, np.int64)
+        if retriever == "hybrid":
+            depth = HYBRID_DEPTH * k
+            lists = [self.search_text(queries, depth, policy, r, embed, nprobe)[1] for r in RETRIEVERS]
+            return reciprocal_rank_fusion(lists, k)
         if retriever == "dense":
             if embed is None:
                 raise ValueError("dense retrieval needs the store's embedder (embed=)")
@@ -275,6 +310,10 @@ class PassageStore(Datastore):
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         return scores, ids
+
+    def default_retriever(self) -> str:
+        """What a search that names no retriever uses: BM25 if the store has it, else dense."""
+        return "bm25" if "bm25" in self.manifest.retrievers else "dense"
 
     def _unpacked(self, allowed: np.ndarray | None) -> np.ndarray | None:
         """The packed allowed-bitmap as booleans (kept while the base class keeps the bitmap)."""
@@ -310,8 +349,12 @@ class PassageStore(Datastore):
         the files' statistics are the live ones."""
         removed = self._removed_passages()
         stats = self.manifest.build.get("bm25") or {}
-        if removed is None or "passages" not in stats:
+        if "passages" not in stats or (removed is None and not stats.get("stale")):
             return None
+        if removed is None:  # live ingest: the shards' files carry older statistics
+            if any(tf is None for tf in self.bm25_tf):
+                return None
+            removed = (np.zeros(self.n_entries, bool), 0, 0)
         gone, n_gone, len_gone = removed
         n_files = int(stats["passages"])
         total = round(n_files * float(stats["avg_len"])) - len_gone

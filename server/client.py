@@ -35,13 +35,15 @@ def to_dict(message) -> dict:
 def retrieval_options(mode: str | None = None, k: int | None = None, lam: float | None = None,
                       temperature: float | None = None, nprobe: int = 0, tiers=(), deny_licenses=(),
                       allow_licenses=(), allow_sources=(), deny_sources=(), deny_owners=(),
-                      allow_partial: bool = False, refine: int | None = None) -> pb.RetrievalOptions:
+                      allow_partial: bool = False, refine: int | None = None,
+                      retriever: str = "") -> pb.RetrievalOptions:
     """Retrieval options of a Generate or Score request. `mode` None (unset) is the server's
     default mode (ModelInfo.default_mode: SILO's retrieval when the server has a store);
     "none" asks for the parametric LM alone."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
-    opts = pb.RetrievalOptions(nprobe=nprobe, allow_partial=allow_partial, policy=pb.RetrievalPolicy(
+    opts = pb.RetrievalOptions(nprobe=nprobe, allow_partial=allow_partial, retriever=retriever,
+                               policy=pb.RetrievalPolicy(
         tiers=list(tiers), allow_licenses=list(allow_licenses), deny_licenses=list(deny_licenses),
         allow_sources=list(allow_sources), deny_sources=list(deny_sources), deny_owners=list(deny_owners)))
     if mode is not None:
@@ -123,8 +125,8 @@ class SiloClient:
 
     def search(self, query: str, k: int | None = 10, store: str = "", nprobe: int = 0, tiers=(), deny_licenses=(),
                allow_licenses=(), allow_sources=(), deny_sources=(), deny_owners=(),
-               allow_partial: bool = False, refine: int | None = None) -> pb.SearchResponse:
-        req = pb.SearchRequest(query=query, store=store, nprobe=nprobe, allow_partial=allow_partial,
+               allow_partial: bool = False, refine: int | None = None, retriever: str = "") -> pb.SearchResponse:
+        req = pb.SearchRequest(query=query, store=store, nprobe=nprobe, allow_partial=allow_partial, retriever=retriever,
                                policy=retrieval_options(tiers=tiers, deny_licenses=deny_licenses,
                                                         allow_licenses=allow_licenses, allow_sources=allow_sources,
                                                         deny_sources=deny_sources, deny_owners=deny_owners).policy)

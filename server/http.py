@@ -176,6 +176,8 @@ class SiloOptions(BaseModel):
     nprobe: int = 0
     refine: int | None = Field(None, description="exact re-ranking factor (stores with kept keys)")
     ric_stride: int = 0
+    retriever: Literal["bm25", "dense", "hybrid"] | None = Field(
+        None, description="RIC-LM: how passages are found; unset: the passage store's own")
     policy: dict | None = Field(None, description="a RetrievalPolicy: tiers, allow_licenses, deny_licenses, "
                                 "allow_sources, deny_sources, deny_owners")
     allow_partial: bool = False
@@ -284,7 +286,8 @@ class Completions:
         mode = self._mode_of_model(body.model)
         opts = body.silo or SiloOptions()
         retrieval = pb.RetrievalOptions(nprobe=max(opts.nprobe, 0) if opts.nprobe >= 0 else 0,
-                                        allow_partial=opts.allow_partial, ric_stride=max(opts.ric_stride, 0))
+                                        allow_partial=opts.allow_partial, ric_stride=max(opts.ric_stride, 0),
+                                        retriever=opts.retriever or "")
         if opts.nprobe < 0 or opts.ric_stride < 0:
             raise BadCompletion("silo.nprobe and silo.ric_stride must be ≥ 0")
         if (opts.mode or mode) is not None:

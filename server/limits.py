@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 from silo.datastore.errors import TooMuchWork
+from silo.datastore.passages import SEARCH_RETRIEVERS
 from silo.datastore.policy import RetrievalPolicy
 from silo.server.gen import silo_pb2 as pb
 
@@ -171,6 +172,13 @@ def policy_from_pb(p: pb.RetrievalPolicy, limits: Limits | None = None) -> Retri
     return RetrievalPolicy(tiers=tuple(dict.fromkeys(p.tiers)) or None, **fields)
 
 
+def check_retriever(name: str, value: str) -> None:
+    """A passage retriever's name: empty (the store's default) or one of SEARCH_RETRIEVERS."""
+    if value and value not in SEARCH_RETRIEVERS:
+        raise BadRequest(f"{name} must be one of {', '.join(SEARCH_RETRIEVERS)} (or empty: the store's default), "
+                         f"got {shown(value)}")
+
+
 def check_retrieval(r: pb.RetrievalOptions, limits: Limits) -> None:
     """Every field of RetrievalOptions against the limits (mode, k, λ, T, nprobe, refine, stride)."""
     check_enum("retrieval.mode", r.mode, pb.RetrievalMode)
@@ -184,3 +192,4 @@ def check_retrieval(r: pb.RetrievalOptions, limits: Limits) -> None:
     if r.HasField("refine_factor"):
         check_int("retrieval.refine_factor", r.refine_factor, 1, limits.max_refine_factor)
     check_int("retrieval.ric_stride", r.ric_stride, 0, limits.max_window)
+    check_retriever("retrieval.retriever", r.retriever)

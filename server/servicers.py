@@ -50,6 +50,7 @@ from silo.server.limits import (
     check_float,
     check_int,
     check_retrieval,
+    check_retriever,
     check_sampling_temperature,
     check_text,
     check_work,
@@ -178,6 +179,17 @@ class ServerState:
 
 # a store kind's retrieval mode, in the order `auto` prefers them: kNN-LM (SILO's best mode
 # where it is affordable), then ∞-gram, then RIC-LM
+def check_store_retriever(store: Datastore, retriever: str, name: str) -> None:
+    """A retriever asked of a passage store must be one it was built with (hybrid: both)."""
+    if not retriever:
+        return
+    needs = ("bm25", "dense") if retriever == "hybrid" else (retriever,)
+    have = store.manifest.retrievers
+    if any(x not in have for x in needs):
+        raise BadRequest(f"{name} {retriever!r} needs a passage store built with {' and '.join(needs)}; "
+                         f"this server's has {', '.join(have)}")
+
+
 MODE_OF_KIND = {"token": pb.RETRIEVAL_KNN, "infgram": pb.RETRIEVAL_INFGRAM, "passage": pb.RETRIEVAL_RIC}
 DEFAULT_MODES = ("auto", "none", "knn", "ric", "infgram")
 
@@ -411,7 +423,8 @@ class LanguageModelServicer:
             raise BadRequest("echo is not available with RETRIEVAL_RIC (its passages change as text is generated); "
                              "score a text under RIC-LM with Score")
         if mode == pb.RETRIEVAL_RIC:
-            rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1)
+            rp = RICParams(stride=r.retrieval.ric_stride or 16, passages=r.retrieval.k or 1,
+                           retriever=r.retrieval.retriever or None)
             window = min(s.window, getattr(s.model.config, "max_position_embeddings", s.window))
             retrievals = -(-max_new // rp.stride)  # one before the first token, then every ric_stride tokens
             check_work(f"RIC-LM passages ({retrievals:,} retrievals x {rp.passages} passages)",
@@ -427,6 +440,7 @@ class LanguageModelServicer:
             s.store("infgram", "trace")  # refused before any work if there is nothing to trace against
         if mode == pb.RETRIEVAL_RIC:
             passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
+            check_store_retriever(passages, r.retrieval.retriever, "retrieval.retriever")
             gen = ric_generate(s.model, s.tok, passages, r.prompt, max_new, rp, r.temperature, r.top_p or 1.0,
                                r.seed, policy, tuple(r.stop_sequences), s.window, r.top_logprobs, prompt_ids)
         elif mode == pb.RETRIEVAL_INFGRAM:
@@ -516,7 +530,8 @@ class LanguageModelServicer:
             self._check_knn_work(store, params, scored, "scored tokens")
         rp = None
         if mode == pb.RETRIEVAL_RIC:
-            rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1).validate(window)
+            rp = RICParams(stride=r.retrieval.ric_stride or 64, passages=r.retrieval.k or 1,
+                           retriever=r.retrieval.retriever or None).validate(window)
             blocks = ric_blocks(len(ids), rp.stride)
             check_work(f"RIC-LM passages ({blocks:,} blocks of ric_stride {rp.stride} x {rp.passages} passages)",
                        blocks * rp.passages, "max_ric_passages", lim, "a larger ric_stride, fewer passages (k)")
@@ -537,6 +552,7 @@ class LanguageModelServicer:
                 lp = scored.logprob(infgram_params_from_pb(r.retrieval, ig))
             if mode == pb.RETRIEVAL_RIC:
                 passages = s.store("passage", "retrieval.mode RETRIEVAL_RIC")
+                check_store_retriever(passages, r.retrieval.retriever, "retrieval.retriever")
                 lp = ric_score_documents(s.model, s.tok, passages, [ids], window, rp, 8, pad,
                                          checked_policy(r.retrieval.policy, lim))[0]
         texts = s.tok.batch_decode([[t] for t in ids[1:]])  # one call into the Rust tokenizer
@@ -636,6 +652,7 @@ class DatastoreServicer:
         check_text("query", r.query, lim.max_text_chars)
         k = check_int("k", r.k if r.HasField("k") else 10, 1, lim.max_k)
         check_int("nprobe", r.nprobe, 0, lim.max_nprobe)
+        check_retriever("retriever", r.retriever)
         policy = checked_policy(r.policy, lim)
         kind = r.store or "token"
         if kind not in SEARCH_KINDS:
@@ -647,8 +664,12 @@ class DatastoreServicer:
             used = refine_used(store, refine)
             check_work(f"candidates per search (k {k} x refine {used})", k * used, "max_query_candidates", lim,
                        "a smaller k or refine_factor")
+        if r.retriever:
+            if kind != "passage":
+                raise BadRequest(f"retriever {shown(r.retriever)} is for passage stores, not the {kind} store")
+            check_store_retriever(store, r.retriever, "retriever")
         found = search_text(store, r.query, k, s.model, s.tok, policy, r.nprobe or None, refine,
-                            allow_partial=r.allow_partial)
+                            retriever=r.retriever or None, allow_partial=r.allow_partial)
         return pb.SearchResponse(hits=[neighbour_pb(h) for h in found.hits], partial=bool(found.missing),
                                  missing_shards=found.missing)
 

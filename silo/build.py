@@ -346,9 +346,13 @@ def write_shard(a: BuildArgs, model, tok, docs: DocTokens, shard_no: int, doc_ra
                                                zip(part["doc"], part["position"], part["end"], strict=True)]) \
                         if embedder.from_lm else embedder.embed_texts(texts[s : s + EMBED_CHUNK])
                 writer.add(vecs, part)
-            if bm25_stats is not None:
+            if bm25_stats is not None or "bm25" in a.retrievers:
+                # a build passes the store-wide statistics; a live ingest's shard is written
+                # with its own, and the store scores it with every shard's (`PassageStore`)
+                stats = bm25_stats or bm25_statistics([texts])
+
                 def extra(folder: Path, texts=texts) -> None:
-                    write_bm25(texts, bm25_stats, folder / "bm25")
+                    write_bm25(texts, stats, folder / "bm25")
         return writer.publish(extra)
     except BaseException:
         writer.abort()

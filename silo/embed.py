@@ -155,8 +155,10 @@ def query_embedder(store: PassageStore, model=None, tok=None) -> Callable[[list[
 
 
 def passage_search(store: PassageStore, queries: list[str], k: int, policy: RetrievalPolicy | None = None,
-                   retriever: str = "bm25", model=None, tok=None,
+                   retriever: str | None = None, model=None, tok=None,
                    nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k passages per query (scores, ids), BM25 or dense — the one passage search path."""
-    embed = query_embedder(store, model, tok) if retriever == "dense" else None
+    """Top-k passages per query (scores, ids), BM25, dense or hybrid (None: the store's
+    default, `PassageStore.default_retriever`) — the one passage search path."""
+    retriever = retriever or store.default_retriever()
+    embed = query_embedder(store, model, tok) if retriever in ("dense", "hybrid") else None
     return store.search_text(queries, k, policy=policy, retriever=retriever, embed=embed, nprobe=nprobe)

@@ -68,7 +68,7 @@ class EvalArgs:
     sweep: bool = False  # first tune the token / ∞-gram stores' parameters on the validation split
     save_defaults: bool = False  # with sweep: save the tuned values in each store's manifest as its defaults
     ric_stride: int = 64
-    ric_retriever: str = "bm25"
+    ric_retriever: str | None = None  # bm25, dense or hybrid; None: the passage store's default
     policy: RetrievalPolicy | None = None
     decontaminate: bool = True
     progress: bool = False

@@ -9,7 +9,10 @@
    and reported with the receipt that removed it, never tokenized; a doc id the store
    already holds (or that repeats in the input) is refused;
 2. tokenize and encode the rest with the store's own model (its fingerprint is checked)
-   and add them to a copy of the store's trained index — no retraining, same codes;
+   and add them to a copy of the store's trained index — no retraining, same codes. A
+   passage store's new shard gets its BM25 index (the store then scores every shard with
+   the statistics of all, `silo.datastore.passages`, until a compaction re-indexes
+   them); an ∞-gram store's, its own suffix array;
 3. write the shard through a `StoreWriter` (fsync'd, renamed into place), then add it to
    the manifest by one atomic switch. Only then is the ingest acknowledged; a kill at any
    point leaves the store as before (an unnamed folder, swept later) or as after.
@@ -26,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import faiss
+import numpy as np
 
 from silo.build import BuildArgs, DocTokens, load_embedder, plan_documents, write_shard
 from silo.corpus import iter_documents
@@ -39,7 +43,7 @@ from silo.datastore.writer import commit_shards, shard_name, sweep_orphans
 from silo.lm import load_causal_lm
 from silo.tokenizer import load_tokenizer
 
-INGEST_KINDS = ("token", "passage")  # an ∞-gram store's suffix arrays are rebuilt, not appended to
+INGEST_KINDS = ("token", "passage", "infgram")
 
 WORK_NAME = ".ingest"
 
@@ -58,10 +62,11 @@ def add_documents(store_dir: str | Path, docs: Iterable[dict], model_dir: str | 
     with StoreLock(store_dir, "ingest"):
         m = Manifest.load(store_dir)
         if m.kind not in INGEST_KINDS:
-            raise StoreError(f"{store_dir}: live ingest adds to token and passage stores, not {m.kind} stores")
-        if "bm25" in m.retrievers:
-            raise StoreError(f"{store_dir}: BM25 statistics are store-wide, so adding documents means re-indexing "
-                             "every shard: rebuild the store, or add to a dense passage store")
+            raise StoreError(f"{store_dir}: live ingest adds to {', '.join(INGEST_KINDS)} stores, not {m.kind} stores")
+        bm25 = m.kind == "passage" and "bm25" in m.retrievers
+        if bm25 and not all((store_dir / "shards" / s.name / "bm25" / "lengths.npy").is_file() for s in m.shards):
+            raise StoreError(f"{store_dir}: its BM25 indexes predate term-frequency files, which scoring across an "
+                             "added shard needs: compact or rebuild the store first")
         model_dir = model_dir or m.model
         if model_fingerprint(model_dir) != m.model_fingerprint:
             raise FingerprintMismatch(f"{model_dir} is not the model store {store_dir} was built with ({m.model})")
@@ -74,7 +79,8 @@ def add_documents(store_dir: str | Path, docs: Iterable[dict], model_dir: str | 
                          keep_keys=m.keep_keys, window=b.get("window", 512), stride=b.get("stride", 256),
                          batch_size=batch_size, passage_tokens=m.passage_tokens or 256,
                          retrievers=tuple(m.retrievers) or ("bm25",), embedder=b.get("embedder"))
-        needs_model = m.kind == "token" or not b.get("embedder")
+        # keys need the LM; dense passages need it unless they have their own embedder
+        needs_model = m.kind == "token" or (m.kind == "passage" and "dense" in m.retrievers and not b.get("embedder"))
         if tok is None or (needs_model and model is None):
             model, tok = load_causal_lm(model_dir) if needs_model else (None, load_tokenizer(model_dir))
         removals = read_ledger(m.ledger, into=read_log(store_dir))  # a missing ledger: refused, loudly
@@ -90,7 +96,17 @@ def add_documents(store_dir: str | Path, docs: Iterable[dict], model_dir: str | 
         no = _next_shard(m)
         info = write_shard(args, model, tok, planned, no, (0, len(planned)), trained, store_dir,
                            name=shard_name(no), embedder=load_embedder(args, model, tok), progress=progress)
-        commit_shards(store_dir, [info], {"documents": info.documents, "entries": info.entries}, lock=False)
+        check = None
+        if bm25:  # the store's statistics now count the new passages; its older files do not
+            lengths = np.load(store_dir / "shards" / info.name / "bm25" / "lengths.npy")
+
+            def check(current: Manifest) -> None:
+                s = current.build["bm25"]
+                n = int(s["passages"]) + len(lengths)
+                total = float(s["passages"]) * float(s["avg_len"]) + float(lengths.sum())
+                current.build["bm25"] = {**s, "passages": n, "avg_len": total / n if total else 1.0, "stale": True}
+        commit_shards(store_dir, [info], {"documents": info.documents, "entries": info.entries}, check=check,
+                      lock=False)
         shutil.rmtree(work, ignore_errors=True)
         store.close()
     return report | {"added_documents": info.documents, "added_entries": info.entries, "shard": info.name,

@@ -26,13 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from silo.datastore.passages import SEARCH_RETRIEVERS
 from silo.embed import passage_search
 from silo.errors import SiloError
 from silo.evaluate import batched, pad_batch
 from silo.knnlm import GeneratedToken, prompt_tokens, sample_token, top_tokens
 from silo.tokenizer import StreamDecoder, text_ids
-
-RETRIEVERS = ("bm25", "dense")
 
 
 @dataclass
@@ -41,14 +40,14 @@ class RICParams:
     query_tokens: int = 32  # tokens before the block that form the query
     passages: int = 1  # passages put in front
     max_passage_tokens: int = 256  # each passage cut to this many tokens
-    retriever: str = "bm25"
+    retriever: str | None = None  # bm25, dense or hybrid; None: the store's default
 
     def validate(self, window: int) -> RICParams:
         for name in ("stride", "query_tokens", "passages", "max_passage_tokens"):
             if getattr(self, name) < 1:
                 raise SiloError(f"RIC-LM {name} must be positive, got {getattr(self, name)}")
-        if self.retriever not in RETRIEVERS:
-            raise SiloError(f"unknown retriever {self.retriever!r}; expected one of {', '.join(RETRIEVERS)}")
+        if self.retriever is not None and self.retriever not in SEARCH_RETRIEVERS:
+            raise SiloError(f"unknown retriever {self.retriever!r}; expected one of {', '.join(SEARCH_RETRIEVERS)}")
         if self.stride > window:
             raise SiloError(f"RIC-LM stride {self.stride} leaves no room in window {window}")
         return self

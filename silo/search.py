@@ -39,7 +39,7 @@ class SearchHits:
 
 
 def search_text(store: Datastore, query: str, k: int, model=None, tok=None, policy: RetrievalPolicy | None = None,
-                nprobe: int | None = None, refine: int | None = None, retriever: str = "bm25",
+                nprobe: int | None = None, refine: int | None = None, retriever: str | None = None,
                 allow_partial: bool = False) -> SearchHits:
     """Top-k hits for one query text, attributed (token stores: with `next_token`)."""
     check_searchable(store)
@@ -61,12 +61,12 @@ def search_text(store: Datastore, query: str, k: int, model=None, tok=None, poli
 
 
 def search_store(path: str, query: str, k: int, model_dir: str | None = None, policy: RetrievalPolicy | None = None,
-                 nprobe: int | None = None, refine: int | None = None, retriever: str = "bm25") -> SearchHits:
+                 nprobe: int | None = None, refine: int | None = None, retriever: str | None = None) -> SearchHits:
     """`silo datastore search`: open a store (and its model, when the search needs it) and search it."""
     store = open_store(path)
     check_searchable(store)  # before loading a model for nothing
     model = tok = None
-    if not isinstance(store, PassageStore) or retriever == "dense":
+    if not isinstance(store, PassageStore) or (retriever or store.default_retriever()) in ("dense", "hybrid"):
         model_dir = model_dir or store.manifest.model
         store.check_model(model_dir)
         model, tok = load_causal_lm(model_dir)

@@ -195,6 +195,9 @@ def test_bad_requests_are_refused_in_openais_shape(served):
     assert "token id" in _error(served, 400, prompt=[1, 2, 10**9])["message"]
     assert _error(served, 400, silo={"k": 0})["code"] == "invalid_argument"
     assert _error(served, 400, silo={"bogus": 1})["code"] == "invalid_argument"  # unknown fields are refused
+    assert "retriever" in _error(served, 400, silo={"retriever": "splade"})["message"]
+    code, err = served.curl("/v1/silo/search", {"query": "x y", "store": "token", "retriever": "splade"})
+    assert code == 400 and "retriever must be one of bm25, dense, hybrid" in err["error"]["message"]
     assert _error(served, 400, frobnicate=True)["code"] == "invalid_argument"
     assert "logit_bias" in _error(served, 400, logit_bias={"5": 100})["message"]
     assert _error(served, 400, echo=True, silo={"mode": "ric"})["code"] == "invalid_argument"  # no passage store

@@ -3,26 +3,43 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import types
 
 import bm25s
+import grpc
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from silo.datastore.compact import compact
+from silo.datastore.infgram import InfgramStore
 from silo.datastore.manifest import FingerprintMismatch, StoreError
 from silo.datastore.optout import append_removal
-from silo.datastore.passages import BM25_PARAMS, PASSAGE_COLUMNS, PassageStore, bm25_tokens
+from silo.datastore.passages import (
+    BM25_PARAMS,
+    HYBRID_DEPTH,
+    PASSAGE_COLUMNS,
+    RRF_K,
+    PassageStore,
+    bm25_tokens,
+)
 from silo.datastore.policy import RetrievalPolicy
+from silo.server.client import SiloClient, retrieval_options
+from silo.server.gen import silo_pb2 as pb
+from test_server import TOKEN, start
 
 import silo.build as build_mod
 from silo.build import BuildArgs, build_store
+from silo.corpus import iter_documents
 from silo.embed import passage_search, query_embedder
 from silo.evaluate import load_eval_docs, perplexity, score_documents
+from silo.ingest import add_documents
 from silo.lm import load_causal_lm
 from silo.ricl import RICParams, ric_score_documents
+from silo.tokenizer import text_ids
 
 P = 32  # tokens per passage: several passages per generated document
 QUERY = "lighthouse Lisbon built Ada Lovelace"
@@ -274,6 +291,31 @@ def test_dense_with_embedder_and_ivf(tmp_path, tiny_model, corpus_dir):
         s.search_text(q, 4)
 
 
+def test_hybrid_fuses_bm25_and_dense_by_reciprocal_rank(store, single_dir, lm):
+    model, tok = lm
+    queries = [QUERY, "merge sorted alpha beta", store.passage_text(np.array([7]))[0]]
+    k, depth = 5, HYBRID_DEPTH * 5
+    _, bm = passage_search(store, queries, depth, retriever="bm25", model=model, tok=tok)
+    _, de = passage_search(store, queries, depth, retriever="dense", model=model, tok=tok)
+    scores, ids = passage_search(store, queries, k, retriever="hybrid", model=model, tok=tok)
+    for q in range(len(queries)):  # Σ 1/(RRF_K + rank) over both lists, ties to the smaller id
+        fused: dict[int, float] = {}
+        for ranked in (bm[q], de[q]):
+            for rank, i in enumerate(int(x) for x in ranked if x >= 0):
+                fused[i] = fused.get(i, 0.0) + 1 / (RRF_K + rank + 1)
+        expected = sorted(fused.items(), key=lambda t: (-t[1], t[0]))[:k]
+        assert [int(i) for i in ids[q]] == [i for i, _ in expected]
+        np.testing.assert_allclose(scores[q], [v for _, v in expected], rtol=1e-6)
+    assert set(bm[0][:2]) <= set(ids[0])  # the top of either list is in the fused top-k
+    denied = int(ids[0][0])  # a policy (or an opt-out) keeps a passage out of both lists
+    doc = store.doc_id(int(store.entries(np.array([denied]))["doc"][0]))
+    policy = RetrievalPolicy(deny_owners=frozenset({store.doc_owner(store.doc_index(doc))}))
+    _, kept = passage_search(store, queries[:1], k, policy=policy, retriever="hybrid", model=model, tok=tok)
+    assert denied not in set(kept[0])
+    with pytest.raises(StoreError, match="without the bm25 and dense retrievers"):
+        passage_search(PassageStore.open(single_dir), queries, k, retriever="hybrid", model=model, tok=tok)
+
+
 def test_clear_errors(store, single_dir, lm, tiny_model, corpus_dir, tmp_path):
     model, tok = lm
     with pytest.raises(ValueError, match="unknown retriever"):
@@ -446,3 +488,103 @@ def test_minilm_dense_retriever_from_its_package(tmp_path, tiny_model, corpus_di
     out_lp = ric_score_documents(model, tok, s, docs, 128, RICParams(stride=32, retriever="dense"), 4,
                                  tok.pad_token_id)
     assert all(np.isfinite(a).all() for a in out_lp)
+
+
+def test_every_retriever_is_reachable_over_grpc(store_dir, single_dir, tmp_path, tiny_model, corpus_dir):
+    """A store built with the dense retriever alone answered FAILED_PRECONDITION to every
+    Search and RIC-LM request, because the server always asked for BM25. Now a request
+    names its retriever (bm25, dense, hybrid) or gets the store's own."""
+    dense = tmp_path / "dense"
+    build_store(_args(tiny_model, corpus_dir, dense, retrievers=("dense",), max_docs=12))
+    server, port, _ = start(tiny_model, [dense])
+    try:
+        with SiloClient(f"127.0.0.1:{port}", token=TOKEN) as c:
+            hits = c.search(QUERY, k=3, store="passage").hits
+            assert len(hits) == 3 and all(h.passage for h in hits)
+            r = c.score("Ada Lovelace built the lighthouse in Lisbon. " * 4,
+                        retrieval=retrieval_options(mode="ric", k=1))
+            assert r.mode == pb.RETRIEVAL_RIC and math.isfinite(r.perplexity)
+            for bad, why in (("bm25", "needs a passage store built with bm25"),
+                             ("hybrid", "needs a passage store built with bm25 and dense"),
+                             ("splade", "must be one of bm25, dense, hybrid")):
+                with pytest.raises(grpc.RpcError) as e:
+                    c.search(QUERY, k=3, store="passage", retriever=bad)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details()
+    finally:
+        server.stop(0)
+    both = tmp_path / "both"
+    shutil.copytree(store_dir, both)
+    server, port, state = start(tiny_model, [both])
+    try:
+        model, tok = state.model, state.tok
+        with SiloClient(f"127.0.0.1:{port}", token=TOKEN) as c:
+            for name in ("bm25", "dense", "hybrid"):
+                got = [h.entry_id for h in c.search(QUERY, k=4, store="passage", retriever=name).hits]
+                _, ids = passage_search(state.stores["passage"], [QUERY], 4, retriever=name, model=model, tok=tok)
+                assert got == [int(i) for i in ids[0] if i >= 0], name
+            default = [h.entry_id for h in c.search(QUERY, k=4, store="passage").hits]
+            assert default == [h.entry_id for h in c.search(QUERY, k=4, store="passage", retriever="bm25").hits]
+            text = "Ada Lovelace built the lighthouse in Lisbon. " * 4
+            ppl = {name: c.score(text, retrieval=retrieval_options(mode="ric", k=1, retriever=name)).perplexity
+                   for name in ("bm25", "dense", "hybrid")}
+            assert all(math.isfinite(v) for v in ppl.values()) and len(set(ppl.values())) > 1, ppl
+            with pytest.raises(grpc.RpcError) as e:
+                c.search(QUERY, k=3, store="token", retriever="dense")
+            assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+    finally:
+        server.stop(0)
+
+
+def _hits(store: PassageStore, query: str, k: int) -> list[tuple[str, int, float]]:
+    scores, ids = store.search_text([query], k)
+    ent = store.entries(ids[0][ids[0] >= 0])
+    return [(store.doc_id(int(d)), int(p), round(float(s), 4))
+            for d, p, s in zip(ent["doc"], ent["position"], scores[0], strict=False)]
+
+
+def test_live_ingest_into_bm25_and_infgram_stores_equals_a_full_build(tmp_path, tiny_model, corpus_dir, lm):
+    """Live ingest refused BM25 passage stores (their statistics are store-wide) and ∞-gram
+    stores. Now the documents become a new shard of either: a BM25 store scores every shard
+    with the statistics of all of them (the scores of a store built with every document)
+    until a compaction re-indexes it; an ∞-gram store counts the new documents' n-grams."""
+    docs = list(iter_documents(corpus_dir, tiers=("restricted",), split="train"))
+    late = {d["doc_id"] for d in docs[::4]}
+    queries = [QUERY, "Grace Hopper museum Quito", "the archive of Oslo and the tower"]
+    for kind, extra in (("passage", {}), ("infgram", {})):
+        part, full = tmp_path / f"{kind}-part", tmp_path / f"{kind}-full"
+        build_store(BuildArgs(**{**_args(tiny_model, corpus_dir, part).__dict__, "kind": kind, "shards": 2,
+                                 "exclude_doc_ids": tuple(sorted(late)), **extra}))
+        build_store(BuildArgs(**{**_args(tiny_model, corpus_dir, full).__dict__, "kind": kind, "shards": 2, **extra}))
+        if kind == "passage":
+            rep = add_documents(part, [d for d in docs if d["doc_id"] in late])
+            assert rep["added_documents"] == len(late) and rep["shard"] == "00002", rep
+            grown, whole = PassageStore.open(part), PassageStore.open(full)
+            assert grown.manifest.build["bm25"]["passages"] == whole.manifest.build["bm25"]["passages"]
+            for q in queries:  # the same passages with the same scores (ties in any order: entry ids differ)
+                got, want = _hits(grown, q, 8), _hits(whole, q, 8)
+                np.testing.assert_allclose([s for *_, s in got], [s for *_, s in want], rtol=1e-4)
+                assert got and {(d, p) for d, p, s in got if s > want[-1][2]} == \
+                    {(d, p) for d, p, s in want if s > want[-1][2]}
+            assert grown.manifest.build["bm25"]["stale"]
+            compact(part)  # re-indexes every shard with the statistics of all: the files' scores again
+            compacted = PassageStore.open(part)
+            assert not compacted.manifest.build["bm25"]["stale"]
+            assert [h[2] for h in _hits(compacted, QUERY, 8)] == [h[2] for h in _hits(whole, QUERY, 8)]
+        else:  # through a running server, which serves the new shard at once
+            model, tok = lm
+            whole = InfgramStore.open(full)
+            server, port, _ = start(tiny_model, [part])
+            try:
+                with SiloClient(f"127.0.0.1:{port}", token=TOKEN) as c:
+                    probe = whole.doc_text(whole.doc_index(sorted(late)[0]))[:300]
+                    before = {d.doc_id for sp in c.trace(probe, min_tokens=8).spans for d in sp.documents}
+                    r = c.add_documents([d for d in docs if d["doc_id"] in late], store="infgram")
+                    assert r.added_documents == len(late) and r.shard == "00002"
+                    after = {d.doc_id for sp in c.trace(probe, min_tokens=8).spans for d in sp.documents}
+                    assert sorted(late)[0] in after - before
+            finally:
+                server.stop(0)
+            grown = InfgramStore.open(part)
+            for d in sorted(late)[:5]:
+                ids = text_ids(tok, whole.doc_text(whole.doc_index(d)))[:6]
+                assert grown.index.count(ids) == whole.index.count(ids) > 0

@@ -475,6 +475,8 @@ RUN: dict[str, Run] = {
     'silo score "some text" --mode infgram --json': Run(check=_json),
     'silo trace "some text"': Run(),
     'silo search --query "some text" -k 5 --json': Run((('"some text"', '"The harbour of Hobart"'),), check=_has_doc),
+    'silo search --query "some text" --store-kind passage --retriever hybrid --json':
+        Run((('"some text"', '"The harbour of Hobart"'),), check=_has_doc),
     "silo optout --doc-id ID": Run(check=_removed),
     "silo optout --status RECEIPT": Run(check=_proved),
     "silo stats": Run(),

@@ -50,7 +50,7 @@ class RetrievalPolicy(_message.Message):
     def __init__(self, tiers: _Optional[_Iterable[str]] = ..., allow_licenses: _Optional[_Iterable[str]] = ..., deny_licenses: _Optional[_Iterable[str]] = ..., allow_sources: _Optional[_Iterable[str]] = ..., deny_sources: _Optional[_Iterable[str]] = ..., deny_owners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RetrievalOptions(_message.Message):
-    __slots__ = ("mode", "k", "lambda_", "temperature", "nprobe", "policy", "allow_partial", "ric_stride", "refine_factor")
+    __slots__ = ("mode", "k", "lambda_", "temperature", "nprobe", "policy", "allow_partial", "ric_stride", "refine_factor", "retriever")
     MODE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LAMBDA__FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class RetrievalOptions(_message.Message):
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     RIC_STRIDE_FIELD_NUMBER: _ClassVar[int]
     REFINE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVER_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     k: int
     lambda_: float
@@ -69,7 +70,8 @@ class RetrievalOptions(_message.Message):
     allow_partial: bool
     ric_stride: int
     refine_factor: int
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ..., refine_factor: _Optional[int] = ...) -> None: ...
+    retriever: str
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ..., refine_factor: _Optional[int] = ..., retriever: _Optional[str] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("doc_id", "source", "license", "tier", "owner")
@@ -416,7 +418,7 @@ class ModelInfoResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., fingerprint: _Optional[str] = ..., trained_tiers: _Optional[_Iterable[str]] = ..., trained_on_restricted: _Optional[bool] = ..., stores: _Optional[_Iterable[_Union[StoreInfo, _Mapping]]] = ..., max_new_tokens_limit: _Optional[int] = ..., default_mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "k", "nprobe", "policy", "store", "allow_partial", "refine_factor")
+    __slots__ = ("query", "k", "nprobe", "policy", "store", "allow_partial", "refine_factor", "retriever")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
@@ -424,6 +426,7 @@ class SearchRequest(_message.Message):
     STORE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     REFINE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVER_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
     nprobe: int
@@ -431,7 +434,8 @@ class SearchRequest(_message.Message):
     store: str
     allow_partial: bool
     refine_factor: int
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store: _Optional[str] = ..., allow_partial: _Optional[bool] = ..., refine_factor: _Optional[int] = ...) -> None: ...
+    retriever: str
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., store: _Optional[str] = ..., allow_partial: _Optional[bool] = ..., refine_factor: _Optional[int] = ..., retriever: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "partial", "missing_shards")

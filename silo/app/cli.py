@@ -39,6 +39,7 @@ from silo.corpus import corpus_stats, import_files, iter_documents
 from silo.datastore.check import check_store
 from silo.datastore.compact import compact
 from silo.datastore.kinds import open_store, store_stats
+from silo.datastore.passages import SEARCH_RETRIEVERS
 from silo.datastore.policy import RetrievalPolicy, split_list
 from silo.datastore.removal import remove
 from silo.errors import USER_ERRORS, SiloError
@@ -489,7 +490,7 @@ def _policy_kwargs(a: argparse.Namespace) -> dict:
 
 def _retrieval_kwargs(a: argparse.Namespace) -> dict:
     return dict(mode=a.mode, k=a.k, lam=a.lam, temperature=a.knn_temperature, nprobe=a.nprobe or 0,
-                refine=a.refine, **_policy_kwargs(a))
+                refine=a.refine, retriever=a.retriever or "", **_policy_kwargs(a))
 
 
 def _rpc(fn: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
@@ -560,7 +561,7 @@ def cmd_score(a: argparse.Namespace) -> None:
 def cmd_search_remote(a: argparse.Namespace) -> None:
     with _client(a) as c:
         r = c.search(a.query, a.k, store=a.store_kind, nprobe=a.nprobe or 0, allow_partial=a.allow_partial,
-                     refine=a.refine, **_policy_kwargs(a))
+                     refine=a.refine, retriever=a.retriever or "", **_policy_kwargs(a))
     if a.json:
         return _print_json(to_dict(r))
     if r.partial:
@@ -644,6 +645,8 @@ def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--knn-temperature", type=float)
     sp.add_argument("--nprobe", type=int)
     sp.add_argument("--refine", type=int, help="kNN-LM: exact re-ranking of refine x k candidates")
+    sp.add_argument("--retriever", choices=list(SEARCH_RETRIEVERS),
+                    help="RIC-LM: how passages are found (default: the server's passage store's own)")
     _add_policy_args(sp)
 
 
@@ -861,7 +864,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=_positive_int, default=5)
     sp.add_argument("--model", help="default: the model the store was built with")
     sp.add_argument("--nprobe", type=int)
-    sp.add_argument("--retriever", choices=["bm25", "dense"], default="bm25", help="passage stores")
+    sp.add_argument("--retriever", choices=list(SEARCH_RETRIEVERS),
+                    help="passage stores: bm25, dense or hybrid (both, fused by reciprocal rank); "
+                         "default: bm25 if the store has it, else dense")
     sp.add_argument("--refine", type=int, help="re-rank refine x k candidates exactly (stores with --keep-keys)")
     sp.add_argument("--json", action="store_true")
     _add_policy_args(sp)
@@ -922,7 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--refine", type=int, help="kNN-LM: exact re-ranking of refine x k candidates")
     sp.add_argument("--infgram-lambda", type=float, help="∞-gram λ for every suffix length (default: tuned)")
     sp.add_argument("--ric-stride", type=int, default=64, help="RIC-LM: retrieve every this many tokens")
-    sp.add_argument("--ric-retriever", choices=["bm25", "dense"], default="bm25")
+    sp.add_argument("--ric-retriever", choices=list(SEARCH_RETRIEVERS),
+                    help="default: the passage store's (bm25 if it has it, else dense)")
     sp.add_argument("--sweep", action="store_true",
                     help="first tune kNN-LM (k, λ, T) and ∞-gram (λ per suffix length) on validation text, and "
                     "evaluate with the tuned values (the stores are not changed)")
@@ -1046,6 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="token (default) or passage")
     sp.add_argument("--nprobe", type=int)
     sp.add_argument("--refine", type=int, help="re-rank refine x k candidates exactly (stores with --keep-keys)")
+    sp.add_argument("--retriever", choices=list(SEARCH_RETRIEVERS),
+                    help="passage store: bm25, dense or hybrid (default: the store's own)")
     sp.add_argument("--allow-partial", action="store_true")
     _add_client_args(sp)
     _add_policy_args(sp)

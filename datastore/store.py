@@ -40,7 +40,7 @@ from silo.datastore import index as ix
 from silo.datastore.docs import CODED, Documents, read_shard_docs
 from silo.datastore.errors import FingerprintMismatch, StoreError
 from silo.datastore.ledger import fingerprint, ledger_log
-from silo.datastore.manifest import Manifest, ShardInfo, model_fingerprint
+from silo.datastore.manifest import Manifest, ShardInfo, model_fingerprint, tokenizer_fingerprint
 from silo.datastore.optout import OptOutLog, new_record
 from silo.datastore.policy import RetrievalPolicy
 from silo.datastore.writer import ENTRY_COLUMNS, sentinel
@@ -246,8 +246,25 @@ class Datastore:
         defaults) since this store was opened? One `stat` per call."""
         return self._manifest_stamp() != self.opened_stamp
 
+    @property
+    def reads_weights(self) -> bool:
+        """Whether the store's entries come from its model's weights (keys, the LM's own
+        passage embeddings), or only from its tokenizer (∞-gram, BM25, an embedder of its own)."""
+        m = self.manifest
+        return m.kind == "token" or (m.kind == "passage" and "dense" in m.retrievers and not m.build.get("embedder"))
+
     def check_model(self, model_dir: str | os.PathLike) -> None:
-        """Refuse a model other than the one this store was built with."""
+        """Refuse a model other than the one this store was built with; a store that reads
+        only its tokenizer serves any model with that tokenizer (a retrieval-trained LM
+        beside the plain one)."""
+        if not self.reads_weights:
+            tfp = tokenizer_fingerprint(model_dir)
+            if tfp != self.manifest.tokenizer_fingerprint:
+                raise FingerprintMismatch(
+                    f"store {self.path} was built with the tokenizer of {self.manifest.model} (fingerprint "
+                    f"{self.manifest.tokenizer_fingerprint}); {model_dir}'s tokenizer has fingerprint {tfp}. Token ids "
+                    "of another tokenizer are meaningless: use a model with the store's tokenizer or rebuild the store.")
+            return
         fp = model_fingerprint(model_dir)
         if fp != self.manifest.model_fingerprint:
             raise FingerprintMismatch(

@@ -84,7 +84,7 @@ def _blocks(tok, docs: list[list[int]], p: RICParams) -> list[RICBlock]:
     return out
 
 
-def _prefix(passages: list[list[int]], bos: list[int], eos: list[int], limit: int) -> list[int]:
+def ric_prefix(passages: list[list[int]], bos: list[int], eos: list[int], limit: int) -> list[int]:
     """Passages (given best first) framed as documents, worst first, cut from the left to `limit`."""
     ids: list[int] = []
     for ptoks in reversed(passages):
@@ -123,7 +123,7 @@ def ric_score_documents(model, tok, store, docs: list[list[int]], window: int = 
     rows = []  # (block, input ids)
     for b in blocks:
         n_targets = b.end - b.start
-        prefix = _prefix([ptoks[int(i)] for i in b.passage_ids], bos, eos, window - n_targets)
+        prefix = ric_prefix([ptoks[int(i)] for i in b.passage_ids], bos, eos, window - n_targets)
         ctx_end = b.end - 1  # inputs d[..ctx_end) predict d[start..end)
         b.context_begin = max(0, ctx_end - (window - len(prefix)))
         b.prefix_tokens = len(prefix)
@@ -182,7 +182,7 @@ def ric_generate(model, tok, store, prompt: str, max_new_tokens: int = 32, param
                 if len(pids):
                     texts = store.passage_text(pids)
                     ptoks = [text_ids(tok, t)[: p.max_passage_tokens] for t in texts]
-                    prefix = _prefix(ptoks, bos, eos, max(window // 2, 1))
+                    prefix = ric_prefix(ptoks, bos, eos, max(window // 2, 1))
                     attribution = store.attribute(pids, scores)
                     context_docs = store.entry_docs(pids)
                     for h in attribution:

@@ -36,6 +36,7 @@ from silo.leakage import DEFAULT_MIN_WORDS, LeakageScan
 from silo.lm import CONFIGS, build_model
 from silo.progress import bar as progress_bar
 from silo.provenance import DEFAULT_FPR, RecordWriter, TrainingRecord
+from silo.ric_train import RICBatches, RICTrainParams, TrainingPassages
 from silo.tokenizer import encode_document, load_tokenizer, train_tokenizer_on_corpus
 
 
@@ -69,6 +70,9 @@ class TrainArgs:
     leakage_scan: bool = True  # cut copies of restricted text out of the trained tiers first (silo.leakage)
     leakage_min_words: int = DEFAULT_MIN_WORDS
     leakage_action: str = "cut"  # or "exclude" the whole document
+    ric: float = 0.0  # RIC-LM rows with retrieved passages added per plain row of a batch (silo.ric_train)
+    ric_passages: int = 1
+    ric_passage_tokens: int = 128  # as the passage store RIC-LM will read (`--passage-tokens`)
     time_budget: float | None = None  # seconds; stop early (the checkpoint stays resumable)
     progress: bool = True
     threads: int | None = None
@@ -288,6 +292,14 @@ def train(args: TrainArgs) -> dict:
         state = _load_checkpoint(ckpt, model, opt)
         start, history, elapsed = state["step"], state["history"], state["elapsed"]
 
+    ric = None
+    if args.ric:  # retrieval-augmented training: a share of the batches laid out as RIC-LM blocks
+        rp = RICTrainParams(share=args.ric, passages=args.ric_passages, passage_tokens=args.ric_passage_tokens,
+                            block=min(64, seq_len // 4), query_tokens=min(32, seq_len // 8)).check(seq_len)
+        index = TrainingPassages(out, train_stream.data, tok, args.tiers, args.allow_restricted, rp, args.progress)
+        ric = RICBatches(train_stream, index, tok, seq_len, batch_size, args.seed, rp, start, steps)
+    waited = 0.0  # seconds the step waited for a RIC batch: what retrieval adds to training
+
     model.train()
     t0 = time.perf_counter() - elapsed
     bar = progress_bar(range(start, steps), initial=start, total=steps, desc=f"train {args.config}",
@@ -296,7 +308,12 @@ def train(args: TrainArgs) -> dict:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr, warmup, steps)
-        x, y = train_stream.batch(step, batch_size, args.seed)
+        if ric is not None:
+            w0 = time.perf_counter()
+            x, y = ric.batch(step)
+            waited += time.perf_counter() - w0
+        else:
+            x, y = train_stream.batch(step, batch_size, args.seed)
         logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -315,6 +332,8 @@ def train(args: TrainArgs) -> dict:
     else:
         step = steps
     train_seconds = time.perf_counter() - t0
+    if ric is not None:
+        ric.close()
 
     val_loss = estimate_loss(model, val_stream, args.eval_batches, batch_size)
     train_tokens = np.memmap(work / "train.bin", dtype=data_meta["train"]["dtype"], mode="r")
@@ -340,6 +359,12 @@ def train(args: TrainArgs) -> dict:
         "unigram_val_perplexity": round(unigram_perplexity(np.asarray(train_tokens), np.asarray(val_tokens), len(tok)), 3),
         "seed": args.seed,
     }
+    if ric is not None:
+        ran = train_seconds - elapsed
+        record["ric"] = {**asdict(rp), "passages_indexed": len(index.spans), **ric.stats,
+                         "batch_wait_seconds": round(waited, 2),
+                         # this run's steps against the same steps without the wait for retrieval
+                         "step_seconds_ratio": round(ran / (ran - waited), 3) if ran > waited > 0 else None}
     hf_logging.disable_progress_bar()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

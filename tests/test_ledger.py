@@ -203,7 +203,8 @@ def test_an_optout_reaches_stores_out_of_use_or_is_refused(fresh, tmp_path, tiny
     build_store(_args(tiny_model, fresh, tok))
     build_store(_args(tiny_model, fresh, psg, kind="passage", retrievers=("bm25",), passage_tokens=32))
     manifest = json.loads((psg / "manifest.json").read_text())
-    (psg / "manifest.json").write_text(json.dumps({**manifest, "model_fingerprint": "0" * 32}))  # another model's
+    (psg / "manifest.json").write_text(json.dumps({**manifest, "model_fingerprint": "0" * 32,  # another model's
+                                                   "tokenizer_fingerprint": "0" * 32}))
     server, port, state = start(tiny_model, [tok, psg])
     client = SiloClient(f"127.0.0.1:{port}", token=TOKEN)
     try:

@@ -421,6 +421,9 @@ def test_ric_query_never_sees_the_block(store, lm, eval_docs):
         def passage_text(self, ids):
             return store.passage_text(ids)
 
+        def default_retriever(self):
+            return store.default_retriever()
+
     params = RICParams(stride=24, query_tokens=12)
     doc = eval_docs[0]
     _, blocks = ric_score_documents(model, tok, Logged(), [doc], 256, params, 4, tok.pad_token_id,

@@ -182,7 +182,8 @@ def cmd_lm_train(a: argparse.Namespace) -> None:
         vocab_size=a.vocab_size, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
         seed=a.seed, allow_restricted=a.allow_restricted, resume=not a.overwrite, max_tokens=a.max_tokens,
         time_budget=a.time_budget, checkpoint_every=a.checkpoint_every, threads=a.threads,
-        leakage_scan=not a.skip_leakage_scan, leakage_min_words=a.leakage_min_words, leakage_action=a.leakage_action))
+        leakage_scan=not a.skip_leakage_scan, leakage_min_words=a.leakage_min_words, leakage_action=a.leakage_action,
+        ric=a.ric, ric_passages=a.ric_passages, ric_passage_tokens=a.ric_passage_tokens))
     summary = {k: rec[k] for k in ("steps", "tokens_seen", "train_seconds", "parameters", "loss_first", "loss_last",
                                    "val_perplexity", "unigram_val_perplexity")}
     record = TrainingRecord.open(a.out)
@@ -779,6 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--max-tokens", type=int, help="tokenize at most this many training tokens")
+    sp.add_argument("--ric", type=float, default=0.0, metavar="SHARE",
+                    help="retrieval-augmented training: add this many rows per plain row of each batch that read "
+                         "BM25 passages of the training text (never their own document), laid out as RIC-LM lays "
+                         "them out; 0 = off")
+    sp.add_argument("--ric-passages", type=int, default=1, help="passages per RIC sequence (RIC-LM's -k)")
+    sp.add_argument("--ric-passage-tokens", type=int, default=128,
+                    help="passage length, as the passage store RIC-LM will read (--passage-tokens)")
     sp.add_argument("--time-budget", type=float, help="stop after this many seconds (resumable)")
     sp.add_argument("--checkpoint-every", type=int, default=100)
     sp.add_argument("--threads", type=int)

@@ -9,6 +9,13 @@ subsampled store *for exact search*, as long as at least k survive (reported as
 `k_satisfied`). For IVF/PQ stores the trick is approximate, so the tool also measures ANN
 recall at each fraction against exact search over the kept raw keys (needs
 `--keep-keys`).
+
+λ fits the store's size. The full store's tuned λ trusts a store a tenth its size as much,
+which made kNN-LM worse than no store at small fractions; so (unless λ is given) each
+fraction and seed gets the λ of `LAMBDA_GRID` (0, no store, among them) that scores best
+on the validation split, subsampled the same way, from one more deep retrieval there. With
+the store's tuned k and T and the evaluation's tokens, the full store's point is the SILO
+table's (`silo eval`), and no size is worse than the LM alone on validation.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -25,12 +32,13 @@ from matplotlib.figure import Figure
 
 from silo.datastore.passages import PassageStore
 from silo.datastore.store import Datastore
-from silo.eval_modes import store_exclusions, with_denied
+from silo.eval_modes import decontaminated_docs, store_exclusions, with_denied
 from silo.evaluate import load_eval_docs, perplexity, score_documents
 from silo.knnlm import DocNeighbours, KNNParams, retrieve_neighbours
 from silo.lm import load_causal_lm
 from silo.ricl import RICParams, ric_score_documents
 
+LAMBDA_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # `silo eval --sweep`'s λ values, and 0: no store
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
@@ -127,7 +135,26 @@ class CurveArgs:
     oracle: str | None = None
     passage_store: str | None = None  # also the RIC-LM curve
     recall_queries: int = 200
+    tune_lambda: bool = True  # λ per fraction on validation (when no λ is given)
     progress: bool = False
+
+
+def tuned_lambdas(model, tok, store: Datastore, a: CurveArgs, params: KNNParams, depth: int,
+                  pad: int) -> dict[tuple[float, int], float]:
+    """(fraction, seed) -> the λ of LAMBDA_GRID (`params`' k and T) with the lowest validation
+    perplexity at that subsample, from one deep retrieval over the validation split."""
+    docs, policy, _ = decontaminated_docs(store, tok, a.corpus, "validation", tuple(store.manifest.tiers),
+                                          a.max_tokens, max_doc_tokens=2048)
+    neigh = retrieve_neighbours(model, store, docs, depth, a.window, a.stride, a.batch_size, pad, params.nprobe,
+                                policy, a.progress)
+    out = {}
+    for seed in range(a.seeds):
+        for f in a.fractions:
+            subs = [subsample_neighbours(n, f, seed, params.k)[0] for n in neigh]
+            scored = [(perplexity([s.knn_logprob(replace(params, lam=lam)) for s in subs]), lam)
+                      for lam in LAMBDA_GRID]
+            out[(f, seed)] = min(scored)[1]
+    return out
 
 
 def scaling_curve(a: CurveArgs) -> list[dict]:
@@ -148,6 +175,8 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
     deny, _ = store_exclusions(store, metas, texts, True)
     policy = with_denied(None, deny)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    lams = (tuned_lambdas(model, tok, store, a, params, depth, pad)
+            if a.tune_lambda and a.lam is None and a.knn is None else {})
     recall_keys = _raw_keys(store)
     neigh = retrieve_neighbours(model, store, docs, depth, a.window, a.stride, a.batch_size, pad, params.nprobe,
                                 policy, a.progress, keep_queries=recall_keys is not None)
@@ -158,11 +187,12 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
     for seed in range(a.seeds):
         for f in sorted(a.fractions):
             subs = [subsample_neighbours(n, f, seed, params.k) for n in neigh]
-            ppl = perplexity([s.knn_logprob(params) for s, _ in subs])
+            p = replace(params, lam=lams.get((f, seed), params.lam))
+            ppl = perplexity([s.knn_logprob(p) for s, _ in subs])
             satisfied = float(np.mean(np.concatenate([ok for _, ok in subs])))
             tokens = int(keep_mask(all_ids, f, seed).sum())
             row = {"fraction": f, "tokens": tokens, "seed": seed, "mode": "knn", "perplexity": ppl,
-                   "k_satisfied": round(satisfied, 4), "ann_recall": ""}
+                   "k_satisfied": round(satisfied, 4), "ann_recall": "", "lambda": p.lam}
             if recall_keys is not None:
                 row["ann_recall"] = round(_ann_recall(recall_keys, neigh, subs, f, seed, params.k, all_ids,
                                                       a.recall_queries), 4)
@@ -183,7 +213,7 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "scaling.csv")
     plot_curve(rows, out / "scaling.png", title=f"{Path(a.store).name}: kNN-LM perplexity vs datastore size "
-               f"(k={params.k}, λ={params.lam}, T={params.temperature})")
+               f"(k={params.k}, λ={'tuned per size' if lams else params.lam}, T={params.temperature})")
     return rows
 
 
@@ -212,7 +242,7 @@ def _ann_recall(store: Datastore, neigh, subs, fraction, seed, k, all_ids, n_que
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
-    cols = ["fraction", "tokens", "seed", "mode", "perplexity", "k_satisfied", "ann_recall"]
+    cols = ["fraction", "tokens", "seed", "mode", "perplexity", "lambda", "k_satisfied", "ann_recall"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from silo.app.demo import QUICK, DemoSize, run_demo
 from silo.corpus import iter_documents
 from silo.traps import TrapSpec, load_traps
 
-TINY = DemoSize("tiny", 2 << 20, 8, 20_000, 1_000, (0.5, 1.0), 1, 500, "", lm_config="tiny",
+TINY = DemoSize("tiny", 2 << 20, 8, 20_000, 1_000, (0.5, 1.0), 1, "", lm_config="tiny",
                 traps=TrapSpec(lengths=(16,), repeats=(1, 10), per_cell=2))
 
 
@@ -40,6 +41,13 @@ def test_the_demo_runs_every_stage(tmp_path, capsys):
     assert store["after"]["infgram_counts"] == [0] * 4 and store["after"]["traced_in_hosts"] == 0
     served = open_store(tmp_path / "demo" / "store-token", load_index=False, with_text=False)
     assert not hosts & {served.doc_id(d) for d in range(served.n_documents)}
+    # the scaling curve and the SILO table are one set of figures: the full store's point is the table's
+    with open(tmp_path / "demo" / "scaling" / "scaling.csv") as f:
+        curve = list(csv.DictReader(f))
+    full = next(r for r in curve if r["mode"] == "knn" and float(r["fraction"]) == 1.0 and r["seed"] == "0")
+    lm = next(r for r in curve if r["mode"] == "lm")
+    assert float(full["perplexity"]) == pytest.approx(table["kNN-LM"]["perplexity"], rel=1e-6)
+    assert float(lm["perplexity"]) == pytest.approx(table["LM only"]["perplexity"], rel=1e-6)
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved["size"]["name"] == "tiny"
     # the opt-out went to the corpus's ledger: every store built from the corpus honours it

@@ -13,6 +13,7 @@ from silo.datastore.manifest import Manifest
 from silo.datastore.store import Datastore
 
 from silo.build import BuildArgs, build_store
+from silo.eval_modes import EvalArgs, run_eval
 from silo.evaluate import load_eval_docs
 from silo.knnlm import KNNParams, retrieve_neighbours
 from silo.lm import load_causal_lm
@@ -123,3 +124,28 @@ def test_ric_curve_from_one_deep_retrieval(tiny_model, corpus_dir, flat_store, t
     plain = perplexity(ric_score_documents(model, tok, PassageStore.open(pdir), docs, WINDOW, RICParams(), 8,
                                            tok.pad_token_id))
     assert [r["perplexity"] for r in ric if r["fraction"] == 1.0][0] == pytest.approx(plain, rel=1e-9)
+
+
+def test_the_curve_and_the_table_are_one_set_of_figures(flat_store, tiny_model, corpus_dir, tmp_path):
+    """The demo's curve scored other tokens than its SILO table, with another k and the full
+    store's λ at every size, so at 3% of the store kNN-LM was worse than no store. Now the
+    curve scores the table's tokens with the store's tuned k and T, λ tuned per store size on
+    validation (0 among the choices): its full-store point is the table's, and no size is
+    worse than the LM alone."""
+    store = tmp_path / "store"
+    shutil.copytree(flat_store, store)
+    common = dict(model=str(tiny_model), corpus=str(corpus_dir), window=WINDOW, stride=WINDOW // 2,
+                  max_tokens=3000)
+    table = run_eval(EvalArgs(stores=(str(store),), modes=("lm", "knn"), tiers=("restricted",), sweep=True,
+                              save_defaults=True, **common))
+    tuned = Manifest.load(store).defaults
+    rows = scaling_curve(CurveArgs(store=str(store), out=str(tmp_path / "curve"), fractions=(0.01, 0.1, 1.0),
+                                   seeds=1, depth=max(512, tuned["k"]), **common))
+    lm = next(r for r in rows if r["mode"] == "lm")["perplexity"]
+    knn = {r["fraction"]: r for r in rows if r["mode"] == "knn"}
+    assert lm == pytest.approx(table["lm"], rel=1e-9)
+    assert knn[1.0]["perplexity"] == pytest.approx(table["knn"], rel=1e-6)
+    assert knn[1.0]["lambda"] == tuned["lambda"]
+    for f, r in knn.items():  # λ fits the store's size: a smaller store is never worse than none
+        assert r["perplexity"] <= lm * 1.01, (f, r)
+    assert knn[0.01]["lambda"] <= knn[1.0]["lambda"]

@@ -662,9 +662,9 @@ def cmd_scaling_curve(a: argparse.Namespace) -> None:
         oracle=a.oracle, passage_store=a.passage_store, progress=True))
     if a.json:
         return _print_json(rows)
-    print_table([[r["mode"], r["fraction"], r["seed"], r["tokens"], f"{r['perplexity']:.3f}", r["k_satisfied"],
-                  r["ann_recall"]] for r in rows],
-                ["mode", "fraction", "seed", "tokens", "perplexity", "k satisfied", "ANN recall"])
+    print_table([[r["mode"], r["fraction"], r["seed"], r["tokens"], f"{r['perplexity']:.3f}", r.get("lambda", ""),
+                  r["k_satisfied"], r["ann_recall"]] for r in rows],
+                ["mode", "fraction", "seed", "tokens", "perplexity", "λ", "k satisfied", "ANN recall"])
     print(f"-> {a.out}/scaling.csv, {a.out}/scaling.png")
 
 
@@ -1095,7 +1095,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", type=int, default=3)
     sp.add_argument("--depth", type=int, default=1024, help="neighbours retrieved once from the full store")
     sp.add_argument("-k", type=int, help="neighbours used (default: the store's tuned value)")
-    sp.add_argument("--lambda", dest="lam", type=float, help="default: the store's tuned value")
+    sp.add_argument("--lambda", dest="lam", type=float,
+                    help="one λ at every size (default: tuned per size on the validation split, 0 among the choices)")
     sp.add_argument("--temperature", type=float, help="default: the store's tuned value")
     sp.add_argument("--nprobe", type=int, help="default: the store's tuned value")
     sp.add_argument("--window", type=int, default=512)

@@ -391,9 +391,11 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
     auth = Auth(read_secret(token_file, "admin"), OwnerCredentials(credentials_file) if credentials_file else None)
     state = load_state(model, stores, remote_shards, shard_deadline_s, limits, auth, shard_token, shard_root,
                        allow_restricted_model, mode, membership_reference, membership_documents)
-    # the membership reference (forward passes over its documents) is computed now, beside
-    # the first requests, rather than by the first audit that needs it
-    threading.Thread(target=state.membership_reference, name="membership-reference", daemon=True).start()
+    if membership_reference is not None:
+        # the reference the operator named (forward passes over its documents) is computed
+        # now, beside the first requests, rather than by the first audit that needs it; the
+        # record's own reference is computed by the first membership audit
+        threading.Thread(target=state.membership_reference, name="membership-reference", daemon=True).start()
     admission = make_admission(workers, max_concurrent, limits)
     server, bound, hs = build_server({"LanguageModel": LanguageModelServicer(state),
                                       "Datastore": DatastoreServicer(state)}, port, host, auth, tls,

@@ -82,6 +82,8 @@ class TrainArgs:
         # the first line of the legal promise: restricted text is never trained on, unless an
         # oracle (an evaluation-only model, marked as such in its folder) asks for it by name
         self.tiers = tuple(self.tiers)
+        if not 0 <= self.ric <= 1:
+            raise SiloError(f"--ric is the RIC rows added per plain row of a batch, in [0, 1]; got {self.ric}")
         if "restricted" in self.tiers and not self.allow_restricted:
             raise RestrictedTextError("tier 'restricted' is never trained on; allow_restricted (--allow-restricted) "
                                       "is only for oracle models used in evaluation")

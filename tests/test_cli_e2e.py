@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from silo.server.client import SiloClient
 
 from silo.app.cli import main
 from silo.build import BuildArgs, build_store
+from silo.corpus import iter_documents
 
 WINDOW = 128
 ADMIN = "cli-admin-token-0123456789abcdef"
@@ -86,7 +88,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_model, stores):
+def served(tmp_path_factory, tiny_model, stores, corpus_dir):
     """A `silo serve` subprocess over private copies of the three stores."""
     root = tmp_path_factory.mktemp("cli-served")
     copies = {k: shutil.copytree(v, root / k) for k, v in stores.items()}
@@ -96,7 +98,8 @@ def served(tmp_path_factory, tiny_model, stores):
     owner_token = root / "owner.token"
     owner_token.write_text(silo("token", "issue", "--owner", "owner-2", "--credentials", str(creds)).stdout.strip())
     proc = start_server(["serve", "--model", str(tiny_model), *[x for p in copies.values() for x in ("--store", str(p))],
-                         "--token-file", str(root / "admin.token"), "--credentials", str(creds)],
+                         "--token-file", str(root / "admin.token"), "--credentials", str(creds),
+                         "--membership-reference", str(corpus_dir), "--membership-documents", "20"],
                         root / "port", root / "serve.log")
     target = f"127.0.0.1:{(root / 'port').read_text().strip()}"
     yield {"target": target, "admin": str(root / "admin.token"), "owner": str(owner_token), "stores": copies}
@@ -398,3 +401,14 @@ def test_serve_from_a_config_file_and_env_pointed_clients(fmt, tmp_path, capsys,
         assert code == 0, err
     finally:
         stop_server(proc)
+
+
+def test_audit_percentiles_from_the_membership_reference_the_server_was_given(served, corpus_dir):
+    """`silo serve --membership-reference CORPUS --membership-documents N`: the Audit's
+    Min-K%++ percentile is among N documents of that corpus's test split (the model's record
+    proves them never trained on)."""
+    text = next(iter_documents(corpus_dir, tiers=("sw",), split="train"))["text"]
+    with SiloClient(served["target"]) as c:
+        r = c.audit(text, membership=True)
+    assert r.scored and r.reference_proven and 0 < r.reference_documents <= 20
+    assert 0 <= r.min_k_pp_percentile <= 100

@@ -16,6 +16,7 @@ from silo.datastore.kinds import open_store
 from silo.datastore.manifest import FingerprintMismatch
 from silo.server.app import load_state
 
+from silo.app.cli import main
 from silo.build import BuildArgs, build_store
 from silo.corpus import RestrictedTextError
 from silo.ric_train import IGNORE, RICBatches, RICTrainParams, TrainingPassages, shares_run
@@ -126,3 +127,14 @@ def test_stores_that_read_only_the_tokenizer_serve_every_model_with_it(ric_model
             open_store(built[kind], load_index=False).check_model(other_tok)
     state = load_state(str(ric_model), [str(built["passage"]), str(built["infgram"]), str(built["token"])])
     assert set(state.stores) == {"passage", "infgram"} and set(state.store_errors) == {"token"}
+
+
+def test_lm_train_ric_as_a_user_types_it(tmp_path, corpus_dir, tiny_model, capsys):
+    main(["lm", "train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--config", "tiny", "--tokenizer",
+          str(tiny_model), "--steps", "3", "--ric", "0.5", "--ric-passage-tokens", "64", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 3 and out["ric"]["share"] == 0.5 and out["ric"]["sequences"] > 0
+    assert json.loads((tmp_path / "m" / "silo_model.json").read_text())["ric"]["passage_tokens"] == 64
+    with pytest.raises(SystemExit):  # a share outside (0, 1] is refused before anything trains
+        main(["lm", "train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "bad"), "--config", "tiny",
+              "--tokenizer", str(tiny_model), "--steps", "3", "--ric", "2"])

@@ -186,6 +186,9 @@ def cmd_lm_train(a: argparse.Namespace) -> None:
         ric=a.ric, ric_passages=a.ric_passages, ric_passage_tokens=a.ric_passage_tokens))
     summary = {k: rec[k] for k in ("steps", "tokens_seen", "train_seconds", "parameters", "loss_first", "loss_last",
                                    "val_perplexity", "unigram_val_perplexity")}
+    if "ric" in rec:  # retrieval-augmented training: what the added rows read
+        summary["ric"] = {k: rec["ric"][k] for k in ("share", "sequences", "with_passages", "excluded_own",
+                                                     "excluded_copies", "step_seconds_ratio")}
     record = TrainingRecord.open(a.out)
     leakage = record.record.get("leakage", {}) if record else {}
     if a.json:
@@ -196,6 +199,10 @@ def cmd_lm_train(a: argparse.Namespace) -> None:
           f"{summary['parameters']:,} parameters; loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}")
     print(f"validation perplexity {summary['val_perplexity']:.2f} (unigram baseline "
           f"{summary['unigram_val_perplexity']:.2f})")
+    if "ric" in summary:
+        r = summary["ric"]
+        print(f"retrieval-augmented: {r['with_passages']:,} of {r['sequences']:,} added rows read a passage "
+              f"({r['excluded_own']:,} candidates of their own document and {r['excluded_copies']:,} copies left out)")
     print(f"model -> {a.out}")
 
 

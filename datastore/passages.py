@@ -67,6 +67,11 @@ BM25_STOPWORDS = "en"
 PASSAGE_COLUMNS = ("doc", "position", "end", "sentence", "char_start", "char_end")
 
 
+def retrievers_needed(retriever: str) -> tuple[str, ...]:
+    """The built retrievers a search retriever needs (hybrid: both)."""
+    return RETRIEVERS if retriever == "hybrid" else (retriever,)
+
+
 def reciprocal_rank_fusion(lists: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Fuse ranked id lists ((n, d) each, best first, -1 = none) into the top-k by
     Σ 1 / (RRF_K + rank): (scores (n, k) float32, ids (n, k) int64), -inf / -1 where fewer;
@@ -263,7 +268,7 @@ class PassageStore(Datastore):
         embeds the queries with `embed` (texts -> (n, dim) float32, the store's embedder)."""
         if retriever not in SEARCH_RETRIEVERS:
             raise ValueError(f"unknown retriever {retriever!r}; expected one of {', '.join(SEARCH_RETRIEVERS)}")
-        needs = RETRIEVERS if retriever == "hybrid" else (retriever,)
+        needs = retrievers_needed(retriever)
         if any(r not in self.manifest.retrievers for r in needs):
             raise StoreError(f"store {self.path} was built without the {' and '.join(needs)} retriever"
                              f"{'s' if len(needs) > 1 else ''} (it has {', '.join(self.manifest.retrievers)})")

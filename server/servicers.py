@@ -32,6 +32,7 @@ from silo.datastore.errors import FingerprintMismatch, StoreError, StoreLocked, 
 from silo.datastore.ledger import fingerprint
 from silo.datastore.manifest import model_fingerprint
 from silo.datastore.optout import CorruptLog
+from silo.datastore.passages import retrievers_needed
 from silo.datastore.removal import (
     LargeRemoval,
     NotLoggedEverywhere,
@@ -177,19 +178,19 @@ class ServerState:
         return self.stores.get("passage")
 
 
-# a store kind's retrieval mode, in the order `auto` prefers them: kNN-LM (SILO's best mode
-# where it is affordable), then ∞-gram, then RIC-LM
 def check_store_retriever(store: Datastore, retriever: str, name: str) -> None:
-    """A retriever asked of a passage store must be one it was built with (hybrid: both)."""
+    """A retriever asked of a passage store must be one it was built with (hybrid: both):
+    the request's fault, refused before any work (the store itself would say FAILED_PRECONDITION)."""
     if not retriever:
         return
-    needs = ("bm25", "dense") if retriever == "hybrid" else (retriever,)
-    have = store.manifest.retrievers
+    needs, have = retrievers_needed(retriever), store.manifest.retrievers
     if any(x not in have for x in needs):
         raise BadRequest(f"{name} {retriever!r} needs a passage store built with {' and '.join(needs)}; "
                          f"this server's has {', '.join(have)}")
 
 
+# a store kind's retrieval mode, in the order `auto` prefers them: kNN-LM (SILO's best mode
+# where it is affordable), then ∞-gram, then RIC-LM
 MODE_OF_KIND = {"token": pb.RETRIEVAL_KNN, "infgram": pb.RETRIEVAL_INFGRAM, "passage": pb.RETRIEVAL_RIC}
 DEFAULT_MODES = ("auto", "none", "knn", "ric", "infgram")
 

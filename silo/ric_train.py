@@ -133,12 +133,15 @@ class TrainingPassages:
         return self.data[int(s) : int(e)][: self.p.max_passage_tokens].tolist()
 
 
-def shares_run(passage: list[int], seq: np.ndarray, n: int) -> bool:
-    """Whether `passage` and `seq` share a run of n consecutive tokens."""
-    if len(passage) < n or len(seq) < n:
-        return False
-    grams = {tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)}
-    return any(tuple(passage[i : i + n]) in grams for i in range(len(passage) - n + 1))
+def token_runs(seq, n: int) -> set[tuple]:
+    """Every run of n consecutive tokens of `seq`."""
+    seq = list(seq)
+    return {tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)}
+
+
+def shares_run(passage: list[int], runs: set[tuple], n: int) -> bool:
+    """Whether `passage` has one of `runs` (`token_runs` of a sequence, n tokens each)."""
+    return any(tuple(passage[i : i + n]) in runs for i in range(len(passage) - n + 1))
 
 
 class RICBatches:
@@ -200,14 +203,14 @@ class RICBatches:
         layouts = []
         for r, (a, e), cands in zip(rows, blocks, ids, strict=True):
             own = self.index.doc_of(a)
-            window = data[max(0, e - n) : e]
+            runs = token_runs(data[max(0, e - n) : e], p.copy_tokens)  # once per row, for every candidate
             chosen, pids = [], []
             for pid in cands[cands >= 0]:
                 if int(self.index.spans[pid][0]) == own:
                     self.stats["excluded_own"] += 1
                     continue
                 toks = self.index.passage(int(pid))
-                if shares_run(toks, window, p.copy_tokens):
+                if shares_run(toks, runs, p.copy_tokens):
                     self.stats["excluded_copies"] += 1
                     continue
                 chosen.append(toks)

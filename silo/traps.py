@@ -417,7 +417,10 @@ def run_trap_experiment(a: TrapArgs) -> dict:
         if not (out / "model.safetensors").is_file():
             train(TrainArgs(out=str(out), **kw, **extra))
     stores = build_trap_stores(silo_lm, corpus, traps, work, a.filler_words, a.progress)
-    rep = {"spec": asdict(a.spec), "planted": sum(t.planted for t in traps),
+    planted = [t for t in traps if t.planted]
+    spec = {"lengths": sorted({t.words for t in planted}), "repeats": sorted({t.repeats for t in planted}),
+            "per_cell": sum(t.words == planted[0].words and t.repeats == planted[0].repeats for t in planted)}
+    rep = {"spec": spec, "planted": sum(t.planted for t in traps),
            "controls": sum(not t.planted for t in traps),
            "weights": weights_side({"SILO LM": silo_lm, "oracle": oracle}, traps)}
     rep["datastore"] = datastore_side(silo_lm, stores["token"], stores["infgram"], traps)

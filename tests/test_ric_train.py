@@ -19,7 +19,14 @@ from silo.server.app import load_state
 from silo.app.cli import main
 from silo.build import BuildArgs, build_store
 from silo.corpus import RestrictedTextError
-from silo.ric_train import IGNORE, RICBatches, RICTrainParams, TrainingPassages, shares_run
+from silo.ric_train import (
+    IGNORE,
+    RICBatches,
+    RICTrainParams,
+    TrainingPassages,
+    shares_run,
+    token_runs,
+)
 from silo.tokenizer import load_tokenizer
 from silo.train import TokenStream, TrainArgs, train
 
@@ -53,7 +60,8 @@ def test_a_block_reads_passages_of_other_documents_never_its_own_or_a_copy(ric_m
             r, own, pids = lay["row"], lay["own_doc"], lay["passages"]
             assert 1 <= len(pids) <= 2 and all(int(b.index.spans[i][0]) != own for i in pids)
             window = b.index.data[lay["end"] - 128 : lay["end"]]
-            assert not any(shares_run(b.index.passage(i), window, p.copy_tokens) for i in pids)
+            runs = token_runs(window, p.copy_tokens)
+            assert not any(shares_run(b.index.passage(i), runs, p.copy_tokens) for i in pids)
             # the loss covers the document's text after the passages, never the passages
             n_doc = int((y[r] != IGNORE).sum())
             assert 0 < n_doc <= 128 - 1 and (y[r, : 128 - n_doc] == IGNORE).all()

@@ -107,6 +107,7 @@ def test_the_trap_experiment_shows_both_halves_of_the_promise(tmp_path):
         corpus=str(corpus), work=str(tmp_path / "work"), spec=TrapSpec(lengths=(8, 16), repeats=(1, 10, 100),
                                                                        per_cell=4),
         permissive_tiers=("pd",), steps=300, seq_len=64, vocab_size=300, progress=False))
+    assert rep["spec"] == {"lengths": [8, 16], "repeats": [1, 10, 100], "per_cell": 4}  # the traps' own
     silo, oracle = rep["weights"]["SILO LM"], rep["weights"]["oracle"]
     for cell in oracle:
         if cell["repeats"] == 100:

@@ -288,6 +288,13 @@ class Datastore:
     def can_refine(self) -> bool:
         return bool(self.shards) and all(s.keys is not None for s in self.shards)
 
+    def refine_for(self, refine: int | None) -> int:
+        """The re-ranking factor a search applies for a requested `refine` (None: the store's
+        tuned default, else what its index needs, `index.default_refine`); 1 without keys."""
+        if refine is None:
+            refine = self.manifest.defaults.get("refine", ix.default_refine(self.manifest.index))
+        return refine if refine and refine > 1 and self.can_refine else 1
+
     # ------------------------------------------------------------------ masks and tombstones
 
     def doc_mask(self, policy: RetrievalPolicy | None) -> np.ndarray:
@@ -488,8 +495,7 @@ class Datastore:
             raise ValueError(f"queries must be (n, {self.manifest.dim}), got {queries.shape}")
         if not np.isfinite(queries).all():
             raise ValueError("queries must be finite (no NaN or infinity)")
-        refine = self.manifest.defaults.get("refine", 1) if refine is None else refine
-        refine = refine if refine and refine > 1 and self.can_refine else 1
+        refine = self.refine_for(refine)
         self.maybe_reload_optouts()
         version = self.tombstone_version
         allowed = self.allowed_bitmap(policy)
@@ -527,7 +533,7 @@ class Datastore:
         dist = np.where(bad, worst, dist)
         ids = np.where(bad, -1, ids)
         if refine > 1:
-            dist = self._exact(queries, ids, worst)
+            dist = self.distances_to(queries, ids)
         order = np.argsort(dist if self.metric != "ip" else -dist, axis=1, kind="stable")[:, :k]
         dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
         if ids.shape[1] < k:
@@ -536,11 +542,29 @@ class Datastore:
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         return SearchResult(dist.astype(np.float32), ids, missing)
 
-    def _exact(self, queries: np.ndarray, ids: np.ndarray, worst: float) -> np.ndarray:
-        """Exact distances of every candidate from its kept fp16 key (`worst` for -1)."""
-        keys = self.keys_of(ids)
-        dist = ix.exact_distances(queries, keys, self.metric)
+    def distances_to(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact distances (n, c) of each query (n, d) to its candidates (n, c) from their kept
+        fp16 keys (stores with `keep_keys`); the worst value (inf, or -inf for inner
+        products) for -1."""
+        assert self.can_refine, "exact distances need the kept keys"
+        assert queries.ndim == 2 and ids.ndim == 2 and len(queries) == len(ids), (queries.shape, ids.shape)
+        worst = np.inf if self.metric != "ip" else -np.inf
+        dist = ix.exact_distances(np.asarray(queries, np.float32), self.keys_of(ids), self.metric)
         return np.where(ids >= 0, dist, worst).astype(np.float32)
+
+    def allowed(self, ids: np.ndarray, policy: RetrievalPolicy | None = None) -> np.ndarray:
+        """Whether each global entry id may be served now: it exists (not -1, not removed by
+        a compaction) and its document is neither opted out (the logs re-read first, as a
+        search does) nor outside `policy`. What a pointer walking the store checks at each
+        step, so it can never step into a removed entry."""
+        self.maybe_reload_optouts()
+        ids = np.asarray(ids, dtype=np.int64)
+        ok = self.entries(ids, ("doc",))["doc"] >= 0
+        bits = self.allowed_bitmap(policy)
+        if bits is not None:
+            safe = np.where(ok, ids, 0)
+            ok &= ((bits[safe >> 3] >> (safe & 7)) & 1) == 1
+        return ok
 
     def keys_of(self, ids: np.ndarray) -> np.ndarray:
         """fp16 keys of global ids (n, c) -> (n, c, d); zeros for -1."""
@@ -548,11 +572,12 @@ class Datastore:
         out = np.zeros((len(flat), self.manifest.dim), dtype=np.float16)
         valid = flat >= 0
         shard, local = self._locate(np.where(valid, flat, 0))
+        if len(self.shards) == 1 and valid.all():  # the common case: one gather, no scatter
+            return self.shards[0].keys[local].reshape(*np.shape(ids), self.manifest.dim)
         for si, s in enumerate(self.shards):
             sel = np.flatnonzero(valid & (shard == si))
             if len(sel):
-                order = np.argsort(local[sel])  # sorted reads: fewer page faults on the memory map
-                out[sel[order]] = s.keys[local[sel][order]]
+                out[sel] = s.keys[local[sel]]  # a plain gather: sorting the reads costs more than it saves
         return out.reshape(*np.shape(ids), self.manifest.dim)
 
     # ------------------------------------------------------------------ entries and attribution

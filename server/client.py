@@ -36,7 +36,8 @@ def retrieval_options(mode: str | None = None, k: int | None = None, lam: float 
                       temperature: float | None = None, nprobe: int = 0, tiers=(), deny_licenses=(),
                       allow_licenses=(), allow_sources=(), deny_sources=(), deny_owners=(),
                       allow_partial: bool = False, refine: int | None = None,
-                      retriever: str = "") -> pb.RetrievalOptions:
+                      retriever: str = "", reuse: int | None = None,
+                      skip_above: float | None = None) -> pb.RetrievalOptions:
     """Retrieval options of a Generate or Score request. `mode` None (unset) is the server's
     default mode (ModelInfo.default_mode: SILO's retrieval when the server has a store);
     "none" asks for the parametric LM alone."""
@@ -56,6 +57,10 @@ def retrieval_options(mode: str | None = None, k: int | None = None, lam: float 
         opts.temperature = temperature
     if refine is not None:
         opts.refine_factor = refine
+    if reuse is not None:
+        opts.reuse = reuse
+    if skip_above is not None:
+        opts.skip_above = skip_above
     return opts
 
 

@@ -175,6 +175,10 @@ class SiloOptions(BaseModel):
     knn_temperature: float | None = None
     nprobe: int = 0
     refine: int | None = Field(None, description="exact re-ranking factor (stores with kept keys)")
+    reuse: int | None = Field(None, description="kNN-LM pointer reuse: no search where this many neighbours "
+                              "advance (0 = off)")
+    skip_above: float | None = Field(None, description="kNN-LM adaptive retrieval: no search where the LM's top "
+                                     "probability is at least this (1 = off)")
     ric_stride: int = 0
     retriever: Literal["bm25", "dense", "hybrid"] | None = Field(
         None, description="RIC-LM: how passages are found; unset: the passage store's own")
@@ -293,10 +297,11 @@ class Completions:
         if (opts.mode or mode) is not None:
             retrieval.mode = pb.RetrievalMode.Value(f"RETRIEVAL_{(opts.mode or mode).upper()}")
         for field, value in (("k", opts.k), ("lambda_", opts.lambda_), ("temperature", opts.knn_temperature),
-                             ("refine_factor", opts.refine)):
+                             ("refine_factor", opts.refine), ("reuse", opts.reuse), ("skip_above", opts.skip_above)):
             if value is not None:
-                if field == "refine_factor" and value < 0:
-                    raise BadCompletion("silo.refine must be ≥ 1")
+                if field in ("refine_factor", "reuse") and value < 0:
+                    raise BadCompletion(f"silo.{'refine' if field == 'refine_factor' else field} must be ≥ "
+                                        f"{1 if field == 'refine_factor' else 0}")
                 setattr(retrieval, field, value)
         if opts.policy:
             try:

@@ -180,7 +180,8 @@ def check_retriever(name: str, value: str) -> None:
 
 
 def check_retrieval(r: pb.RetrievalOptions, limits: Limits) -> None:
-    """Every field of RetrievalOptions against the limits (mode, k, λ, T, nprobe, refine, stride)."""
+    """Every field of RetrievalOptions against the limits (mode, k, λ, T, nprobe, refine, reuse,
+    skip_above, stride)."""
     check_enum("retrieval.mode", r.mode, pb.RetrievalMode)
     if r.HasField("k"):
         check_int("retrieval.k", r.k, 1, limits.max_k)
@@ -191,5 +192,9 @@ def check_retrieval(r: pb.RetrievalOptions, limits: Limits) -> None:
     check_int("retrieval.nprobe", r.nprobe, 0, limits.max_nprobe)
     if r.HasField("refine_factor"):
         check_int("retrieval.refine_factor", r.refine_factor, 1, limits.max_refine_factor)
+    if r.HasField("reuse"):
+        check_int("retrieval.reuse", r.reuse, 0, r.k if r.HasField("k") else limits.max_k)
+    if r.HasField("skip_above"):
+        check_float("retrieval.skip_above", r.skip_above, 0.0, 1.0, lo_open=True)
     check_int("retrieval.ric_stride", r.ric_stride, 0, limits.max_window)
     check_retriever("retrieval.retriever", r.retriever)

@@ -64,7 +64,7 @@ from silo.errors import SiloError
 from silo.evaluate import score_documents, windows_for
 from silo.infgram import InfgramParams, generate_infgram, score_infgram, trace
 from silo.ingest import INGEST_KINDS, add_documents
-from silo.knnlm import KNNParams, generate, knn_score, refine_used
+from silo.knnlm import KNNParams, generate, knn_score
 from silo.licenses import license_obligation
 from silo.lm import model_info, trained_tiers
 from silo.membership import (
@@ -302,9 +302,13 @@ def knn_params_from_pb(r: pb.RetrievalOptions, store: Datastore, limits: Limits)
                               lam=r.lambda_ if r.HasField("lambda_") else None,
                               temperature=r.temperature if r.HasField("temperature") else None,
                               nprobe=r.nprobe or None,
-                              refine=r.refine_factor if r.HasField("refine_factor") else None)
+                              refine=r.refine_factor if r.HasField("refine_factor") else None,
+                              reuse=r.reuse if r.HasField("reuse") else None,
+                              skip_above=r.skip_above if r.HasField("skip_above") else None)
     if not r.HasField("k"):
         params = replace(params, k=min(params.k, limits.max_k))
+    if not r.HasField("reuse"):  # the store's tuned count, for the k this request really uses
+        params = replace(params, reuse=min(params.reuse, params.k))
     if not r.nprobe and params.nprobe is not None:
         params = replace(params, nprobe=min(params.nprobe, limits.max_nprobe))
     return params
@@ -495,7 +499,7 @@ class LanguageModelServicer:
     def _check_knn_work(self, store: Datastore, params: KNNParams, queries: int, what: str) -> None:
         """kNN-LM work: one query's candidates (k x refine) and the request's neighbour
         slots (queries x k x refine), with the k and refine the search will really use."""
-        lim, refine = self.s.limits, refine_used(store, params.refine)
+        lim, refine = self.s.limits, store.refine_for(params.refine)
         check_work(f"candidates per search (k {params.k} x refine {refine})", params.k * refine,
                    "max_query_candidates", lim, "a smaller k or refine_factor")
         check_work(f"neighbour slots ({queries:,} {what} x k {params.k} x refine {refine})",
@@ -662,7 +666,7 @@ class DatastoreServicer:
         refine = check_int("refine_factor", r.refine_factor, 1, lim.max_refine_factor) \
             if r.HasField("refine_factor") else None
         if kind == "token":
-            used = refine_used(store, refine)
+            used = store.refine_for(refine)
             check_work(f"candidates per search (k {k} x refine {used})", k * used, "max_query_candidates", lim,
                        "a smaller k or refine_factor")
         if r.retriever:

@@ -466,7 +466,7 @@ def _build(args: BuildArgs) -> Manifest:
     if args.kind == "token" or embedder is not None:
         dim = key_dim(model, args.key_type) if args.kind == "token" else embedder.dim
         metric = "l2" if args.kind == "token" else "ip"
-        factory = args.factory or choose_factory(plan["entries"], dim, args.memory_budget)
+        factory = args.factory or choose_factory(plan["entries"], dim, args.memory_budget, rerank=args.keep_keys)
         trained_path = out / TRAINED_NAME
         if trained_path.is_file():
             trained = faiss.read_index(str(trained_path))

@@ -35,6 +35,7 @@ from silo.evaluate import load_eval_docs, perplexity, perplexity_report, score_d
 from silo.infgram import InfgramParams, infgram_perplexity, score_infgram, sweep_lambdas
 from silo.knnlm import KNNParams, retrieve_neighbours
 from silo.lm import load_causal_lm
+from silo.retomaton import REUSED, SKIPPED
 from silo.ricl import RICParams, ric_score_documents
 from silo.tokenizer import encode_document
 
@@ -64,6 +65,8 @@ class EvalArgs:
     temperature: float | None = None
     nprobe: int | None = None
     refine: int | None = None
+    reuse: int | None = None
+    skip_above: float | None = None
     infgram_lambda: float | None = None
     sweep: bool = False  # first tune the token / ∞-gram stores' parameters on the validation split
     save_defaults: bool = False  # with sweep: save the tuned values in each store's manifest as its defaults
@@ -148,13 +151,17 @@ def run_eval(a: EvalArgs) -> dict:
     if "knn" in a.modes:
         store = stores["token"]
         params = (a.knn or KNNParams.merged(store.manifest.defaults, a.k, a.lam, a.temperature, a.nprobe,
-                                            a.refine)).validate()
+                                            a.refine, a.reuse, a.skip_above)).validate()
         neigh = retrieve_neighbours(model, store, docs, params.k, a.window, a.stride, a.batch_size, pad,
-                                    params.nprobe, policy_for("token"), a.progress, refine=params.refine)
+                                    params.nprobe, policy_for("token"), a.progress, refine=params.refine,
+                                    reuse=params.reuse, skip_above=params.skip_above)
         per_mode["lm"] = [n.lm_logprob for n in neigh]
         per_mode["knn"] = [n.knn_logprob(params) for n in neigh]
+        how = np.bincount(np.concatenate([n.how for n in neigh] or [np.zeros(0, np.int8)]), minlength=3)
         report["knn_params"] = {"k": params.k, "lambda": params.lam, "temperature": params.temperature,
-                                "nprobe": params.nprobe, "refine": params.refine}
+                                "nprobe": params.nprobe, "refine": params.refine, "reuse": params.reuse,
+                                "skip_above": params.skip_above,
+                                "searched": int(how[0]), "reused": int(how[1]), "skipped": int(how[2])}
     if "lm" not in per_mode and ("lm" in a.modes or "infgram" in a.modes):
         per_mode["lm"] = score_documents(model, docs, a.window, a.stride, a.batch_size, pad, a.progress)
     if "infgram" in a.modes:
@@ -261,21 +268,32 @@ def sweep_infgram(model, tok, store: InfgramStore, corpus: str, split: str = "va
     return result
 
 
+# adaptive retrieval and pointer reuse (silo.retomaton) are kept where they cost at most this
+# share of the validation perplexity of the same neighbours searched at every token
+SEARCH_LESS_TOLERANCE = 0.01
+SKIP_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # LM top probabilities above which no search runs
+REUSE_GRID = (32, 16, 8, 4, 2, 1)  # pointers that must advance for a token to skip its search
+
+
 def sweep_knn(model, tok, store: Datastore, corpus: str, split: str = "validation", window: int = 512,
               stride: int = 256, batch_size: int = 8, max_tokens: int | None = 20_000,
               ks: tuple[int, ...] = (8, 32, 128, 512), lams: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
               temps: tuple[float, ...] = (0.3, 1, 3, 10, 30, 100, 300), nprobe: int | None = 32,
-              refine: int | None = None, save: bool = True, progress: bool = False) -> dict:
+              refine: int | None = None, save: bool = True, progress: bool = False,
+              search_less: bool = True) -> dict:
     """`silo eval --sweep`: best (k, λ, T) for a token store (of this model) on validation
     text from one retrieval at max k (at `nprobe`, re-ranking `refine`·k candidates exactly
     when given); with `save`, stored with that nprobe and refine factor as the store's
-    defaults in its manifest."""
+    defaults in its manifest. With `search_less`, then the lowest LM confidence above which
+    the search is skipped (from the same retrieval), and the fewest advancing pointers that
+    replace a search (one more retrieval per value tried, stores with kept keys), each kept
+    only within `SEARCH_LESS_TOLERANCE` of the perplexity of searching at every token."""
     docs, policy, checks = decontaminated_docs(store, tok, corpus, split, tuple(store.manifest.tiers), max_tokens,
                                                max_doc_tokens=2048)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     k_max = min(max(ks), max(store.n_entries, 1))
     neigh = retrieve_neighbours(model, store, docs, k_max, window, stride, batch_size, pad, nprobe, policy, progress,
-                                refine=refine)
+                                refine=refine, keep_top=search_less)
     lm_ppl = perplexity([n.lm_logprob for n in neigh])
     grid = []
     for k, lam, t in itertools.product([k for k in ks if k <= k_max] or [k_max], lams, temps):
@@ -287,8 +305,45 @@ def sweep_knn(model, tok, store: Datastore, corpus: str, split: str = "validatio
               "grid_size": len(grid)}
     if not math.isfinite(best[0]):  # checked before anything is saved: never store broken defaults
         raise SiloError("sweep found no finite perplexity")
-    _keep_defaults(store, {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")}
-                   | ({"refine": refine} if refine else {})
-                   | {"tuned_on": f"{split}, {result['tokens']} tokens", "validation_ppl_lm": round(lm_ppl, 4),
-                      "validation_ppl_knn": round(best[0], 4)}, save, result)
+    chosen = {k: result[k] for k in ("k", "lambda", "temperature", "nprobe")} | ({"refine": refine} if refine else {})
+    if search_less:
+        params = KNNParams(k=best[1], lam=best[2], temperature=best[3], nprobe=nprobe, refine=refine)
+        chosen |= tune_search_less(model, store, docs, neigh, params, best[0], window, stride, batch_size, pad, policy,
+                                   result)
+    _keep_defaults(store, chosen | {"tuned_on": f"{split}, {result['tokens']} tokens",
+                                    "validation_ppl_lm": round(lm_ppl, 4), "validation_ppl_knn": round(best[0], 4)},
+                   save, result)
     return result
+
+
+def tune_search_less(model, store: Datastore, docs: list[list[int]], neigh: list, params: KNNParams,
+                     full_ppl: float, window: int, stride: int, batch_size: int, pad: int,
+                     policy: RetrievalPolicy | None, result: dict) -> dict:
+    """`skip_above` and `reuse` for `params` (tuned k, λ, T) on the sweep's text: the most
+    searches saved within `SEARCH_LESS_TOLERANCE` of `full_ppl`; what each value cost goes
+    into `result` (perplexity, share of tokens not searched)."""
+    bound = full_ppl * (1 + SEARCH_LESS_TOLERANCE)
+    tops = np.concatenate([n.lm_top for n in neigh])
+    skip, tried = 1.0, []
+    for t in SKIP_GRID:
+        ppl = perplexity([n.knn_logprob(replace(params, skip_above=t)) for n in neigh])
+        tried.append({"skip_above": t, "ppl": round(ppl, 4), "skipped": round(float((tops >= t).mean()), 4)})
+        if ppl <= bound:
+            skip = t
+            break
+    result["skip_grid"], result["skip_above"] = tried, skip
+    reuse, tried = 0, []
+    if store.can_refine:
+        for r in (r for r in REUSE_GRID if r <= params.k):
+            found = retrieve_neighbours(model, store, docs, params.k, window, stride, batch_size, pad, params.nprobe,
+                                        policy, refine=params.refine, reuse=r, skip_above=skip)
+            p = replace(params, reuse=r, skip_above=skip)
+            ppl = perplexity([n.knn_logprob(p) for n in found])
+            how = np.concatenate([n.how for n in found])
+            tried.append({"reuse": r, "ppl": round(ppl, 4), "reused": round(float((how == REUSED).mean()), 4),
+                          "skipped": round(float((how == SKIPPED).mean()), 4)})
+            if ppl > bound:
+                break
+            reuse = r
+    result["reuse_grid"], result["reuse"] = tried, reuse
+    return {"skip_above": skip, "reuse": reuse}

@@ -35,6 +35,7 @@ from silo.datastore.store import Datastore
 from silo.errors import SiloError
 from silo.evaluate import batched, pad_batch, windows_for
 from silo.keys import capture_keys
+from silo.retomaton import Walk, search_sequences
 from silo.tokenizer import StreamDecoder, text_ids
 
 
@@ -45,11 +46,13 @@ class KNNParams:
     temperature: float = 10.0
     nprobe: int | None = 32
     refine: int | None = None  # exact re-ranking of refine × k candidates (stores with kept keys); None = store default
+    reuse: int = 0  # pointer reuse (silo.retomaton): no search where ≥ reuse pointers advance; 0 = off
+    skip_above: float = 1.0  # adaptive retrieval: no search where the LM's top probability ≥ this; 1 = off
 
     @classmethod
     def merged(cls, defaults: dict | None = None, k: int | None = None, lam: float | None = None,
                temperature: float | None = None, nprobe: int | None = None,
-               refine: int | None = None) -> KNNParams:
+               refine: int | None = None, reuse: int | None = None, skip_above: float | None = None) -> KNNParams:
         """The one parameter merge (CLI, servicers, demo): values given (None = not given)
         over a store's tuned defaults (`manifest.defaults`) over the built-in ones."""
         d, base = defaults or {}, cls()
@@ -59,7 +62,8 @@ class KNNParams:
 
         return cls(k=pick(k, "k", base.k), lam=pick(lam, "lambda", base.lam),
                    temperature=pick(temperature, "temperature", base.temperature),
-                   nprobe=pick(nprobe, "nprobe", base.nprobe), refine=pick(refine, "refine", base.refine))
+                   nprobe=pick(nprobe, "nprobe", base.nprobe), refine=pick(refine, "refine", base.refine),
+                   reuse=pick(reuse, "reuse", base.reuse), skip_above=pick(skip_above, "skip_above", base.skip_above))
 
     def validate(self) -> KNNParams:
         if self.k <= 0:
@@ -72,6 +76,10 @@ class KNNParams:
             raise SiloError(f"nprobe must be positive, got {self.nprobe}")
         if self.refine is not None and self.refine < 1:
             raise SiloError(f"refine must be at least 1, got {self.refine}")
+        if not 0 <= self.reuse <= self.k:
+            raise SiloError(f"reuse must be in [0, k={self.k}] (0: no pointer reuse), got {self.reuse}")
+        if not 0.0 < self.skip_above <= 1.0:  # NaN fails too
+            raise SiloError(f"skip_above must be in (0, 1] (1: never skip a search), got {self.skip_above}")
         return self
 
 
@@ -140,29 +148,30 @@ class DocNeighbours:
     ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (n, k) entry ids
     queries: np.ndarray | None = None  # (n, d) query keys, when asked for (ANN recall checks)
     metric: str = "l2"  # the store's: "l2" distances or "ip" scores
+    lm_top: np.ndarray | None = None  # (n,) the LM's top probability (adaptive retrieval's confidence)
+    how: np.ndarray | None = None  # (n,) int8: searched, reused or skipped (silo.retomaton)
 
     def knn_logprob(self, params: KNNParams) -> np.ndarray:
+        """kNN-LM log-probs with the first k neighbours; `params.skip_above` applied after the
+        fact (the LM alone where it is that confident), as if those searches were skipped."""
         k = params.k
         values = self.values[:, :k]
         knn = knn_target_logprob(self.dists[:, :k], values, self.targets, params.temperature, self.metric)
-        return knn_interpolate(self.lm_logprob, knn, params.lam, retrieved=(values >= 0).any(axis=1))
+        retrieved = (values >= 0).any(axis=1)
+        if params.skip_above < 1.0 and self.lm_top is not None:
+            retrieved &= self.lm_top < params.skip_above
+        return knn_interpolate(self.lm_logprob, knn, params.lam, retrieved=retrieved)
 
 
 # one search call's candidates, at most (FAISS's distances and ids, the merge's copies, and
 # with exact re-ranking the candidates' fp16 keys and their float32 distances)
 SEARCH_CHUNK_BYTES = 128 << 20
-
-
-def refine_used(store: Datastore, refine: int | None) -> int:
-    """The re-ranking factor a search of `store` applies for `refine` (None = the store's
-    default; 1 where the store keeps no keys), as `Datastore.search_ex` decides it."""
-    refine = store.manifest.defaults.get("refine", 1) if refine is None else refine
-    return refine if refine and refine > 1 and store.can_refine else 1
+WALK_WINDOWS = 128  # windows walked together with pointer reuse (silo.retomaton): each step's search is batched
 
 
 def search_rows(store: Datastore, k: int, refine: int | None) -> int:
     """Queries per search call so that one call's candidates fit `SEARCH_CHUNK_BYTES`."""
-    r = refine_used(store, refine)
+    r = store.refine_for(refine)
     per_candidate = 64 + (6 * store.manifest.dim if r > 1 else 0)
     return max(1, SEARCH_CHUNK_BYTES // (k * r * per_candidate))
 
@@ -190,50 +199,70 @@ class NeighbourBatch:
     dists: np.ndarray  # (rows, k)
     ids: np.ndarray  # (rows, k)
     values: np.ndarray  # (rows, k)
+    lm_top: np.ndarray  # (rows,) the LM's top probability
+    how: np.ndarray  # (rows,) int8: searched, reused or skipped (silo.retomaton)
 
 
 @torch.no_grad()
 def neighbour_batches(model, store: Datastore, docs: list[list[int]], k: int, window: int = 512,
                       stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
                       policy: RetrievalPolicy | None = None, progress: bool = False, refine: int | None = None,
-                      overlap: bool = True) -> Iterator[NeighbourBatch]:
+                      overlap: bool = True, reuse: int = 0, skip_above: float = 1.0,
+                      keep_top: bool = False) -> Iterator[NeighbourBatch]:
     """The LM and the store over every window, one `NeighbourBatch` at a time. With
     `overlap`, the search of one batch runs in a second thread while the LM runs the next
     batch (FAISS and torch both release the GIL), so retrieval costs only what it adds
-    beyond the forward — at the price of one more busy thread."""
+    beyond the forward — at the price of one more busy thread. `reuse` and `skip_above`
+    search less (`silo.retomaton.search_sequences`: each window's scored tokens are a walk);
+    the LM's top probability per token is computed for `skip_above` < 1 or `keep_top`
+    (a pass over the vocabulary: ~10% of a tiny LM's forward), else left at 0."""
+    want_top = keep_top or skip_above < 1.0
     model.eval()
     device = next(model.parameters()).device
     wins = [w for i, d in enumerate(docs) for w in windows_for(len(d), window, stride, i)]
     wins.sort(key=lambda w: w.end - w.begin)
 
-    def search(q_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        dist, eid = chunked_search(store, q_all, k, nprobe, policy, refine)
-        return dist, eid, store.values(eid)
+    def search(q_all: np.ndarray, lengths: list[int], tokens: np.ndarray, top: np.ndarray):
+        dist, eid, how = search_sequences(store, lambda q: chunked_search(store, q, k, nprobe, policy, refine),
+                                          q_all, lengths, tokens, top, k, reuse, skip_above, policy)
+        return dist, eid, store.values(eid), how
 
-    def finish(spans: list, lm: np.ndarray, q_all: np.ndarray, found: Future) -> NeighbourBatch:
-        dist, eid, vals = found.result()
-        return NeighbourBatch(spans, lm, q_all, dist, eid, vals)
+    def finish(spans: list, lm: np.ndarray, q_all: np.ndarray, top: np.ndarray, found: Future) -> NeighbourBatch:
+        dist, eid, vals, how = found.result()
+        return NeighbourBatch(spans, lm, q_all, dist, eid, vals, top, how)
 
     threads = faiss.omp_get_max_threads()  # OpenMP's thread count is per calling thread: carry it over
-    pending = None
+    # a walk advances every window of its group one token per step, and a step searches the
+    # windows whose pointers ran out together: small groups make small, slow searches
+    group = 1 if reuse <= 0 else max(1, min(WALK_WINDOWS // batch_size,
+                                            SEARCH_CHUNK_BYTES // max(1, batch_size * window * k * 20)))
+    pending, parts = None, []
+    batches = list(batched(wins, batch_size))
     with capture_keys(model, store.manifest.key_type or "ffn_input") as box, \
             ThreadPoolExecutor(max_workers=1, initializer=faiss.omp_set_num_threads, initargs=(threads,)) as pool:
-        for batch in tqdm(list(batched(wins, batch_size)), desc="kNN-LM score", unit="batch", disable=not progress):
+        for no, batch in enumerate(tqdm(batches, desc="kNN-LM score", unit="batch", disable=not progress)):
             ids, mask = pad_batch([docs[w.doc][w.begin : w.end] for w in batch], pad_id)
             logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
             keys = box["keys"].float().cpu()
-            spans, queries, lms = [], [], []
             for r, w in enumerate(batch):
                 lo, hi = w.first_target - w.begin - 1, w.end - w.begin - 1
                 targets = ids[r, lo + 1 : hi + 1].to(device)
-                lms.append(logp[r, lo:hi].gather(-1, targets[:, None])[:, 0].double().cpu().numpy())
-                queries.append(keys[r, lo:hi].numpy())
-                spans.append((w.doc, w.first_target - 1, w.end - 1))
+                parts.append(((w.doc, w.first_target - 1, w.end - 1),
+                              logp[r, lo:hi].gather(-1, targets[:, None])[:, 0].double().cpu().numpy(),
+                              keys[r, lo:hi].numpy(),
+                              logp[r, lo:hi].max(-1).values.exp().double().cpu().numpy() if want_top
+                              else np.zeros(hi - lo),
+                              targets.cpu().numpy()))
             del logp, keys
-            q_all = np.concatenate(queries)
+            if (no + 1) % group and no + 1 < len(batches):
+                continue
+            spans, lms, queries, tops, tokens = zip(*parts, strict=True)
+            parts = []
+            q_all, top = np.concatenate(queries), np.concatenate(tops)
             if pending is not None:
                 yield finish(*pending)
-            pending = (spans, np.concatenate(lms), q_all, pool.submit(search, q_all))
+            found = pool.submit(search, q_all, [len(t) for t in tokens], np.concatenate(tokens), top)
+            pending = (list(spans), np.concatenate(lms), q_all, top, found)
             if not overlap:
                 yield finish(*pending)
                 pending = None
@@ -243,9 +272,10 @@ def neighbour_batches(model, store: Datastore, docs: list[list[int]], k: int, wi
 
 def knn_score(model, store: Datastore, ids: list[int], params: KNNParams, window: int = 512, stride: int = 256,
               batch_size: int = 8, pad_id: int = 0, policy: RetrievalPolicy | None = None,
-              overlap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+              overlap: bool = False, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(LM log-probs, kNN-LM log-probs) of tokens 1..n-1 of one document, each batch's
-    neighbours turned into log-probs and dropped at once: memory does not grow with the text."""
+    neighbours turned into log-probs and dropped at once: memory does not grow with the text.
+    `counts` (3,), if given, adds the tokens searched, reused and skipped (`silo.retomaton`)."""
     n = max(len(ids) - 1, 0)
     lm, mixed = np.zeros(n), np.zeros(n)
     doc = np.asarray(ids, dtype=np.int64)
@@ -254,7 +284,10 @@ def knn_score(model, store: Datastore, ids: list[int], params: KNNParams, window
     batch_size = max(1, min(batch_size, SEARCH_CHUNK_BYTES // (window * params.k * 20)))
     step = max(1, SEARCH_CHUNK_BYTES // (params.k * 50))
     for b in neighbour_batches(model, store, [ids], params.k, window, stride, batch_size, pad_id, params.nprobe,
-                               policy, refine=params.refine, overlap=overlap):
+                               policy, refine=params.refine, overlap=overlap, reuse=params.reuse,
+                               skip_above=params.skip_above):
+        if counts is not None:
+            counts += np.bincount(b.how, minlength=3)
         targets = np.concatenate([doc[a + 1 : e + 1] for _, a, e in b.spans])
         lp = np.concatenate([
             knn_interpolate(b.lm_logprob[i : i + step],
@@ -273,23 +306,29 @@ def retrieve_neighbours(model, store: Datastore, docs: list[list[int]], k: int, 
                         stride: int = 256, batch_size: int = 8, pad_id: int = 0, nprobe: int | None = None,
                         policy: RetrievalPolicy | None = None, progress: bool = False,
                         keep_queries: bool = False, refine: int | None = None,
-                        overlap: bool = True) -> list[DocNeighbours]:
+                        overlap: bool = True, reuse: int = 0, skip_above: float = 1.0,
+                        keep_top: bool = False) -> list[DocNeighbours]:
     """One pass: LM log-probs and the store's k neighbours for every scored token, kept
-    (n x k per document) so that λ, T and any k' ≤ k can be swept without searching again."""
+    (n x k per document) so that λ, T and any k' ≤ k can be swept without searching again
+    (and, with `keep_top`, `skip_above`: the LM's top probability is kept beside them)."""
     n = [max(len(d) - 1, 0) for d in docs]
     out = [DocNeighbours(np.zeros(m), np.asarray(d[1:], dtype=np.int64), np.zeros((m, k), np.float32),
-                         np.full((m, k), -1, np.int64), np.full((m, k), -1, np.int64), metric=store.metric)
+                         np.full((m, k), -1, np.int64), np.full((m, k), -1, np.int64), metric=store.metric,
+                         lm_top=np.zeros(m) if keep_top else None, how=np.zeros(m, np.int8))
            for d, m in zip(docs, n, strict=True)]
     if keep_queries:
         for o in out:
             o.queries = np.zeros((len(o.targets), store.manifest.dim), np.float32)
     for b in neighbour_batches(model, store, docs, k, window, stride, batch_size, pad_id, nprobe, policy,
-                               progress, refine, overlap):
+                               progress, refine, overlap, reuse, skip_above, keep_top):
         row = 0
         for doc, a, e in b.spans:
             o, rows = out[doc], slice(row, row + e - a)
             o.lm_logprob[a:e], o.dists[a:e], o.ids[a:e], o.values[a:e] = \
                 b.lm_logprob[rows], b.dists[rows], b.ids[rows], b.values[rows]
+            o.how[a:e] = b.how[rows]
+            if keep_top:
+                o.lm_top[a:e] = b.lm_top[rows]
             if keep_queries:
                 o.queries[a:e] = b.queries[rows]
             row += e - a
@@ -401,13 +440,17 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
     """Yield tokens one at a time, LM-only (store None) or kNN-LM, with attribution
     (`echo`, `top_logprobs`, `prompt_ids`: `generate_mixed`)."""
     key_type = store.manifest.key_type if store is not None else "ffn_input"
+    walk = None if store is None else Walk(
+        store, lambda q: store.search(q, params.k, nprobe=params.nprobe, policy=policy, refine=params.refine),
+        params.k, params.reuse, params.skip_above, policy)
     with capture_keys(model, key_type or "ffn_input") as box:
 
         def mix(ids: list[int], lm_p: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
             if store is None or params.lam <= 0:
                 return lm_p, []
+            walk.moved_to(ids[-1])  # the token fed last: the pointers of the step before follow it
             q = box["keys"][0, -1:].float().cpu().numpy()
-            dist, eid = store.search(q, params.k, nprobe=params.nprobe, policy=policy, refine=params.refine)
+            dist, eid, _ = walk.neighbours(q, float(lm_p.max()))
             vals = torch.from_numpy(store.values(eid))
             if not (vals >= 0).any():  # nothing allowed retrieved: λ = 0, the LM exactly
                 return lm_p, []

@@ -65,7 +65,8 @@ def subsample_neighbours(n: DocNeighbours, fraction: float, seed: int, k: int) -
     dists = np.where(kept, np.take_along_axis(n.dists, order, 1), np.inf)
     values = np.where(kept, np.take_along_axis(n.values, order, 1), -1)
     ids = np.where(kept, np.take_along_axis(n.ids, order, 1), -1)
-    return DocNeighbours(n.lm_logprob, n.targets, dists, values, ids, metric=n.metric), kept.sum(1) >= k
+    return (DocNeighbours(n.lm_logprob, n.targets, dists, values, ids, metric=n.metric, lm_top=n.lm_top),
+            kept.sum(1) >= k)
 
 
 class SubsampledPassages:
@@ -146,7 +147,7 @@ def tuned_lambdas(model, tok, store: Datastore, a: CurveArgs, params: KNNParams,
     docs, policy, _ = decontaminated_docs(store, tok, a.corpus, "validation", tuple(store.manifest.tiers),
                                           a.max_tokens, max_doc_tokens=2048)
     neigh = retrieve_neighbours(model, store, docs, depth, a.window, a.stride, a.batch_size, pad, params.nprobe,
-                                policy, a.progress)
+                                policy, a.progress, keep_top=params.skip_above < 1.0)
     out = {}
     for seed in range(a.seeds):
         for f in a.fractions:
@@ -179,7 +180,13 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
             if a.tune_lambda and a.lam is None and a.knn is None else {})
     recall_keys = _raw_keys(store)
     neigh = retrieve_neighbours(model, store, docs, depth, a.window, a.stride, a.batch_size, pad, params.nprobe,
-                                policy, a.progress, keep_queries=recall_keys is not None)
+                                policy, a.progress, keep_queries=recall_keys is not None,
+                                keep_top=params.skip_above < 1.0)
+    walked = None  # the full store scored as `silo eval` scores it: pointer reuse walks, it is no subsample
+    if params.reuse and store.can_refine:
+        walked = retrieve_neighbours(model, store, docs, params.k, a.window, a.stride, a.batch_size, pad,
+                                     params.nprobe, policy, refine=params.refine, reuse=params.reuse,
+                                     skip_above=params.skip_above)
     live = np.repeat(store.doc_mask(policy), store.entries_per_doc)
     all_ids = np.flatnonzero(live)
     lm_ppl = perplexity([n.lm_logprob for n in neigh])
@@ -188,7 +195,8 @@ def scaling_curve(a: CurveArgs) -> list[dict]:
         for f in sorted(a.fractions):
             subs = [subsample_neighbours(n, f, seed, params.k) for n in neigh]
             p = replace(params, lam=lams.get((f, seed), params.lam))
-            ppl = perplexity([s.knn_logprob(p) for s, _ in subs])
+            ppl = perplexity([s.knn_logprob(p) for s, _ in subs] if walked is None or f < 1.0
+                             else [w.knn_logprob(p) for w in walked])
             satisfied = float(np.mean(np.concatenate([ok for _, ok in subs])))
             tokens = int(keep_mask(all_ids, f, seed).sum())
             row = {"fraction": f, "tokens": tokens, "seed": seed, "mode": "knn", "perplexity": ppl,

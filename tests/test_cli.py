@@ -17,7 +17,7 @@ SUBCOMMANDS = [
     ["lm", "eval"], ["scaling-curve"], ["serve"], ["serve-shards"], ["generate"], ["score"], ["search"], ["optout"],
     ["stats"], ["compact"], ["plan"], ["datastore", "build"], ["datastore", "search"], ["datastore", "stats"], ["eval"], ["demo"],
     ["trace"], ["token", "issue"], ["token", "list"], ["token", "revoke"], ["datastore", "add"], ["datastore", "check"],
-    ["datastore", "optout"], ["datastore", "compact"], ["lm-eval-task"], ["lm", "card"], ["audit"],
+    ["datastore", "optout"], ["datastore", "compact"], ["datastore", "reindex"], ["lm-eval-task"], ["lm", "card"], ["audit"],
 ]
 
 

@@ -50,7 +50,7 @@ class RetrievalPolicy(_message.Message):
     def __init__(self, tiers: _Optional[_Iterable[str]] = ..., allow_licenses: _Optional[_Iterable[str]] = ..., deny_licenses: _Optional[_Iterable[str]] = ..., allow_sources: _Optional[_Iterable[str]] = ..., deny_sources: _Optional[_Iterable[str]] = ..., deny_owners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RetrievalOptions(_message.Message):
-    __slots__ = ("mode", "k", "lambda_", "temperature", "nprobe", "policy", "allow_partial", "ric_stride", "refine_factor", "retriever")
+    __slots__ = ("mode", "k", "lambda_", "temperature", "nprobe", "policy", "allow_partial", "ric_stride", "refine_factor", "retriever", "reuse", "skip_above")
     MODE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LAMBDA__FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,8 @@ class RetrievalOptions(_message.Message):
     RIC_STRIDE_FIELD_NUMBER: _ClassVar[int]
     REFINE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
+    REUSE_FIELD_NUMBER: _ClassVar[int]
+    SKIP_ABOVE_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     k: int
     lambda_: float
@@ -71,7 +73,9 @@ class RetrievalOptions(_message.Message):
     ric_stride: int
     refine_factor: int
     retriever: str
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ..., refine_factor: _Optional[int] = ..., retriever: _Optional[str] = ...) -> None: ...
+    reuse: int
+    skip_above: float
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., k: _Optional[int] = ..., lambda_: _Optional[float] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., policy: _Optional[_Union[RetrievalPolicy, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., ric_stride: _Optional[int] = ..., refine_factor: _Optional[int] = ..., retriever: _Optional[str] = ..., reuse: _Optional[int] = ..., skip_above: _Optional[float] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("doc_id", "source", "license", "tier", "owner")

@@ -41,6 +41,7 @@ from silo.datastore.compact import compact
 from silo.datastore.kinds import open_store, store_stats
 from silo.datastore.passages import SEARCH_RETRIEVERS
 from silo.datastore.policy import RetrievalPolicy, split_list
+from silo.datastore.reindex import reindex
 from silo.datastore.removal import remove
 from silo.errors import USER_ERRORS, SiloError
 from silo.eval_modes import EvalArgs, run_eval
@@ -370,6 +371,14 @@ def cmd_datastore_compact(a: argparse.Namespace) -> None:
     print(f"rewrote {r['rewritten_shards']} shard(s), removed {r['removed_entries']} entries in {r['seconds']:.1f} s")
 
 
+def cmd_datastore_reindex(a: argparse.Namespace) -> None:
+    m = reindex(a.store, a.out, a.factory, memory_budget=a.memory_budget, progress=not a.json)
+    r = {"store": a.out, "index": m.index, "entries": m.entries, "seconds": m.build["reindex_seconds"]}
+    if a.json:
+        return _print_json(r)
+    print(f"{a.out}: {r['entries']:,} entries indexed as {r['index']} from the kept keys in {r['seconds']:.1f} s")
+
+
 def cmd_datastore_check(a: argparse.Namespace) -> None:
     report = check_store(a.store, repair=a.repair)
     if a.json:
@@ -397,7 +406,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
         model=a.model, corpus=a.corpus, stores=tuple(a.store or ()) + tuple(a.passage_store or ()), split=a.split,
         modes=tuple(m for m in a.modes.split(",") if m), oracle=a.oracle, tiers=a.tiers, window=a.window,
         stride=a.stride, batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens, k=a.k, lam=a.lam,
-        temperature=a.temperature, nprobe=a.nprobe, refine=a.refine, infgram_lambda=a.infgram_lambda,
+        temperature=a.temperature, nprobe=a.nprobe, refine=a.refine, reuse=a.reuse, skip_above=a.skip_above,
+        infgram_lambda=a.infgram_lambda,
         sweep=a.sweep or a.save_defaults, save_defaults=a.save_defaults, ric_stride=a.ric_stride,
         ric_retriever=a.ric_retriever, policy=_policy(a), decontaminate=not a.no_decontaminate, progress=True))
     if a.report:
@@ -406,7 +416,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
         return _print_json(rep)
     print_eval_table(rep)
     for name, s in rep.get("sweeps", {}).items():
-        tuned = ", ".join(f"{k}={s[k]}" for k in ("k", "lambda", "temperature", "nprobe") if k in s)
+        tuned = ", ".join(f"{k}={s[k]}" for k in ("k", "lambda", "temperature", "nprobe", "skip_above", "reuse")
+                          if k in s)
         where = (f"saved as the defaults of {s['saved_to']}" if s.get("saved_to") else
                  "not saved (--save-defaults keeps them as the store's defaults)")
         print(f"{name} sweep: {tuned or 'λ per suffix length'}; {where}")
@@ -498,7 +509,8 @@ def _policy_kwargs(a: argparse.Namespace) -> dict:
 
 def _retrieval_kwargs(a: argparse.Namespace) -> dict:
     return dict(mode=a.mode, k=a.k, lam=a.lam, temperature=a.knn_temperature, nprobe=a.nprobe or 0,
-                refine=a.refine, retriever=a.retriever or "", **_policy_kwargs(a))
+                refine=a.refine, retriever=a.retriever or "", reuse=a.reuse, skip_above=a.skip_above,
+                **_policy_kwargs(a))
 
 
 def _rpc(fn: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
@@ -644,6 +656,13 @@ def _add_limit_args(sp: argparse.ArgumentParser) -> None:
                        metavar="N", help=f"default {f.default}")
 
 
+def _add_search_less_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--reuse", type=int, help="kNN-LM pointer reuse: no search where this many neighbours go on "
+                    "along their documents (0 = off; default: the store's tuned value)")
+    sp.add_argument("--skip-above", type=float, help="kNN-LM adaptive retrieval: no search where the LM's top "
+                    "probability is at least this (1 = off; default: the store's tuned value)")
+
+
 def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--mode", choices=["none", "knn", "ric", "infgram"],
                     help="retrieval mode (default: the server's, `silo serve --mode`, i.e. SILO's retrieval when it "
@@ -653,6 +672,7 @@ def _add_retrieval_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--knn-temperature", type=float)
     sp.add_argument("--nprobe", type=int)
     sp.add_argument("--refine", type=int, help="kNN-LM: exact re-ranking of refine x k candidates")
+    _add_search_less_args(sp)
     sp.add_argument("--retriever", choices=list(SEARCH_RETRIEVERS),
                     help="RIC-LM: how passages are found (default: the server's passage store's own)")
     _add_policy_args(sp)
@@ -850,9 +870,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shards", type=int, default=1)
     sp.add_argument("--out", required=True)
     sp.add_argument("--memory-budget", type=_size, help="index memory budget (e.g. 2G): picks Flat or IVF-PQ")
-    sp.add_argument("--factory", help="FAISS factory string overriding the choice, e.g. IVF4096,PQ64")
+    sp.add_argument("--factory", help="FAISS factory string overriding the choice, e.g. IVF4096,PQ64 (with "
+                    "--keep-keys the choice is fast-scan PQ, e.g. IVF4096,PQ64x4fs, re-ranked from the keys)")
     sp.add_argument("--key-type", choices=["ffn_input", "final"], default="ffn_input")
-    sp.add_argument("--keep-keys", action="store_true", help="also keep raw keys (fp16) per shard")
+    sp.add_argument("--keep-keys", action="store_true",
+                    help="also keep raw keys (fp16) per shard: exact re-ranking, and the faster fast-scan index")
     sp.add_argument("--window", type=int, default=512)
     sp.add_argument("--stride", type=int, default=256)
     sp.add_argument("--batch-size", type=int, default=8)
@@ -915,6 +937,13 @@ def build_parser() -> argparse.ArgumentParser:
              "removal ledger's) from a store folder here, no server (through a server: `silo compact`)")
     sp.add_argument("store")
     sp.add_argument("--json", action="store_true")
+    sp = add(ds, "reindex", cmd_datastore_reindex, "the same token store under another FAISS index, rebuilt from "
+             "its kept keys (--keep-keys) into a new folder, without running the LM again")
+    sp.add_argument("store")
+    sp.add_argument("--out", required=True, help="a new folder")
+    sp.add_argument("--factory", help="FAISS factory (default: what a build would choose now, e.g. fast-scan PQ)")
+    sp.add_argument("--memory-budget", type=_size, help="index memory budget for the default choice")
+    sp.add_argument("--json", action="store_true")
     sp = add(ds, "stats", cmd_datastore_stats, "a store folder here, no server (a server's stores: `silo stats`): "
              "entries, live entries, shards, tiers, sources")
     sp.add_argument("store")
@@ -940,6 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float)
     sp.add_argument("--nprobe", type=int)
     sp.add_argument("--refine", type=int, help="kNN-LM: exact re-ranking of refine x k candidates")
+    _add_search_less_args(sp)
     sp.add_argument("--infgram-lambda", type=float, help="∞-gram λ for every suffix length (default: tuned)")
     sp.add_argument("--ric-stride", type=int, default=64, help="RIC-LM: retrieve every this many tokens")
     sp.add_argument("--ric-retriever", choices=list(SEARCH_RETRIEVERS),

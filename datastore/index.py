@@ -41,7 +41,7 @@ PQ_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
 HNSW_FROM = 16384  # nlist from which the coarse quantizer is an HNSW graph (a flat one costs ms per query)
 PRECOMPUTED_TABLE_MAX = 64 << 20  # IVF-PQ's per-list distance table, if it is at most this big
 DEFAULT_NPROBE = 32
-FAST_SCAN_REFINE = 2  # candidates per neighbour re-ranked exactly on fast-scan stores (tools/bench.py fastscan)
+FAST_SCAN_REFINE = 4  # candidates per neighbour re-ranked exactly on fast-scan stores (tools/bench.py fastknn)
 
 
 def nlist_for(n: int) -> int:

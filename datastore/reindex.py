@@ -56,7 +56,7 @@ def reindex(src: str | os.PathLike, out: str | os.PathLike, factory: str | None 
             n_live = sum(len(x) for x in live)
             pick = np.sort(rng.choice(n_live, min(ix.train_size(factory, n_live), n_live), replace=False))
             flat = np.concatenate([s.info.first_entry + x for s, x in zip(store.shards, live, strict=True)])
-            trained.train(store.keys_of(flat[pick][None])[0].astype(np.float32))
+            trained.train(ix.widen_fp16(store.keys_of(flat[pick][None])[0]))
         faiss.write_index(trained, str(out / TRAINED_NAME))
         shards = []
         for s, rows in zip(store.shards, live, strict=True):
@@ -68,7 +68,7 @@ def reindex(src: str | os.PathLike, out: str | os.PathLike, factory: str | None 
             index = faiss.clone_index(trained)
             for a in range(0, len(rows), ADD_CHUNK):
                 part = rows[a : a + ADD_CHUNK]
-                index.add_with_ids(np.ascontiguousarray(s.keys[part], dtype=np.float32),
+                index.add_with_ids(ix.widen_fp16(np.asarray(s.keys[part])),
                                    (s.info.first_entry + part).astype(np.int64))
             faiss.write_index(index, str(d / "index.faiss"))
             shards.append(replace(s.info, index_entries=int(index.ntotal)))

@@ -450,8 +450,8 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 32, store: Datastore
                 return lm_p, []
             walk.moved_to(ids[-1])  # the token fed last: the pointers of the step before follow it
             q = box["keys"][0, -1:].float().cpu().numpy()
-            dist, eid, _ = walk.neighbours(q, float(lm_p.max()))
-            vals = torch.from_numpy(store.values(eid))
+            dist, eid, vals, _ = walk.neighbours(q, float(lm_p.max()))
+            vals = torch.from_numpy(vals)
             if not (vals >= 0).any():  # nothing allowed retrieved: λ = 0, the LM exactly
                 return lm_p, []
             knn_p = knn_distribution(torch.from_numpy(dist), vals, lm_p.shape[0], params.temperature, store.metric)[0]

@@ -101,8 +101,8 @@ def search_sequences(store: Datastore, search: SearchFn, queries: np.ndarray, le
 
 class Walk:
     """Pointer reuse and adaptive retrieval one token at a time (generation): `neighbours`
-    gives a step's (distances (1, k), ids (1, k), how); `moved_to` advances the pointers
-    along the token that was chosen."""
+    gives a step's (distances (1, k), ids (1, k), values (1, k), how); `moved_to` advances
+    the pointers along the token that was chosen."""
 
     def __init__(self, store: Datastore, search: SearchFn, k: int, reuse: int, skip_above: float,
                  policy: RetrievalPolicy | None):
@@ -110,10 +110,10 @@ class Walk:
         self.reuse = reuse if store.can_refine else 0
         self.skip_above = skip_above
         self.pointers = np.full((1, k), -1, np.int64)
-        self.last = self.pointers
+        self.last, self.last_values = self.pointers, self.pointers
         self.counts = [0, 0, 0]  # SEARCHED, REUSED, SKIPPED
 
-    def neighbours(self, query: np.ndarray, lm_top: float) -> tuple[np.ndarray, np.ndarray, int]:
+    def neighbours(self, query: np.ndarray, lm_top: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         if self.reuse > 0 and int((self.pointers >= 0).sum()) >= self.reuse:
             dist, ids = reused_neighbours(self.store, query, self.pointers)
             how = REUSED
@@ -123,10 +123,9 @@ class Walk:
         else:
             (dist, ids), how = self.search(query), SEARCHED
         self.counts[how] += 1
-        self.last = ids
-        return dist, ids, how
+        self.last, self.last_values = ids, self.store.values(ids)
+        return dist, ids, self.last_values, how
 
     def moved_to(self, token: int) -> None:
         if self.reuse > 0:
-            self.pointers = advance(self.store, self.last, self.store.values(self.last),
-                                    np.array([token], np.int64), self.policy)
+            self.pointers = advance(self.store, self.last, self.last_values, np.array([token], np.int64), self.policy)

@@ -112,6 +112,22 @@ def test_knn_score_work_is_capped_before_allocation(capped):
     assert ok.num_tokens == n - 1
 
 
+def test_fewer_search_options_are_checked_and_served(capped):
+    """reuse above k, skip_above outside (0, 1] or NaN: refused with the field's name; in
+    range: served, over gRPC and through the client's keyword arguments."""
+    client, state = capped
+    for kwargs, field in ((dict(k=8, reuse=9), "reuse"), (dict(k=8, skip_above=0.0), "skip_above"),
+                          (dict(k=8, skip_above=1.5), "skip_above"), (dict(k=8, skip_above=float("nan")), "skip_above")):
+        e = refused(lambda kwargs=kwargs: client.score(TEXT, mode="knn", **kwargs))
+        assert e.code() == S.INVALID_ARGUMENT and field in e.details(), e.details()
+    n = len(encode_document(state.tok, TEXT)) - 1
+    plain = client.score(TEXT, mode="knn", k=8, reuse=0, skip_above=1.0)
+    walked = client.score(TEXT, mode="knn", k=8, reuse=2, skip_above=0.99)
+    assert plain.num_tokens == walked.num_tokens == n
+    assert [e.token.text for e in client.generate("The tower of Oslo", max_new_tokens=4, mode="knn", k=8, reuse=1)
+            if e.HasField("token")]
+
+
 def test_ric_score_blocks_are_capped(capped):
     client, _ = capped
     short = TEXT[:200]

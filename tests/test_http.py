@@ -196,6 +196,9 @@ def test_bad_requests_are_refused_in_openais_shape(served):
     assert _error(served, 400, silo={"k": 0})["code"] == "invalid_argument"
     assert _error(served, 400, silo={"bogus": 1})["code"] == "invalid_argument"  # unknown fields are refused
     assert "retriever" in _error(served, 400, silo={"retriever": "splade"})["message"]
+    assert "reuse" in _error(served, 400, silo={"mode": "knn", "reuse": -1})["message"]
+    assert "reuse" in _error(served, 400, silo={"mode": "knn", "k": 4, "reuse": 5})["message"]
+    assert "skip_above" in _error(served, 400, silo={"mode": "knn", "skip_above": 0})["message"]
     code, err = served.curl("/v1/silo/search", {"query": "x y", "store": "token", "retriever": "splade"})
     assert code == 400 and "retriever must be one of bm25, dense, hybrid" in err["error"]["message"]
     assert _error(served, 400, frobnicate=True)["code"] == "invalid_argument"

@@ -223,9 +223,8 @@ def neighbour_batches(model, store: Datastore, docs: list[list[int]], k: int, wi
     wins.sort(key=lambda w: w.end - w.begin)
 
     def search(q_all: np.ndarray, lengths: list[int], tokens: np.ndarray, top: np.ndarray):
-        dist, eid, how = search_sequences(store, lambda q: chunked_search(store, q, k, nprobe, policy, refine),
-                                          q_all, lengths, tokens, top, k, reuse, skip_above, policy)
-        return dist, eid, store.values(eid), how
+        return search_sequences(store, lambda q: chunked_search(store, q, k, nprobe, policy, refine),
+                                q_all, lengths, tokens, top, k, reuse, skip_above, policy)
 
     def finish(spans: list, lm: np.ndarray, q_all: np.ndarray, top: np.ndarray, found: Future) -> NeighbourBatch:
         dist, eid, vals, how = found.result()
@@ -272,10 +271,9 @@ def neighbour_batches(model, store: Datastore, docs: list[list[int]], k: int, wi
 
 def knn_score(model, store: Datastore, ids: list[int], params: KNNParams, window: int = 512, stride: int = 256,
               batch_size: int = 8, pad_id: int = 0, policy: RetrievalPolicy | None = None,
-              overlap: bool = False, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              overlap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(LM log-probs, kNN-LM log-probs) of tokens 1..n-1 of one document, each batch's
-    neighbours turned into log-probs and dropped at once: memory does not grow with the text.
-    `counts` (3,), if given, adds the tokens searched, reused and skipped (`silo.retomaton`)."""
+    neighbours turned into log-probs and dropped at once: memory does not grow with the text."""
     n = max(len(ids) - 1, 0)
     lm, mixed = np.zeros(n), np.zeros(n)
     doc = np.asarray(ids, dtype=np.int64)
@@ -286,8 +284,6 @@ def knn_score(model, store: Datastore, ids: list[int], params: KNNParams, window
     for b in neighbour_batches(model, store, [ids], params.k, window, stride, batch_size, pad_id, params.nprobe,
                                policy, refine=params.refine, overlap=overlap, reuse=params.reuse,
                                skip_above=params.skip_above):
-        if counts is not None:
-            counts += np.bincount(b.how, minlength=3)
         targets = np.concatenate([doc[a + 1 : e + 1] for _, a, e in b.spans])
         lp = np.concatenate([
             knn_interpolate(b.lm_logprob[i : i + step],

@@ -62,25 +62,26 @@ def reused_neighbours(store: Datastore, queries: np.ndarray, pointers: np.ndarra
 
 def search_sequences(store: Datastore, search: SearchFn, queries: np.ndarray, lengths: list[int],
                      tokens: np.ndarray, lm_top: np.ndarray, k: int, reuse: int, skip_above: float,
-                     policy: RetrievalPolicy | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     policy: RetrievalPolicy | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Neighbours for rows that form sequences (the rows of sequence i are contiguous and in
     text order; `lengths` says how many), with `tokens` (n,) the token each row predicts and
-    `lm_top` (n,) the LM's top probability there. Returns (distances (n, k), ids (n, k), how
-    (n,) int8: SEARCHED, REUSED or SKIPPED). Step j searches, in one call, the j-th rows of
-    every sequence that has neither enough pointers nor a confident LM."""
+    `lm_top` (n,) the LM's top probability there. Returns (distances (n, k), ids (n, k),
+    values (n, k), how (n,) int8: SEARCHED, REUSED or SKIPPED). Step j searches, in one
+    call, the j-th rows of every sequence that has neither enough pointers nor a confident LM."""
     n = len(queries)
     assert queries.ndim == 2 and tokens.shape == lm_top.shape == (n,) and sum(lengths) == n, (queries.shape, lengths)
     reuse = reuse if store.can_refine else 0
     worst = np.inf if store.metric != "ip" else -np.inf
-    dist, ids = np.full((n, k), worst, np.float32), np.full((n, k), -1, np.int64)
+    dist, ids, values = np.full((n, k), worst, np.float32), np.full((n, k), -1, np.int64), np.full((n, k), -1, np.int64)
     how = np.full(n, SEARCHED, np.int8)
     confident = lm_top >= skip_above if skip_above < 1.0 else np.zeros(n, bool)
     if reuse <= 0:  # no walk: no step depends on the one before, one search for every row that needs one
         need = np.flatnonzero(~confident)
         if len(need):
             dist[need], ids[need] = search(queries[need])
+            values[need] = store.values(ids[need])
         how[confident] = SKIPPED
-        return dist, ids, how
+        return dist, ids, values, how
     lengths_a = np.asarray(lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths_a)[:-1]]).astype(np.int64)
     pointers = np.full((len(lengths_a), k), -1, np.int64)
@@ -95,8 +96,9 @@ def search_sequences(store: Datastore, search: SearchFn, queries: np.ndarray, le
         if use.any():
             dist[rows[use]], ids[rows[use]] = reused_neighbours(store, queries[rows[use]], pointers[seqs[use]])
         how[rows[use]], how[rows[skip]] = REUSED, SKIPPED
-        pointers[seqs] = advance(store, ids[rows], store.values(ids[rows]), tokens[rows], policy)
-    return dist, ids, how
+        values[rows] = store.values(ids[rows])
+        pointers[seqs] = advance(store, ids[rows], values[rows], tokens[rows], policy)
+    return dist, ids, values, how
 
 
 class Walk:
@@ -111,7 +113,6 @@ class Walk:
         self.skip_above = skip_above
         self.pointers = np.full((1, k), -1, np.int64)
         self.last, self.last_values = self.pointers, self.pointers
-        self.counts = [0, 0, 0]  # SEARCHED, REUSED, SKIPPED
 
     def neighbours(self, query: np.ndarray, lm_top: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         if self.reuse > 0 and int((self.pointers >= 0).sum()) >= self.reuse:
@@ -122,7 +123,6 @@ class Walk:
             dist, ids, how = np.full((1, self.k), worst, np.float32), np.full((1, self.k), -1, np.int64), SKIPPED
         else:
             (dist, ids), how = self.search(query), SEARCHED
-        self.counts[how] += 1
         self.last, self.last_values = ids, self.store.values(ids)
         return dist, ids, self.last_values, how
 

@@ -288,3 +288,19 @@ def test_reindex_from_the_command_line(stores, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["datastore", "reindex", str(stores[0]), "--out", str(tmp_path / "re")])
     assert e.value.code != 0 and "new folder" in capsys.readouterr().err
+
+
+def test_eval_takes_reuse_and_skip_above_from_the_command_line(stores, tiny_model, corpus_dir, capsys):
+    import json
+
+    from silo.app.cli import main
+
+    main(["eval", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--store", str(stores[0]), "--modes",
+          "lm,knn", "--window", str(WINDOW), "--stride", str(WINDOW // 2), "--max-tokens", "1500", "--reuse", "1",
+          "--skip-above", "0.9", "--json"])
+    kp = json.loads(capsys.readouterr().out)["knn_params"]
+    assert kp["reuse"] == 1 and kp["skip_above"] == 0.9 and kp["reused"] > 0
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--store", str(stores[0]),
+              "--modes", "lm,knn", "--max-tokens", "500", "--skip-above", "0"])
+    assert e.value.code != 0 and "skip_above" in capsys.readouterr().err

@@ -272,7 +272,7 @@ def sweep_infgram(model, tok, store: InfgramStore, corpus: str, split: str = "va
 # share of the validation perplexity of the same neighbours searched at every token
 SEARCH_LESS_TOLERANCE = 0.01
 SKIP_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # LM top probabilities above which no search runs
-REUSE_GRID = (32, 16, 8, 4, 2, 1)  # pointers that must advance for a token to skip its search
+REUSE_GRID = (1, 2, 4, 8, 16, 32)  # pointers that must advance for a token to skip its search (most reuse first)
 
 
 def sweep_knn(model, tok, store: Datastore, corpus: str, split: str = "validation", window: int = 512,
@@ -342,8 +342,8 @@ def tune_search_less(model, store: Datastore, docs: list[list[int]], neigh: list
             how = np.concatenate([n.how for n in found])
             tried.append({"reuse": r, "ppl": round(ppl, 4), "reused": round(float((how == REUSED).mean()), 4),
                           "skipped": round(float((how == SKIPPED).mean()), 4)})
-            if ppl > bound:
+            if ppl <= bound:  # the first within the bound saves the most searches: one pass when it is 1
+                reuse = r
                 break
-            reuse = r
     result["reuse_grid"], result["reuse"] = tried, reuse
     return {"skip_above": skip, "reuse": reuse}

@@ -156,6 +156,14 @@ def test_score_modes_stdin_and_json(served, capsys):
     assert figures["knn"] < figures["none"] and figures["infgram"] < figures["none"]
     out = silo("score", "--target", t, "-", "--mode", "knn", stdin=TEXT).stdout
     assert out.startswith("perplexity ") and "(mode knn)" in out
+    # adaptive retrieval that skips every search is the LM alone; pointer reuse on a store
+    # without kept keys changes nothing; a reuse above k is refused
+    code, out, err = run(capsys, "score", "--target", t, TEXT, "--mode", "knn", "--skip-above", "1e-9", "--json")
+    assert code == 0 and json.loads(out)["perplexity"] == pytest.approx(figures["none"], rel=1e-5), err
+    code, out, err = run(capsys, "score", "--target", t, TEXT, "--mode", "knn", "--reuse", "2", "--json")
+    assert code == 0 and json.loads(out)["perplexity"] == pytest.approx(figures["knn"], rel=1e-5), err
+    code, _, err = run(capsys, "score", "--target", t, TEXT, "--mode", "knn", "-k", "8", "--reuse", "9")
+    assert code == 1 and "INVALID_ARGUMENT" in err and "reuse" in err
 
 
 def test_trace_search_and_stats(served, capsys):

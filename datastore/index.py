@@ -25,6 +25,17 @@ searched one by one. Every search takes an `IDSelectorBitmap` of live, policy-al
 entries (~1.2× a clean search), and callers post-filter too, because some index types
 ignore selectors (`IndexShardsIVF` does).
 
+Lists on SSD (`lists="ssd"`, a store option set at build time and switchable at load):
+the shard's `index.faiss` is memory-mapped with `IO_FLAG_MMAP` instead of read into RAM,
+so its inverted lists (codes and ids) are page cache, not process memory; the coarse
+quantizer, the opt-out bitmaps and the per-document metadata stay in RAM. No second file
+and no path inside the index (the trap of `OnDiskInvertedLists` files, faiss#1528): the
+lists are read in place from the file the RAM layout reads, so a store moves as a folder.
+faiss maps 8-bit PQ's array lists; fast-scan's packed blocks cannot be mapped (faiss 1.15
+reads them into RAM whatever the flags), so an SSD store gets 8-bit codes
+(`choose_factory(..., lists="ssd")`) and a fast-scan store asked to map is refused. Mapped
+shards are joined by `HStackInvertedLists` (read-only, no copy) instead of `merge_from`.
+
 Exact re-ranking (`refine`): with fp16 keys kept, `refine_factor × k` candidates are
 re-scored with exact distances and the best k kept. Fast-scan indexes honour the same
 selectors, `search_preassigned`, `merge_from` and `remove_ids` (compaction), so opt-outs,
@@ -33,7 +44,11 @@ policies, shards and ingest work alike.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
+import os
 
 import faiss
 import numpy as np
@@ -43,6 +58,8 @@ PQ_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
 HNSW_FROM = 16384  # nlist from which the coarse quantizer is an HNSW graph (a flat one costs ms per query)
 PRECOMPUTED_TABLE_MAX = 64 << 20  # IVF-PQ's per-list distance table, if it is at most this big
 DEFAULT_NPROBE = 32
+LISTS = ("ram", "ssd")  # where an IVF store's inverted lists live while it serves
+RANDOM_LISTS_BELOW = 1 << 20  # mapped lists smaller than this on average are read at random (`advise_random`)
 FAST_SCAN_REFINE = 4  # candidates per neighbour re-ranked exactly on fast-scan stores (tools/bench.py fastknn)
 
 
@@ -53,17 +70,19 @@ def nlist_for(n: int) -> int:
     return int(min(262144, max(1, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
 
 
-def choose_factory(n: int, dim: int, memory_budget: int | None = None, rerank: bool = False) -> str:
+def choose_factory(n: int, dim: int, memory_budget: int | None = None, rerank: bool = False,
+                   lists: str = "ram") -> str:
     """A FAISS factory string for a store of `n` vectors of `dim` under `memory_budget`
-    bytes; `rerank`: the store keeps exact keys, so an IVF store gets fast-scan PQ."""
-    assert n >= 0 and dim > 0, (n, dim)
+    bytes; `rerank`: the store keeps exact keys, so an IVF store gets fast-scan PQ — unless
+    its lists are to be served from SSD (`lists="ssd"`), which needs mappable 8-bit codes."""
+    assert n >= 0 and dim > 0 and lists in LISTS, (n, dim, lists)
     budget = memory_budget if memory_budget is not None else 4 << 30
     if n <= FLAT_MAX and n * (dim * 4 + 8) <= budget:
         return "Flat"
     nlist = min(nlist_for(n), max(1, n // 39))
     per_vector = budget / max(n, 1) - 8
     quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_FROM else f"IVF{nlist}"
-    if rerank:  # 4-bit codes: M/2 bytes, M even (codes are packed two per byte, 32 vectors per block)
+    if rerank and lists == "ram":  # 4-bit codes: M/2 bytes, M even (codes are packed two per byte, 32 vectors per block)
         m = next((m for m in PQ_CHOICES if dim % m == 0 and m % 2 == 0 and m // 2 <= per_vector), None)
         if m is not None:
             return f"{quantizer},PQ{m}x4fs"
@@ -107,22 +126,109 @@ def train_size(factory: str, n: int) -> int:
     return min(n, max(64 * nlist, 10_000))  # FAISS wants 39–256 points per centroid
 
 
-def read_shard_index(path: str) -> faiss.Index:
+class UnmappableLists(ValueError):
+    """The index's lists cannot be served from SSD (fast-scan blocks)."""
+
+
+def read_shard_index(path: str, lists: str = "ram") -> faiss.Index:
     """A shard's index as loaded for serving: IVF-PQ's precomputed distance table is not
-    built per shard (`group_index` builds it once, for the group)."""
-    return faiss.read_index(path, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
+    built per shard (`group_index` builds it once, for the group). `lists="ssd"`: the
+    inverted lists (a Flat index: its vectors) stay in the file, memory-mapped."""
+    assert lists in LISTS, lists
+    if lists == "ram":
+        return faiss.read_index(path, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
+    with open(path, "rb") as f:  # faiss maps one kind per read: Flat codes (behind an id map) or IVF lists
+        flat = f.read(4) in (b"IxM2", b"IxMp")
+    index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC if flat else
+                             faiss.IO_FLAG_MMAP | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
+    if is_ivf(index) and os.path.getsize(path) / faiss.extract_index_ivf(index).nlist < RANDOM_LISTS_BELOW:
+        advise_random(path)
+    if is_ivf(index) and not lists_mapped(index):
+        raise UnmappableLists(f"{path}: this index's lists ({type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)).__name__}, fast-scan "
+                              "blocks) cannot be memory-mapped by faiss; serve them in RAM, or give the store 8-bit codes "
+                              "for SSD: silo datastore reindex STORE --out NEW --lists ssd")
+    return index
 
 
-def group_index(indexes: list[faiss.Index]) -> faiss.Index:
+_MADV_NORMAL, _MADV_RANDOM, _MADV_PAGEOUT = 0, 1, 21
+
+
+def _mappings(path: str) -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of `path` (none without procfs)."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as f:
+            fields = [line.split() for line in f]
+    except OSError:
+        return []
+    return [tuple(int(x, 16) for x in f[0].split("-")) for f in fields if len(f) >= 6 and f[5] == real]
+
+
+def advise_random(path: str, random: bool = True) -> int:
+    """Tell the kernel this process's mappings of `path` are read at random (`MADV_RANDOM`;
+    `random=False`: back to the default readahead), and return how many it found.
+
+    A probed list of a 10M-entry store is ~24 KB, but a page fault on a mapping reads ahead
+    as a sequential file read would (`read_ahead_kb`: 8 MB on this machine's disk): one cold
+    query read ~100 MB, 220 ms instead of 26 ms (BENCHMARKS.md). `read_shard_index` advises
+    this for lists under `RANDOM_LISTS_BELOW` on average; longer lists are left to
+    readahead, which reads them in sequence."""
+    ranges = _mappings(path)
+    for start, end in ranges:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_RANDOM if random else _MADV_NORMAL)
+    return len(ranges)
+
+
+def evict_cached(path: str) -> None:
+    """Drop `path`'s pages from this process's mappings (`MADV_PAGEOUT`) and from the page
+    cache (`POSIX_FADV_DONTNEED`): the next read goes to the disk. Cold-cache measurements
+    without root (no `drop_caches`); a no-op where the kernel has neither call."""
+    for start, end in _mappings(path):
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def lists_mapped(index: faiss.Index) -> bool:
+    """Whether an IVF index's inverted lists are memory-mapped from its file (or stacked from such)."""
+    il = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    return isinstance(il, faiss.OnDiskInvertedLists | faiss.HStackInvertedLists)
+
+
+def group_index(indexes: list[faiss.Index], trained: faiss.Index | None = None) -> faiss.Index:
     """One IVF index whose inverted lists hold every given shard's entries (the shards'
     lists are moved into the first one's: memory stays one copy). Same trained quantizer
     and codes, so it answers exactly as the shards searched together — and costs what one
-    index costs: each list's distance table is computed once per query, not once per shard."""
+    index costs: each list's distance table is computed once per query, not once per shard.
+    Memory-mapped shards cannot be merged into (their lists are read-only files): they are
+    stacked under an empty copy of `trained`, which keeps them, and their mappings, alive."""
     assert indexes and all(is_ivf(i) for i in indexes)
-    group = indexes[0]
-    ivf = faiss.extract_index_ivf(group)
-    for other in indexes[1:]:
-        ivf.merge_from(faiss.extract_index_ivf(other), 0)
+    if len(indexes) > 1 and lists_mapped(indexes[0]):
+        assert trained is not None and is_ivf(trained) and trained.ntotal == 0, "stacking mapped shards needs the trained index"
+        group = faiss.clone_index(trained)
+        ivf = faiss.extract_index_ivf(group)
+        stack = faiss.InvertedListsPtrVector()
+        for other in indexes:
+            stack.push_back(faiss.extract_index_ivf(other).invlists)
+        lists = faiss.HStackInvertedLists(stack.size(), stack.data())
+        ivf.replace_invlists(lists, False)
+        ivf.ntotal = group.ntotal = sum(i.ntotal for i in indexes)
+        group.referenced_objects = [indexes, stack, lists]  # freed (and unmapped) with the group
+    else:
+        group = indexes[0]
+        ivf = faiss.extract_index_ivf(group)
+        for other in indexes[1:]:
+            ivf.merge_from(faiss.extract_index_ivf(other), 0)
     pq = faiss.downcast_index(ivf)
     if isinstance(pq, faiss.IndexIVFPQ) and pq.by_residual and pq.metric_type == faiss.METRIC_L2:
         table = pq.nlist * pq.pq.M * pq.pq.ksub * 4

@@ -104,6 +104,7 @@ class Manifest:
     build: dict = field(default_factory=dict)  # settings and timings of the build
     compactions: list[dict] = field(default_factory=list)  # what each compaction removed
     ingests: list[dict] = field(default_factory=list)  # what each live ingest added
+    lists: str = "ram"  # IVF inverted lists served from "ram" or "ssd" (memory-mapped); switchable at open
     ledger: str | None = None  # the removal ledger this store honours (silo.datastore.ledger); None: its own log only
     format_version: int = FORMAT_VERSION
 

@@ -33,14 +33,22 @@ ADD_CHUNK = 1 << 18  # keys widened to float32 and added per call
 
 
 def reindex(src: str | os.PathLike, out: str | os.PathLike, factory: str | None = None,
-            memory_budget: int | None = None, seed: int = 0, progress: bool = False) -> Manifest:
+            memory_budget: int | None = None, seed: int = 0, progress: bool = False,
+            lists: str | None = None) -> Manifest:
     """A copy of the token store `src` at `out` (which must not exist) indexed with `factory`
-    (default: what a build would choose for it now, `index.choose_factory`)."""
+    (default: what a build would choose for it now, `index.choose_factory`), its lists
+    served from `lists` ("ram" or "ssd"; default: as `src`'s)."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     store = Datastore.open(src, load_index=False)
     m = store.manifest
-    factory = factory or ix.choose_factory(m.entries, m.dim, memory_budget, rerank=True)
+    lists = lists or m.lists
+    if lists not in ix.LISTS:
+        raise StoreError(f"lists must be one of {', '.join(ix.LISTS)}, got {lists!r}")
+    factory = factory or ix.choose_factory(m.entries, m.dim, memory_budget, rerank=True, lists=lists)
+    if lists == "ssd" and ix.is_fast_scan(factory):
+        raise StoreError(f"{factory}: fast-scan lists cannot be memory-mapped from SSD; give 8-bit codes or "
+                         "leave --factory out")
     if m.kind != "token" or not store.can_refine:
         raise StoreError(f"{src}: only token stores built with --keep-keys can be re-indexed (this one is a "
                          f"{m.kind} store{'' if store.can_refine else ' without kept keys'})")
@@ -80,7 +88,7 @@ def reindex(src: str | os.PathLike, out: str | os.PathLike, factory: str | None 
         store.close()
         # k, λ and T were tuned for the store's entries and still hold; nprobe and refine for the old index
         defaults = {k: v for k, v in m.defaults.items() if k not in ("nprobe", "refine")}
-        m = replace(m, shards=shards, index=factory, defaults=defaults,
+        m = replace(m, shards=shards, index=factory, defaults=defaults, lists=lists,
                     build={**m.build, "factory": factory, "reindexed_from": str(src.resolve()),
                            "reindex_seconds": round(time.perf_counter() - t0, 1)})
         fsync_tree(out)

@@ -140,9 +140,11 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _read_index(path: Path, expected: int) -> faiss.Index:
+def _read_index(path: Path, expected: int, lists: str = "ram") -> faiss.Index:
     try:
-        index = ix.read_shard_index(str(path))
+        index = ix.read_shard_index(str(path), lists)
+    except ix.UnmappableLists as e:
+        raise StoreError(str(e)) from e
     except RuntimeError as e:
         raise StoreError(f"{path}: unreadable FAISS index ({str(e).splitlines()[0]})") from e
     if index.ntotal != expected:
@@ -183,6 +185,7 @@ class Datastore:
         self._applied = [0] * len(self._logs)
         self.open_options: dict = {}  # how this store was opened (`reopen` repeats it)
         self.opened_stamp = self._manifest_stamp()
+        self.lists = manifest.lists  # where the inverted lists live: "ram" or "ssd" (memory-mapped)
         self.remotes: list = []  # remote shard groups (silo.server.remote), searched beside local shards
         self.reload_optouts()
 
@@ -190,12 +193,16 @@ class Datastore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, load_index: bool = True, only_shards: set[int] | None = None,
-             with_text: bool = True) -> Datastore:
+             with_text: bool = True, lists: str | None = None) -> Datastore:
         """Open a store; `only_shards` loads just those shards' indexes (a shard server),
-        `load_index=False` none (a main server whose shards are remote; compaction)."""
+        `load_index=False` none (a main server whose shards are remote; compaction);
+        `lists`: "ram" or "ssd" (memory-mapped inverted lists), default the manifest's."""
         path = Path(path)
         stamp = _stamp(path / "manifest.json")
         manifest = Manifest.load(path)
+        lists = lists or manifest.lists
+        if lists not in ix.LISTS:
+            raise StoreError(f"{path}: lists {lists!r}: choose one of {', '.join(ix.LISTS)}")
         kinds = ENTRY_COLUMNS.get(manifest.kind)
         if kinds is None:
             raise StoreError(f"{path}: unknown store kind {manifest.kind!r}")
@@ -208,7 +215,8 @@ class Datastore:
             d = path / "shards" / info.name
             index = None
             if vectors and load_index and (only_shards is None or no in only_shards):
-                index = _read_index(d / "index.faiss", info.entries if info.index_entries < 0 else info.index_entries)
+                index = _read_index(d / "index.faiss", info.entries if info.index_entries < 0 else info.index_entries,
+                                    lists)
             columns = {c: _column(d / f"{c}.npy", info.entries) for c in kinds}
             keys = _column(d / "keys.npy", info.entries) if manifest.keep_keys and (d / "keys.npy").is_file() else None
             table, text = read_shard_docs(d, info.documents, with_text)
@@ -222,13 +230,15 @@ class Datastore:
         group = None
         local = [s for s in shards if s.index is not None]
         if local and ix.is_ivf(local[0].index):
-            group = ix.group_index([s.index for s in local])
+            group = ix.group_index([s.index for s in local], trained)
             for s in local:
                 s.index = None  # its lists now live in the group
             if trained is None:
                 trained = group
         store = cls(path, manifest, shards, docs, trained, group)
-        store.open_options = {"load_index": load_index, "only_shards": only_shards, "with_text": with_text}
+        store.lists = lists
+        store.open_options = {"load_index": load_index, "only_shards": only_shards, "with_text": with_text,
+                              "lists": lists}
         store.opened_stamp = stamp  # as read before the manifest: a switch during the open is seen later
         return store
 
@@ -652,6 +662,7 @@ class Datastore:
             "kind": self.manifest.kind, "documents": self.n_documents, "live_documents": int(live.sum()),
             "entries": self.n_entries, "live_entries": int(per_doc[live].sum()),
             "shards": len(self.shards), "index": self.manifest.index,
+            "lists": self.lists if self.manifest.dim and self.manifest.index != "Flat" else "",
             "bytes": sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()), **groups,
         }
 

@@ -280,7 +280,8 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
                shard_deadline_s: float = 5.0, limits: Limits | None = None, auth: Auth | None = None,
                shard_token: str | None = None, shard_root_cert: bytes | None = None,
                allow_restricted_model: bool = False, mode: str = "auto",
-               membership_reference: str | None = None, membership_documents: int = 100) -> ServerState:
+               membership_reference: str | None = None, membership_documents: int = 100,
+               lists: str | None = None) -> ServerState:
     """Load the model and stores once. A store built for another model, or one whose
     opt-out log is corrupt (or whose removal ledger is missing), is kept out of use
     (retrieving calls get FAILED_PRECONDITION naming the problem) rather than served; the
@@ -289,7 +290,8 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
     opened at all, so that no store serves a removed document once it is back. A model
     trained on restricted text is refused unless `allow_restricted_model` (`check_servable`).
     `membership_reference` is the corpus whose test split calibrates membership percentiles
-    (default: the training record's corpus; an outside checkpoint has none unless given)."""
+    (default: the training record's corpus; an outside checkpoint has none unless given).
+    `lists`: serve the stores' inverted lists from "ram" or "ssd" (default: each manifest's)."""
     if membership_reference is not None:
         open_corpus(membership_reference)  # a wrong path is refused at start, not at the first audit
     if not 1 <= membership_documents <= 10_000:
@@ -308,7 +310,7 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
         store = None
         try:
             remote = bool(remote_shards) and kind == "token"
-            store = open_store(path, load_index=not remote)
+            store = open_store(path, load_index=not remote, lists=lists)
             if remote:
                 store.remotes = [RemoteShardGroup(t, store.manifest.model_fingerprint, shard_deadline_s,
                                                   shard_token, shard_root_cert) for t in remote_shards]
@@ -371,7 +373,7 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
           limits: Limits | None = None, ready_file: str | None = None, allow_restricted_model: bool = False,
           allow_plaintext_shard_token: bool = False, mode: str = "auto", http_port: int | None = None,
           http_host: str | None = None, http_ready_file: str | None = None,
-          membership_reference: str | None = None, membership_documents: int = 100) -> None:
+          membership_reference: str | None = None, membership_documents: int = 100, lists: str | None = None) -> None:
     """`silo serve`: the LM and its stores over gRPC until SIGINT/SIGTERM. `mode` is what a
     request that names no retrieval mode gets (`choose_default_mode`: SILO, not the bare LM).
     With `http_port`, the same process also serves the OpenAI-compatible HTTP API and the
@@ -390,7 +392,7 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
                               f"{PLAINTEXT_FLAG} on a network you trust")
     auth = Auth(read_secret(token_file, "admin"), OwnerCredentials(credentials_file) if credentials_file else None)
     state = load_state(model, stores, remote_shards, shard_deadline_s, limits, auth, shard_token, shard_root,
-                       allow_restricted_model, mode, membership_reference, membership_documents)
+                       allow_restricted_model, mode, membership_reference, membership_documents, lists)
     if membership_reference is not None:
         # the reference the operator named (forward passes over its documents) is computed
         # now, beside the first requests, rather than by the first audit that needs it; the
@@ -419,7 +421,8 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
 
 def serve_shards(store: str, shards: str, port: int, shard_token_file: str, host: str = "127.0.0.1",
                  tls_cert: str | None = None, tls_key: str | None = None, limits: Limits | None = None,
-                 ready_file: str | None = None, allow_plaintext_shard_token: bool = False) -> None:
+                 ready_file: str | None = None, allow_plaintext_shard_token: bool = False,
+                 lists: str | None = None) -> None:
     """`silo serve-shards`: some shards of a store for a main server (shard token required;
     off this machine's loopback, over TLS unless `allow_plaintext_shard_token`)."""
     token = read_secret(shard_token_file, "shard")
@@ -431,7 +434,7 @@ def serve_shards(store: str, shards: str, port: int, shard_token_file: str, host
                               f"in cleartext: serve with --tls-cert/--tls-key, or pass {PLAINTEXT_FLAG} on a "
                               "network you trust")
     numbers = parse_shard_range(shards, len(Manifest.load(store).shards))
-    servicer = ShardSearchServicer(store, numbers, limits)
+    servicer = ShardSearchServicer(store, numbers, limits, lists)
     server, bound, hs = build_server({"ShardSearch": servicer}, port, host, Auth(shard_token=token), tls,
                                      limits=limits)
     print(f"silo: serving shards {', '.join(servicer.names)} of {store} on {host}:{bound}"

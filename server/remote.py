@@ -62,8 +62,9 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
     """Serves some shards of a store; reopens it when a compaction switches the manifest.
     Callers need the shard token (checked by `silo.server.auth` before a method runs)."""
 
-    def __init__(self, path: str | os.PathLike, shards: set[int], limits: Limits | None = None):
-        self.path, self.shard_numbers, self.limits = Path(path), shards, limits or Limits()
+    def __init__(self, path: str | os.PathLike, shards: set[int], limits: Limits | None = None,
+                 lists: str | None = None):
+        self.path, self.shard_numbers, self.limits, self.lists = Path(path), shards, limits or Limits(), lists
         self.max_reply_bytes = 16 << 20  # the server's send limit (build_server's max_message_bytes)
         self._lock = threading.Lock()
         self._open()
@@ -72,7 +73,7 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
         return (self.path / "manifest.json").stat().st_mtime_ns
 
     def _open(self) -> None:
-        self.store = Datastore.open(self.path, only_shards=self.shard_numbers)
+        self.store = Datastore.open(self.path, only_shards=self.shard_numbers, lists=self.lists)
         self.stamp = self._stamp()
         self.names = [self.store.shards[i].info.name for i in sorted(self.shard_numbers)]
 

@@ -44,7 +44,7 @@ import torch
 
 from silo.corpus import expected_documents, iter_documents
 from silo.datastore.errors import StoreError
-from silo.datastore.index import choose_factory, is_ivf, new_index, train_size
+from silo.datastore.index import LISTS, choose_factory, is_fast_scan, is_ivf, new_index, train_size
 from silo.datastore.infgram import SA_DIR, token_dtype, write_suffix_array
 from silo.datastore.ledger import CopyFinder, default_ledger, ensure_ledger, read_ledger
 from silo.datastore.lock import StoreLock
@@ -89,6 +89,7 @@ class BuildArgs:
     factory: str | None = None
     key_type: str = "ffn_input"
     keep_keys: bool = False
+    lists: str = "ram"  # where the IVF lists are served from by default: ram, or ssd (memory-mapped)
     window: int = 512
     stride: int = 256
     batch_size: int = 8
@@ -112,6 +113,11 @@ class BuildArgs:
             raise StoreError(f"unknown store kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.shards < 1 or self.window < 2 or not 1 <= self.stride <= self.window or self.batch_size < 1:
             raise StoreError("shards, window, stride and batch size must be positive (stride ≤ window)")
+        if self.lists not in LISTS:
+            raise StoreError(f"lists must be one of {', '.join(LISTS)}, got {self.lists!r}")
+        if self.lists == "ssd" and is_fast_scan(self.factory):
+            raise StoreError(f"{self.factory}: fast-scan lists cannot be memory-mapped from SSD; give 8-bit codes "
+                             "(e.g. IVF4096,PQ32) or leave --factory out")
         if self.kind == "passage":
             retrievers = tuple(self.retrievers)
             if not retrievers or len(set(retrievers)) != len(retrievers) or set(retrievers) - set(RETRIEVERS):
@@ -466,7 +472,8 @@ def _build(args: BuildArgs) -> Manifest:
     if args.kind == "token" or embedder is not None:
         dim = key_dim(model, args.key_type) if args.kind == "token" else embedder.dim
         metric = "l2" if args.kind == "token" else "ip"
-        factory = args.factory or choose_factory(plan["entries"], dim, args.memory_budget, rerank=args.keep_keys)
+        factory = args.factory or choose_factory(plan["entries"], dim, args.memory_budget, rerank=args.keep_keys,
+                                                 lists=args.lists)
         trained_path = out / TRAINED_NAME
         if trained_path.is_file():
             trained = faiss.read_index(str(trained_path))
@@ -533,6 +540,7 @@ def _build(args: BuildArgs) -> Manifest:
         corpus=str(Path(args.corpus).resolve()), tiers=list(args.tiers), split=args.split,
         documents=plan["documents"], entries=plan["entries"], index=factory,
         value_dtype=value_dtype(len(tok)) if args.kind == "token" else None, keep_keys=args.keep_keys,
+        lists=args.lists,
         passage_tokens=args.passage_tokens if args.kind == "passage" else None,
         retrievers=list(args.retrievers) if args.kind == "passage" else [], build=build_info, ledger=str(ledger))
     manifest.save(out)

@@ -42,6 +42,38 @@ def test_trillion_token_arithmetic():
     assert any("72" in a or "64+8" in a for a in p["assumptions"])
 
 
+def test_lists_on_ssd_arithmetic():
+    """Lists on SSD: RAM holds the hot part of the lists, nodes are bounded by SSD capacity
+    too, warm scans cost the measured ratio, a cold one reads each probed list's pages."""
+    calib = CALIB | {"ssd_warm_ratio": 1.5, "ssd_seek_s": 200e-6, "ssd_bandwidth": 1e9}
+    kw = dict(ram_per_node=256 * GB, cores_per_node=32, nprobe=32, ram_fraction=0.8, refine=4, k=64)
+    ram = plan(1e12, calib, "token", "IVF65536,PQ64", **kw)
+    ssd = plan(1e12, calib, "token", "IVF65536,PQ64", lists="ssd", ssd_per_node=16e12, ssd_fraction=0.8,
+               page_cache_fraction=0.1, **kw)
+    centroids = 65536 * 2048 * 4
+    per_node = 256 * GB * 0.8 - 2 * GB - centroids
+    assert ssd["lists"] == "ssd" and ssd["disk_bytes"] == ram["disk_bytes"]
+    by_ram = math.ceil((0.1 * 72e12 + 0.5e12) / per_node)
+    by_disk = math.ceil(ssd["disk_bytes"] / (16e12 * 0.8))
+    assert ssd["nodes"] == max(by_ram, by_disk) < ram["nodes"]
+    assert ssd["ram_bytes"] == pytest.approx(0.1 * 72e12 + 0.5e12 + ssd["nodes"] * (centroids + 2 * GB))
+    scan = 32 * (1e12 / ssd["nodes"] / 65536) * 1e-9 / 32
+    parts = ssd["latency_parts_s"]
+    assert parts["scan"] == pytest.approx(scan)
+    assert parts["refine"] == pytest.approx(4 * 64 * 200e-6 / 32)  # the measured seek, not the assumed one
+    assert ssd["query_latency_s"] == pytest.approx(parts["assign"] + 1.5 * scan + parts["refine"])
+    list_read = 200e-6 + 1e12 / ssd["nodes"] / 65536 * 72 / 1e9
+    assert ssd["cold_query_latency_s"] == pytest.approx(parts["assign"] + scan + 32 * list_read / 32
+                                                        + parts["refine"])
+    assert ram["cold_query_latency_s"] == pytest.approx(ram["query_latency_s"])  # nothing to read cold in RAM
+    assert any("measured here" in a for a in ssd["assumptions"])
+    assert any("assumed" in a for a in plan(1e12, CALIB, lists="ssd")["assumptions"])  # no SSD calibration
+    both = plans(1e12, calib)
+    assert both["ssd"]["token"]["lists"] == "ssd" and both["token"]["lists"] == "ram"
+    with pytest.raises(SiloError, match="ram or ssd"):
+        plan(1e12, calib, lists="tape")
+
+
 def test_passage_store_alternative_and_explicit_nodes():
     both = plans(1.4e12, CALIB, nodes=4, workers=100, passage_tokens=256)
     p = both["passage"]
@@ -64,5 +96,6 @@ def test_calibration_measures_this_machine(tmp_path, tiny_model, corpus_dir):
                 "doc_ram_bytes_per_entry", "rss_base_bytes", "text_bytes_per_token"):
         assert c[key] > 0, key
     assert json.loads((tmp_path / "calibration.json").read_text())["dim"] == 64
+    assert c["ssd_warm_ratio"] > 0 and c["ssd_seek_s"] > 0 and c["ssd_bandwidth"] > 0  # measured, not assumed
     p = plan(1e12, c)
     assert p["nodes"] > 0 and p["build_hours"] > 0 and p["query_latency_s"] > 0

@@ -578,7 +578,7 @@ class GroupStats(_message.Message):
     def __init__(self, documents: _Optional[int] = ..., entries: _Optional[int] = ...) -> None: ...
 
 class StoreStats(_message.Message):
-    __slots__ = ("name", "kind", "documents", "live_documents", "entries", "live_entries", "shards", "index", "tiers", "sources", "bytes")
+    __slots__ = ("name", "kind", "documents", "live_documents", "entries", "live_entries", "shards", "index", "tiers", "sources", "bytes", "lists")
     class TiersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -604,6 +604,7 @@ class StoreStats(_message.Message):
     TIERS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    LISTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     documents: int
@@ -615,7 +616,8 @@ class StoreStats(_message.Message):
     tiers: _containers.MessageMap[str, GroupStats]
     sources: _containers.MessageMap[str, GroupStats]
     bytes: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., documents: _Optional[int] = ..., live_documents: _Optional[int] = ..., entries: _Optional[int] = ..., live_entries: _Optional[int] = ..., shards: _Optional[int] = ..., index: _Optional[str] = ..., tiers: _Optional[_Mapping[str, GroupStats]] = ..., sources: _Optional[_Mapping[str, GroupStats]] = ..., bytes: _Optional[int] = ...) -> None: ...
+    lists: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., documents: _Optional[int] = ..., live_documents: _Optional[int] = ..., entries: _Optional[int] = ..., live_entries: _Optional[int] = ..., shards: _Optional[int] = ..., index: _Optional[str] = ..., tiers: _Optional[_Mapping[str, GroupStats]] = ..., sources: _Optional[_Mapping[str, GroupStats]] = ..., bytes: _Optional[int] = ..., lists: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("stores",)

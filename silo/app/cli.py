@@ -38,6 +38,7 @@ from silo.build import BuildArgs, build_store
 from silo.corpus import corpus_stats, import_files, iter_documents
 from silo.datastore.check import check_store
 from silo.datastore.compact import compact
+from silo.datastore.index import LISTS
 from silo.datastore.kinds import open_store, store_stats
 from silo.datastore.passages import SEARCH_RETRIEVERS
 from silo.datastore.policy import RetrievalPolicy, split_list
@@ -311,7 +312,7 @@ def cmd_datastore_build(a: argparse.Namespace) -> None:
         model=a.model, corpus=a.corpus, out=a.out, kind=a.kind, tiers=a.tiers, split=a.split, shards=a.shards,
         memory_budget=a.memory_budget, factory=a.factory, window=a.window, stride=a.stride,
         batch_size=a.batch_size, max_docs=a.max_docs, max_tokens=a.max_tokens, key_type=a.key_type,
-        keep_keys=a.keep_keys, backend=a.backend, workers=a.workers, ray_address=a.ray_address,
+        keep_keys=a.keep_keys, lists=a.lists, backend=a.backend, workers=a.workers, ray_address=a.ray_address,
         retries=a.retries, passage_tokens=a.passage_tokens, retrievers=a.retrievers, embedder=a.embedder,
         ledger=a.ledger))
     if a.json:
@@ -372,11 +373,13 @@ def cmd_datastore_compact(a: argparse.Namespace) -> None:
 
 
 def cmd_datastore_reindex(a: argparse.Namespace) -> None:
-    m = reindex(a.store, a.out, a.factory, memory_budget=a.memory_budget, progress=not a.json)
-    r = {"store": a.out, "index": m.index, "entries": m.entries, "seconds": m.build["reindex_seconds"]}
+    m = reindex(a.store, a.out, a.factory, memory_budget=a.memory_budget, progress=not a.json, lists=a.lists)
+    r = {"store": a.out, "index": m.index, "lists": m.lists, "entries": m.entries,
+         "seconds": m.build["reindex_seconds"]}
     if a.json:
         return _print_json(r)
-    print(f"{a.out}: {r['entries']:,} entries indexed as {r['index']} from the kept keys in {r['seconds']:.1f} s")
+    print(f"{a.out}: {r['entries']:,} entries indexed as {r['index']} (lists in {m.lists.upper()}) from the kept "
+          f"keys in {r['seconds']:.1f} s")
 
 
 def cmd_datastore_check(a: argparse.Namespace) -> None:
@@ -453,7 +456,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
           allow_restricted_model=a.serve_restricted_model,
           allow_plaintext_shard_token=a.allow_plaintext_shard_token, mode=a.mode, http_port=a.http_port,
           http_host=a.http_host, http_ready_file=a.http_ready_file, membership_reference=a.membership_reference,
-          membership_documents=a.membership_documents)
+          membership_documents=a.membership_documents, lists=a.lists)
 
 
 def cmd_token_file(a: argparse.Namespace) -> None:
@@ -474,7 +477,7 @@ def cmd_token_file(a: argparse.Namespace) -> None:
 
 def cmd_serve_shards(a: argparse.Namespace) -> None:
     serve_shards(a.store, a.shards, a.port, a.shard_token_file, a.host, a.tls_cert, a.tls_key, _limits(a),
-                 a.ready_file, allow_plaintext_shard_token=a.allow_plaintext_shard_token)
+                 a.ready_file, allow_plaintext_shard_token=a.allow_plaintext_shard_token, lists=a.lists)
 
 
 def cmd_token(a: argparse.Namespace) -> None:
@@ -617,7 +620,8 @@ def cmd_stats(a: argparse.Namespace) -> None:
         return _print_json(to_dict(r))
     for st in r.stores:
         print(f"{st.name} ({st.kind}): {st.live_entries}/{st.entries} live entries, "
-              f"{st.live_documents}/{st.documents} live documents, {st.shards} shards, {st.index}")
+              f"{st.live_documents}/{st.documents} live documents, {st.shards} shards, {st.index}"
+              + (f", lists in {st.lists.upper()}" if st.lists else ""))
 
 
 @_rpc
@@ -702,28 +706,36 @@ def cmd_plan(a: argparse.Namespace) -> None:
                         passage_tokens=a.passage_tokens)
     if a.json:
         return _print_json(out)
-    tok, pas = out["token"], out["passage"]
-    rows = [["entries", f"{tok['entries']:.3g} tokens", f"{pas['entries']:.3g} passages"],
-            ["index", tok["index"], pas["index"]],
-            ["nodes (RAM)", f"{tok['nodes']} ({tok['nodes_needed']} needed)", f"{pas['nodes']} ({pas['nodes_needed']} needed)"],
-            ["RAM in all", human_bytes(tok["ram_bytes"]), human_bytes(pas["ram_bytes"])],
-            ["RAM per node", human_bytes(tok["ram_per_node_bytes"]), human_bytes(pas["ram_per_node_bytes"])],
-            ["index (RAM)", human_bytes(tok["index_bytes"]), human_bytes(pas["index_bytes"])],
-            ["entry columns (mapped, disk)", human_bytes(tok["metadata_disk_bytes"]), human_bytes(pas["metadata_disk_bytes"])],
-            ["re-ranking keys (SSD)", human_bytes(tok["keys_disk_bytes"]), human_bytes(pas["keys_disk_bytes"])],
-            ["text (disk)", human_bytes(tok["text_disk_bytes"]), human_bytes(pas["text_disk_bytes"])],
-            ["build", f"{human_time(tok['build_hours'] * 3600)} on {tok['build_workers']} workers "
-                      f"({tok['build_worker_hours']:,.0f} worker-hours)",
-             f"{human_time(pas['build_hours'] * 3600)} on {pas['build_workers']} workers "
-             f"({pas['build_worker_hours']:,.0f} worker-hours)"],
-            ["query latency", human_time(tok["query_latency_s"]), human_time(pas["query_latency_s"])]]
-    print_table(rows, ["figure", "token store (kNN-LM)", "passage store (RIC-LM)"])
+    cols = [out["token"], out["ssd"]["token"], out["passage"], out["ssd"]["passage"]]
+
+    def row(name: str, fn) -> list[str]:
+        return [name, *(fn(p) for p in cols)]
+
+    rows = [row("entries", lambda p: f"{p['entries']:.3g} {'tokens' if p['kind'] == 'token' else 'passages'}"),
+            row("index", lambda p: p["index"]),
+            row("inverted lists", lambda p: f"{'RAM' if p['lists'] == 'ram' else 'SSD (mapped)'}: "
+                f"{human_bytes(p['index_bytes'])}"),
+            row("nodes", lambda p: f"{p['nodes']} ({p['nodes_needed']} needed)"),
+            row("RAM in all", lambda p: human_bytes(p["ram_bytes"])),
+            row("RAM per node", lambda p: human_bytes(p["ram_per_node_bytes"])),
+            row("disk in all", lambda p: human_bytes(p["disk_bytes"])),
+            row("disk per node", lambda p: human_bytes(p["disk_per_node_bytes"])),
+            row("entry columns (mapped, disk)", lambda p: human_bytes(p["metadata_disk_bytes"])),
+            row("re-ranking keys (SSD)", lambda p: human_bytes(p["keys_disk_bytes"])),
+            row("text (disk)", lambda p: human_bytes(p["text_disk_bytes"])),
+            row("build", lambda p: f"{human_time(p['build_hours'] * 3600)} on {p['build_workers']} workers "
+                f"({p['build_worker_hours']:,.0f} worker-hours)"),
+            row("query latency (warm)", lambda p: human_time(p["query_latency_s"])),
+            row("query latency (cold cache)", lambda p: human_time(p["cold_query_latency_s"]))]
+    print_table(rows, ["figure", "token store, lists in RAM", "token store, lists on SSD",
+                       "passage store, lists in RAM", "passage store, lists on SSD"])
     print("\npublished footprints:")
     for p in out["published"]:
         print(f"  - {p['system']}: {p['entries']}; {p['footprint']}")
-    print("\nassumptions (token store):")
-    for x in tok["assumptions"]:
-        print(f"  - {x}")
+    for name, p in (("token store, lists in RAM", out["token"]), ("token store, lists on SSD", out["ssd"]["token"])):
+        print(f"\nassumptions ({name}):")
+        for x in p["assumptions"]:
+            print(f"  - {x}")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -875,6 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key-type", choices=["ffn_input", "final"], default="ffn_input")
     sp.add_argument("--keep-keys", action="store_true",
                     help="also keep raw keys (fp16) per shard: exact re-ranking, and the faster fast-scan index")
+    sp.add_argument("--lists", choices=LISTS, default="ram",
+                    help="where the IVF inverted lists are served from by default: ram, or ssd (memory-mapped from "
+                    "the index file: a fraction of the RAM, 8-bit codes); silo serve --lists switches it")
     sp.add_argument("--window", type=int, default=512)
     sp.add_argument("--stride", type=int, default=256)
     sp.add_argument("--batch-size", type=int, default=8)
@@ -943,6 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="a new folder")
     sp.add_argument("--factory", help="FAISS factory (default: what a build would choose now, e.g. fast-scan PQ)")
     sp.add_argument("--memory-budget", type=_size, help="index memory budget for the default choice")
+    sp.add_argument("--lists", choices=LISTS, help="serve the new index's lists from ram or ssd (default: as STORE's; "
+                    "ssd gets 8-bit codes, which faiss can memory-map)")
     sp.add_argument("--json", action="store_true")
     sp = add(ds, "stats", cmd_datastore_stats, "a store folder here, no server (a server's stores: `silo stats`): "
              "entries, live entries, shards, tiers, sources")
@@ -1019,6 +1036,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(refused otherwise); only on a network you trust")
     sp.add_argument("--remote-shards", help="host:port,… of `silo serve-shards` servers holding the indexes")
     sp.add_argument("--shard-deadline", type=float, default=5.0, help="seconds per remote shard call")
+    sp.add_argument("--lists", choices=LISTS, help="serve the stores' IVF lists from ram or ssd "
+                    "(memory-mapped; 8-bit codes only) instead of the store's built-in choice")
     sp.add_argument("--max-concurrent", type=int, default=32, help="calls beyond this get RESOURCE_EXHAUSTED")
     sp.add_argument("--workers", type=int, help="requests computed at once (default: one per core)")
     sp.add_argument("--ready-file", help="write the bound port here once serving")
@@ -1041,6 +1060,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "flags on the command line win")
     sp.add_argument("store")
     sp.add_argument("--shards", required=True, help="e.g. 0-3 or 0,2")
+    sp.add_argument("--lists", choices=LISTS, help="serve these shards' IVF lists from ram or ssd (memory-mapped) "
+                    "instead of the store's built-in choice")
     sp.add_argument("--port", type=int, default=50061)
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--shard-token-file", required=True, help="the token the main server presents")

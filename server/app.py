@@ -58,7 +58,12 @@ from silo.server.client import mode_name
 from silo.server.gen import silo_pb2 as pb
 from silo.server.http import start_http
 from silo.server.limits import BUSY, Limits
-from silo.server.remote import RemoteShardGroup, ShardSearchServicer, parse_shard_range
+from silo.server.remote import (
+    RemoteShardGroup,
+    ShardSearchServicer,
+    parse_remote_shards,
+    parse_shard_range,
+)
 from silo.server.servicers import (
     DatastoreServicer,
     InvalidMessage,
@@ -312,8 +317,9 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
             remote = bool(remote_shards) and kind == "token"
             store = open_store(path, load_index=not remote, lists=lists)
             if remote:
-                store.remotes = [RemoteShardGroup(t, store.manifest.model_fingerprint, shard_deadline_s,
-                                                  shard_token, shard_root_cert) for t in remote_shards]
+                store.remotes = [RemoteShardGroup(g, store.manifest.model_fingerprint, shard_deadline_s,
+                                                  shard_token, shard_root_cert)
+                                 for g in parse_remote_shards(remote_shards)]
             store.check_model(model_dir)
         except (FingerprintMismatch, CorruptLog, LedgerMissing) as e:
             log.error("store %s is out of use: %s", path, e)
@@ -385,7 +391,7 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
     # TLS to the shard servers whenever this server serves TLS: verified with --shard-ca, or
     # with our own certificate (one internal CA for the cluster)
     shard_root = Path(shard_ca).read_bytes() if shard_ca else (tls[0] if tls else None)
-    far = [t for t in remote_shards or () if not is_loopback(t)]
+    far = [t for g in parse_remote_shards(remote_shards or []) for t in g if not is_loopback(t)]
     if far and shard_root is None and not allow_plaintext_shard_token:
         raise CredentialError(f"--remote-shards {far[0]} is not on this machine and the shard token would cross "
                               "the network in cleartext: serve with --tls-cert/--tls-key (or --shard-ca), or pass "

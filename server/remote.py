@@ -3,10 +3,12 @@
 `silo serve-shards STORE --shards 0-3 --port P` loads only those shards' indexes and
 answers `ShardSearch.SearchShards` (vectors in, per-shard-merged top-k out). The main
 server opens the store without indexes, attaches one `RemoteShardGroup` per shard
-server, and `Datastore.search_ex` fans out to them in parallel with a per-shard deadline,
-merging exactly as for local shards. A shard server that is down or late raises
-`ShardUnavailable` naming its shards — or, only when the request allows partial results,
-is listed as missing. Never a silent partial answer.
+group, and `Datastore.search_ex` fans out to them in parallel with a per-group deadline,
+merging exactly as for local shards. A group may have several replicas (`--remote-shards
+a:1+b:1,c:1+d:1`): a replica down or late is retried on another within the deadline, and
+a background health check keeps track of which are up. Only a group whose every replica
+fails raises `ShardUnavailable` naming its shards — or, only when the request allows
+partial results, is listed as missing. Never a silent partial answer.
 
 Both sides read the same store folder (shared storage): a shard server re-reads
 `optout.log` when it changes and reopens the store when a compaction switches the
@@ -18,13 +20,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 from silo.datastore.compact import compact
-from silo.datastore.errors import FingerprintMismatch
+from silo.datastore.errors import FingerprintMismatch, StoreError
 from silo.datastore.policy import RetrievalPolicy
 from silo.datastore.store import Datastore, ShardUnavailable
 from silo.server.gen import silo_pb2 as pb
@@ -133,30 +137,106 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
                                       ids=res.ids.astype("<i8").tobytes(), shards=self.names)
 
 
-class RemoteShardGroup:
-    """The main server's handle on one shard server."""
+def parse_remote_shards(specs: list[str]) -> list[list[str]]:
+    """`--remote-shards` values -> shard groups, each a list of replica addresses: groups are
+    separated by commas (or given one per flag), a group's replicas by '+':
+    'node1:50061+node3:50061,node2:50061+node4:50061' is two groups of two replicas."""
+    groups = [[t.strip() for t in spec.split("+")] for item in specs for spec in item.split(",") if spec.strip()]
+    for g in groups:
+        if not all(g) or len(set(g)) != len(g):
+            raise ValueError(f"bad shard group {'+'.join(g)!r}: replicas are distinct host:port joined by '+'")
+    return groups
 
-    def __init__(self, target: str, fingerprint: str, deadline_s: float = 5.0, token: str | None = None,
-                 root_cert: bytes | None = None):
-        """`token`: the shard token; `root_cert`: verify the shard server's TLS certificate
-        with it (the main server speaks TLS to its shards whenever it serves TLS itself)."""
-        self.target, self.fingerprint, self.deadline_s = target, fingerprint, deadline_s
+
+class _Replica:
+    """One shard server of a group: its channel, and what the group knows of its health."""
+
+    def __init__(self, target: str, fingerprint: str, token: str | None, root_cert: bytes | None):
+        self.target, self.fingerprint = target, fingerprint
         opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
         self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options=opts)
                         if root_cert else grpc.insecure_channel(target, options=opts))
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.stub = pb_grpc.ShardSearchStub(self.channel)
-        self.names = [target]
-        try:  # learn the shard names for error messages; a server down now is named by address
-            resp = self.stub.SearchShards(pb.ShardSearchRequest(num_queries=0, store_fingerprint=fingerprint),
-                                          timeout=deadline_s, metadata=self.metadata)
-            self.names = [f"{n}@{target}" for n in resp.shards]
-        except grpc.RpcError:
-            pass
+        self.healthy = True
+        self.error = ""
+
+    def handshake(self, timeout: float) -> list[str]:
+        """The names of the shards this server holds (a search of no queries); raises grpc.RpcError."""
+        resp = self.stub.SearchShards(pb.ShardSearchRequest(num_queries=0, store_fingerprint=self.fingerprint),
+                                      timeout=timeout, metadata=self.metadata)
+        return list(resp.shards)
+
+    def mark(self, healthy: bool, error: str = "") -> None:
+        self.healthy, self.error = healthy, error
+
+
+class RemoteShardGroup:
+    """The main server's handle on one shard group: one or more `silo serve-shards` servers
+    (replicas) holding the same shards of a shared store.
+
+    A search goes to a healthy replica (round robin), and is retried on the next one when
+    that replica is down or late, within the call's deadline: each attempt gets the time
+    left divided by the replicas left to try, so a late replica leaves time for the others.
+    A background thread checks every replica every `health_period_s` (a handshake), so a
+    replica that comes back is used again and a dead one is tried last. Only when every
+    replica fails does the search raise `ShardUnavailable`, naming the group's shards and
+    each replica's error. Opt-outs need nothing from the replicas: each re-reads the shared
+    log, and the main server post-filters every answer against its own tombstones."""
+
+    def __init__(self, targets: str | list[str], fingerprint: str, deadline_s: float = 5.0, token: str | None = None,
+                 root_cert: bytes | None = None, health_period_s: float = 1.0):
+        """`targets`: the replicas' host:port; `token`: the shard token; `root_cert`: verify
+        the shard servers' TLS certificates with it (the main server speaks TLS to its
+        shards whenever it serves TLS itself)."""
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if not targets:
+            raise ValueError("a shard group needs at least one replica address")
+        self.fingerprint, self.deadline_s, self.health_period_s = fingerprint, deadline_s, health_period_s
+        self.replicas = [_Replica(t, fingerprint, token, root_cert) for t in targets]
+        self.target = "+".join(targets)
+        self.shard_names: list[str] = []
+        for r in self.replicas:  # learn the shard names; a replica down now is named by address
+            try:
+                names = r.handshake(min(deadline_s, 2.0))
+            except grpc.RpcError as e:
+                r.mark(False, e.code().name)
+                continue
+            if self.shard_names and names != self.shard_names:
+                raise StoreError(f"replicas of one shard group must serve the same shards: {self.replicas[0].target} "
+                                 f"serves {', '.join(self.shard_names)}, {r.target} serves {', '.join(names)}")
+            self.shard_names = self.shard_names or names
+        self.names = [f"{n}@{self.target}" for n in self.shard_names] or [self.target]
+        self._lock = threading.Lock()
+        self._turn = 0
+        self.requests = self.failovers = 0
+        self.latencies: deque[float] = deque(maxlen=4096)  # seconds of recent successful calls
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name=f"health {self.target}", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.health_period_s):
+            for r in self.replicas:
+                try:
+                    names = r.handshake(min(self.deadline_s, max(self.health_period_s, 0.5)))
+                    r.mark(not self.shard_names or names == self.shard_names, "" if names == self.shard_names
+                           else f"serves {', '.join(names)}, not this group's shards")
+                except grpc.RpcError as e:
+                    r.mark(False, e.code().name)
+
+    def _order(self) -> list[_Replica]:
+        """Healthy replicas first, taking turns; the others last (one may be back)."""
+        with self._lock:
+            self._turn += 1
+            turn = self._turn
+        healthy = [r for r in self.replicas if r.healthy]
+        healthy = healthy[turn % len(healthy):] + healthy[:turn % len(healthy)] if healthy else []
+        return healthy + [r for r in self.replicas if not r.healthy]
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None, policy: RetrievalPolicy | None,
                assigned: tuple[np.ndarray, np.ndarray] | None = None):
-        """The shard server's top-k; `assigned` = (coarse distances, lists) from the main
+        """The shard group's top-k; `assigned` = (coarse distances, lists) from the main
         server's quantizer, so every shard scans the same lists (IVF stores)."""
         req = pb.ShardSearchRequest(queries=np.ascontiguousarray(queries, dtype="<f4").tobytes(),
                                     num_queries=len(queries), dim=queries.shape[1], k=k, nprobe=nprobe or 0,
@@ -167,25 +247,63 @@ class RemoteShardGroup:
             req.nprobe = lists.shape[1]
             req.lists = np.ascontiguousarray(lists, dtype="<i8").tobytes()
             req.coarse = np.ascontiguousarray(coarse, dtype="<f4").tobytes()
-        try:
-            resp = self.stub.SearchShards(req, timeout=self.deadline_s, metadata=self.metadata)
-        except grpc.RpcError as e:
-            what = "late" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "down"
-            raise ShardUnavailable(f"shard server {self.target} ({', '.join(self.names)}) is {what}: "
-                                   f"{e.code().name}", self.names) from e
-        n = len(queries)
-        return (np.frombuffer(resp.distances, dtype="<f4").reshape(n, k),
-                np.frombuffer(resp.ids, dtype="<i8").reshape(n, k))
+        deadline = time.monotonic() + self.deadline_s
+        order, errors = self._order(), []
+        with self._lock:
+            self.requests += 1
+        for i, r in enumerate(order):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            t = time.monotonic()
+            try:
+                resp = r.stub.SearchShards(req, timeout=left / (len(order) - i), metadata=r.metadata)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # every replica would refuse it alike
+                    raise BadRequest(f"shard server {r.target}: {e.details()}") from e
+                what = "late" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "down"
+                r.mark(False, f"{what}: {e.code().name}")
+                errors.append(f"{r.target} is {what} ({e.code().name})")
+                with self._lock:
+                    self.failovers += 1
+                continue
+            with self._lock:
+                self.latencies.append(time.monotonic() - t)
+            n = len(queries)
+            return (np.frombuffer(resp.distances, dtype="<f4").reshape(n, k),
+                    np.frombuffer(resp.ids, dtype="<i8").reshape(n, k))
+        shards = ", ".join(self.shard_names) or "unknown shards"
+        raise ShardUnavailable(f"shard group {self.target} ({shards}): every replica is down or late: "
+                               f"{'; '.join(errors) or 'no time left'}", self.names)
 
     def compact(self) -> dict:
-        """Ask the shard server to compact its shards; raises `ShardUnavailable` if it can't."""
-        try:
-            r = self.stub.CompactShards(pb.CompactShardsRequest(store_fingerprint=self.fingerprint),
-                                        metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise ShardUnavailable(f"shard server {self.target} could not compact: {e.code().name}: {e.details()}",
-                                   self.names) from e
-        return {"rewritten_shards": r.rewritten_shards, "removed_entries": r.removed_entries, "seconds": r.seconds}
+        """Ask one replica to compact the group's shards (they share the store folder: the
+        others see the manifest switch and reopen); raises `ShardUnavailable` if none can."""
+        errors = []
+        for r in self._order():
+            try:
+                resp = r.stub.CompactShards(pb.CompactShardsRequest(store_fingerprint=self.fingerprint),
+                                            metadata=r.metadata)
+            except grpc.RpcError as e:
+                errors.append(f"{r.target}: {e.code().name}: {e.details()}")
+                continue
+            return {"rewritten_shards": resp.rewritten_shards, "removed_entries": resp.removed_entries,
+                    "seconds": resp.seconds}
+        raise ShardUnavailable(f"shard group {self.target} could not compact: {'; '.join(errors)}", self.names)
+
+    def stats(self) -> dict:
+        """Replicas (all and healthy, and why the others are not), calls, failovers and the
+        latency of recent successful calls, for Stats and `silo stats`."""
+        with self._lock:
+            lat = np.array(self.latencies) * 1e3
+            requests, failovers = self.requests, self.failovers
+        return {"name": self.target, "shards": list(self.shard_names), "replicas": len(self.replicas),
+                "healthy": sum(r.healthy for r in self.replicas), "requests": requests, "failovers": failovers,
+                "p50_ms": float(np.percentile(lat, 50)) if len(lat) else 0.0,
+                "p99_ms": float(np.percentile(lat, 99)) if len(lat) else 0.0,
+                "down": [f"{r.target}: {r.error}" for r in self.replicas if not r.healthy]}
 
     def close(self) -> None:
-        self.channel.close()
+        self._stop.set()
+        for r in self.replicas:
+            r.channel.close()

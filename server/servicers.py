@@ -791,7 +791,8 @@ class DatastoreServicer:
             out.append(pb.StoreStats(
                 name=st.path.name, kind=d["kind"], documents=d["documents"], live_documents=d["live_documents"],
                 entries=d["entries"], live_entries=d["live_entries"], shards=d["shards"], index=d["index"] or "",
-                bytes=d["bytes"], lists=d.get("lists", ""), tiers={k: pb.GroupStats(**v) for k, v in d["tiers"].items()},
+                bytes=d["bytes"], lists=d.get("lists", ""),
+                shard_groups=[pb.ShardGroupStats(**g.stats()) for g in st.remotes], tiers={k: pb.GroupStats(**v) for k, v in d["tiers"].items()},
                 sources={k: pb.GroupStats(**v) for k, v in d["sources"].items()}))
         return pb.StatsResponse(stores=out)
 

@@ -578,7 +578,7 @@ class GroupStats(_message.Message):
     def __init__(self, documents: _Optional[int] = ..., entries: _Optional[int] = ...) -> None: ...
 
 class StoreStats(_message.Message):
-    __slots__ = ("name", "kind", "documents", "live_documents", "entries", "live_entries", "shards", "index", "tiers", "sources", "bytes", "lists")
+    __slots__ = ("name", "kind", "documents", "live_documents", "entries", "live_entries", "shards", "index", "tiers", "sources", "bytes", "lists", "shard_groups")
     class TiersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -605,6 +605,7 @@ class StoreStats(_message.Message):
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     LISTS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_GROUPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     documents: int
@@ -617,7 +618,30 @@ class StoreStats(_message.Message):
     sources: _containers.MessageMap[str, GroupStats]
     bytes: int
     lists: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., documents: _Optional[int] = ..., live_documents: _Optional[int] = ..., entries: _Optional[int] = ..., live_entries: _Optional[int] = ..., shards: _Optional[int] = ..., index: _Optional[str] = ..., tiers: _Optional[_Mapping[str, GroupStats]] = ..., sources: _Optional[_Mapping[str, GroupStats]] = ..., bytes: _Optional[int] = ..., lists: _Optional[str] = ...) -> None: ...
+    shard_groups: _containers.RepeatedCompositeFieldContainer[ShardGroupStats]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., documents: _Optional[int] = ..., live_documents: _Optional[int] = ..., entries: _Optional[int] = ..., live_entries: _Optional[int] = ..., shards: _Optional[int] = ..., index: _Optional[str] = ..., tiers: _Optional[_Mapping[str, GroupStats]] = ..., sources: _Optional[_Mapping[str, GroupStats]] = ..., bytes: _Optional[int] = ..., lists: _Optional[str] = ..., shard_groups: _Optional[_Iterable[_Union[ShardGroupStats, _Mapping]]] = ...) -> None: ...
+
+class ShardGroupStats(_message.Message):
+    __slots__ = ("name", "shards", "replicas", "healthy", "requests", "failovers", "p50_ms", "p99_ms", "down")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    DOWN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shards: _containers.RepeatedScalarFieldContainer[str]
+    replicas: int
+    healthy: int
+    requests: int
+    failovers: int
+    p50_ms: float
+    p99_ms: float
+    down: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., shards: _Optional[_Iterable[str]] = ..., replicas: _Optional[int] = ..., healthy: _Optional[int] = ..., requests: _Optional[int] = ..., failovers: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., down: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("stores",)

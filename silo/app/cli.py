@@ -622,6 +622,10 @@ def cmd_stats(a: argparse.Namespace) -> None:
         print(f"{st.name} ({st.kind}): {st.live_entries}/{st.entries} live entries, "
               f"{st.live_documents}/{st.documents} live documents, {st.shards} shards, {st.index}"
               + (f", lists in {st.lists.upper()}" if st.lists else ""))
+        for g in st.shard_groups:
+            print(f"  shard group {g.name} ({', '.join(g.shards) or 'shards unknown'}): {g.healthy}/{g.replicas} "
+                  f"replicas healthy, {g.requests} calls, {g.failovers} failovers, p50 {g.p50_ms:.1f} ms, "
+                  f"p99 {g.p99_ms:.1f} ms" + "".join(f"\n    down: {d}" for d in g.down))
 
 
 @_rpc
@@ -1034,7 +1038,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-plaintext-shard-token", action="store_true",
                     help="INSECURE: send the shard token to --remote-shards on other machines without TLS "
                     "(refused otherwise); only on a network you trust")
-    sp.add_argument("--remote-shards", help="host:port,… of `silo serve-shards` servers holding the indexes")
+    sp.add_argument("--remote-shards", help="`silo serve-shards` servers holding the indexes: host:port,… one per "
+                    "shard group; a group's replicas joined by '+' (a:50061+b:50061,c:50061+d:50061) are health-"
+                    "checked, and a call is retried on another replica when one is down or late")
     sp.add_argument("--shard-deadline", type=float, default=5.0, help="seconds per remote shard call")
     sp.add_argument("--lists", choices=LISTS, help="serve the stores' IVF lists from ram or ssd "
                     "(memory-mapped; 8-bit codes only) instead of the store's built-in choice")

@@ -1,0 +1,195 @@
+"""Replicated shard serving over plain gRPC: `silo serve --remote-shards a+b,c+d` in front of
+four `silo serve-shards` processes (two groups of two replicas, one of each serving its
+lists from SSD). Replicas are killed (SIGKILL) while several clients Score, Search and opt
+out: no request fails while a replica of each group lives, no removed document is served,
+and the answers are the single-process store's. Only a group with no replica left fails a
+request, by name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from silo.datastore.errors import StoreError
+from silo.datastore.store import Datastore
+from silo.server.client import SiloClient
+from silo.server.remote import RemoteShardGroup, parse_remote_shards
+
+from silo.build import BuildArgs, build_store
+from silo.keys import text_keys
+from silo.lm import load_causal_lm
+
+SHARD_TOKEN = "replica-shard-token-0123456789abcdef"
+ADMIN = "replica-admin-token-0123456789abcdef"
+QUERIES = ["The lighthouse of Lisbon was built in", "def parse(self, text):", "Permission is hereby granted",
+           "In 1717 the observatory", "return self.value", "The committee met on"]
+
+
+def _launch(args: list[str], root: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    ready = root / f"{name}.port"
+    proc = subprocess.Popen([sys.executable, "-m", "silo.app.cli", *args, "--port", "0", "--ready-file", str(ready)],
+                            stdout=(root / f"{name}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, ready
+
+
+def _wait(proc: subprocess.Popen, ready: Path) -> str:
+    deadline = time.monotonic() + 180
+    while not ready.is_file() or not ready.read_text().strip():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start:\n{ready.with_suffix('.log').read_text()[-3000:]}")
+        time.sleep(0.2)
+    return f"127.0.0.1:{ready.read_text().strip()}"
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory, tiny_model, corpus_dir):
+    root = tmp_path_factory.mktemp("replicas")
+    common = dict(model=str(tiny_model), corpus=str(corpus_dir), tiers=("restricted",), window=128, stride=64,
+                  progress=False)
+    build_store(BuildArgs(out=str(root / "probe"), max_docs=2, **common))
+    dim = Datastore.open(root / "probe").manifest.dim
+    store = root / "store"
+    build_store(BuildArgs(out=str(store), shards=2, factory=f"IVF16,PQ{dim // 4}", **common))
+    (root / "shard.token").write_text(SHARD_TOKEN + "\n")
+    (root / "admin.token").write_text(ADMIN + "\n")
+    procs: dict[str, subprocess.Popen] = {}
+    readies = {}
+    for group in (0, 1):
+        for replica, lists in (("a", "ram"), ("b", "ssd")):
+            name = f"{replica}{group}"
+            procs[name], readies[name] = _launch(["serve-shards", str(store), "--shards", str(group), "--lists", lists,
+                                                  "--shard-token-file", str(root / "shard.token")], root, name)
+    targets = {name: _wait(procs[name], readies[name]) for name in procs}
+    spec = f"{targets['a0']}+{targets['b0']},{targets['a1']}+{targets['b1']}"
+    procs["front"], ready = _launch(["serve", "--model", str(tiny_model), "--store", str(store), "--remote-shards",
+                                     spec, "--shard-token-file", str(root / "shard.token"), "--token-file",
+                                     str(root / "admin.token"), "--shard-deadline", "5"], root, "front")
+    front = _wait(procs["front"], ready)
+    yield {"store": store, "front": front, "procs": procs, "targets": targets, "root": root}
+    for p in procs.values():
+        _kill(p)
+
+
+def test_remote_shards_spec_names_groups_and_replicas():
+    assert parse_remote_shards(["a:1+b:1,c:1+d:1"]) == [["a:1", "b:1"], ["c:1", "d:1"]]
+    assert parse_remote_shards(["a:1", "c:1+d:1"]) == [["a:1"], ["c:1", "d:1"]]  # one group per flag works too
+    for bad in ("a:1+a:1", "a:1++b:1"):
+        with pytest.raises(ValueError, match="bad shard group"):
+            parse_remote_shards([bad])
+
+
+def test_replicas_of_one_group_must_hold_the_same_shards(replicated):
+    t = replicated["targets"]
+    fp = Datastore.open(replicated["store"], load_index=False).manifest.model_fingerprint
+    with pytest.raises(StoreError, match="must serve the same shards"):
+        RemoteShardGroup([t["a0"], t["a1"]], fp, 5.0, SHARD_TOKEN)
+
+
+def test_killing_replicas_under_load_fails_no_request_and_serves_no_removed_text(replicated, tiny_model, capsys):
+    store, front, procs = replicated["store"], replicated["front"], replicated["procs"]
+    local = Datastore.open(store)
+    to_remove = [local.docs.doc_id(d) for d in range(0, local.n_documents, max(1, local.n_documents // 6))][:6]
+    acked: list[tuple[float, str]] = []  # (time acknowledged, doc id)
+    errors: list[str] = []
+    searches: list[tuple[float, list[str]]] = []  # (time the call started, doc ids served)
+    scores = [0]
+    stop = threading.Event()
+
+    def searcher(seed: int):
+        with SiloClient(front) as c:
+            i = seed
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    r = c.search(QUERIES[i % len(QUERIES)], k=8)
+                    searches.append((t, [h.doc_id for h in r.hits]))
+                except grpc.RpcError as e:
+                    errors.append(f"Search: {e.code().name}: {e.details()}")
+                i += 1
+
+    def scorer():
+        with SiloClient(front) as c:
+            while not stop.is_set():
+                try:
+                    c.score("The lighthouse of Lisbon was built in 1700 by the committee.", mode="knn")
+                    scores[0] += 1
+                except grpc.RpcError as e:
+                    errors.append(f"Score: {e.code().name}: {e.details()}")
+
+    def remover():
+        with SiloClient(front, token=ADMIN) as c:
+            for doc in to_remove:
+                if stop.wait(0.6):
+                    return
+                try:
+                    c.optout(doc_ids=[doc], reason="replica test")
+                    acked.append((time.monotonic(), doc))
+                except grpc.RpcError as e:
+                    errors.append(f"OptOut: {e.code().name}: {e.details()}")
+
+    threads = [threading.Thread(target=searcher, args=(s,)) for s in (0, 3)]
+    threads += [threading.Thread(target=scorer), threading.Thread(target=remover)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        _kill(procs["a0"])  # one replica of group 0 …
+        time.sleep(1.5)
+        _kill(procs["b1"])  # … and the other kind of replica (SSD lists) of group 1
+        time.sleep(2.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors[:5]
+    assert len(acked) == len(to_remove) and scores[0] > 0 and len(searches) > 20
+    for started, served in searches:  # no removal acknowledged before a call began is in its answer
+        gone = {doc for at, doc in acked if at < started}
+        assert not gone & set(served), (gone & set(served))
+
+    # the same answers as the single-process store (which reads the same opt-out log)
+    local.reload_optouts()
+    model, tok = load_causal_lm(str(tiny_model))
+    with SiloClient(front) as c:
+        for query in QUERIES:
+            hits = c.search(query, k=8).hits
+            d, ids = local.search(text_keys(model, tok, [query]), 8)
+            # the query key is computed in another process (float summation order aside)
+            np.testing.assert_allclose([h.distance for h in hits], d[0][ids[0] >= 0], rtol=1e-5)
+            below = d[0] < d[0][-1] * (1 - 1e-5)  # ties at the k-th distance may come in either order
+            assert {h.entry_id for h, b in zip(hits, below, strict=True) if b} == set(ids[0][below].tolist())
+        groups = c.stats().stores[0].shard_groups
+    assert [g.healthy for g in groups] == [1, 1] and [g.replicas for g in groups] == [2, 2]
+    assert all(g.failovers >= 1 and g.requests > 0 and g.p50_ms > 0 for g in groups)
+    assert replicated["targets"]["a0"] in groups[0].down[0] and replicated["targets"]["b1"] in groups[1].down[0]
+
+    from test_cli_e2e import run
+
+    code, out, _ = run(capsys, "stats", "--target", front)
+    assert code == 0 and out.count("1/2 replicas healthy") == 2 and "down:" in out
+
+    # the last replica of group 1 gone: its calls fail by name, or are listed as partial when allowed
+    _kill(procs["a1"])
+    with SiloClient(front) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.search(QUERIES[0], k=8)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "every replica" in e.value.details()
+        assert replicated["targets"]["a1"] in e.value.details()
+        r = c.search(QUERIES[0], k=8, allow_partial=True)
+        assert r.partial and all(replicated["targets"]["a1"] in m for m in r.missing_shards)
+        assert all(h.doc_id not in to_remove for h in r.hits)

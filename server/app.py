@@ -58,6 +58,7 @@ from silo.server.client import mode_name
 from silo.server.gen import silo_pb2 as pb
 from silo.server.http import start_http
 from silo.server.limits import BUSY, Limits
+from silo.server.ray_shards import RayShardGroup, RayShards
 from silo.server.remote import (
     RemoteShardGroup,
     ShardSearchServicer,
@@ -286,7 +287,7 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
                shard_token: str | None = None, shard_root_cert: bytes | None = None,
                allow_restricted_model: bool = False, mode: str = "auto",
                membership_reference: str | None = None, membership_documents: int = 100,
-               lists: str | None = None) -> ServerState:
+               lists: str | None = None, ray_apps: list[str] | None = None) -> ServerState:
     """Load the model and stores once. A store built for another model, or one whose
     opt-out log is corrupt (or whose removal ledger is missing), is kept out of use
     (retrieving calls get FAILED_PRECONDITION naming the problem) rather than served; the
@@ -296,7 +297,9 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
     trained on restricted text is refused unless `allow_restricted_model` (`check_servable`).
     `membership_reference` is the corpus whose test split calibrates membership percentiles
     (default: the training record's corpus; an outside checkpoint has none unless given).
-    `lists`: serve the stores' inverted lists from "ram" or "ssd" (default: each manifest's)."""
+    `lists`: serve the stores' inverted lists from "ram" or "ssd" (default: each manifest's).
+    `ray_apps`: the token store's shard groups are these Ray Serve applications
+    (`silo.server.ray_shards`; `ray.init` to their cluster first)."""
     if membership_reference is not None:
         open_corpus(membership_reference)  # a wrong path is refused at start, not at the first audit
     if not 1 <= membership_documents <= 10_000:
@@ -314,11 +317,13 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
             raise StoreError(f"two {kind} stores given ({path}); a server serves one store of each kind")
         store = None
         try:
-            remote = bool(remote_shards) and kind == "token"
+            remote = bool(remote_shards or ray_apps) and kind == "token"
             store = open_store(path, load_index=not remote, lists=lists)
-            if remote:
-                store.remotes = [RemoteShardGroup(g, store.manifest.model_fingerprint, shard_deadline_s,
-                                                  shard_token, shard_root_cert)
+            fp = store.manifest.model_fingerprint
+            if remote and ray_apps:
+                store.remotes = [RayShardGroup(a, fp, shard_deadline_s) for a in ray_apps]
+            elif remote:
+                store.remotes = [RemoteShardGroup(g, fp, shard_deadline_s, shard_token, shard_root_cert)
                                  for g in parse_remote_shards(remote_shards)]
             store.check_model(model_dir)
         except (FingerprintMismatch, CorruptLog, LedgerMissing) as e:
@@ -379,12 +384,22 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
           limits: Limits | None = None, ready_file: str | None = None, allow_restricted_model: bool = False,
           allow_plaintext_shard_token: bool = False, mode: str = "auto", http_port: int | None = None,
           http_host: str | None = None, http_ready_file: str | None = None,
-          membership_reference: str | None = None, membership_documents: int = 100, lists: str | None = None) -> None:
+          membership_reference: str | None = None, membership_documents: int = 100, lists: str | None = None,
+          ray_shards: RayShards | None = None) -> None:
     """`silo serve`: the LM and its stores over gRPC until SIGINT/SIGTERM. `mode` is what a
     request that names no retrieval mode gets (`choose_default_mode`: SILO, not the bare LM).
     With `http_port`, the same process also serves the OpenAI-compatible HTTP API and the
-    data owners' page (`silo.server.http`), on the same state, credentials and budgets."""
+    data owners' page (`silo.server.http`), on the same state, credentials and budgets.
+    With `ray_shards`, the token store's shard groups run as Ray Serve deployments."""
     tls = tls_pair(tls_cert, tls_key)
+    ray_apps = None
+    if ray_shards is not None:
+        if remote_shards:
+            raise SiloError("give --remote-shards or --ray-address, not both")
+        token = [p for p in stores if Manifest.load(p).kind == "token"]
+        if not token:
+            raise SiloError("--ray-address serves a token store's shards: give one with --store")
+        ray_apps = ray_shards.start(token[0], lists)
     shard_token = read_secret(shard_token_file, "shard")
     if remote_shards and not shard_token:
         raise CredentialError("--remote-shards needs --shard-token-file (shard servers refuse calls without it)")
@@ -398,7 +413,7 @@ def serve(model: str, stores: list[str], port: int, host: str = "127.0.0.1", tok
                               f"{PLAINTEXT_FLAG} on a network you trust")
     auth = Auth(read_secret(token_file, "admin"), OwnerCredentials(credentials_file) if credentials_file else None)
     state = load_state(model, stores, remote_shards, shard_deadline_s, limits, auth, shard_token, shard_root,
-                       allow_restricted_model, mode, membership_reference, membership_documents, lists)
+                       allow_restricted_model, mode, membership_reference, membership_documents, lists, ray_apps)
     if membership_reference is not None:
         # the reference the operator named (forward passes over its documents) is computed
         # now, beside the first requests, rather than by the first audit that needs it; the

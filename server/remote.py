@@ -94,14 +94,22 @@ class ShardSearchServicer(pb_grpc.ShardSearchServicer):
 
     @guarded
     def CompactShards(self, request, context):
+        return self.compact(request)
+
+    @guarded
+    def SearchShards(self, request, context):
+        return self.search(request)
+
+    def compact(self, request: pb.CompactShardsRequest) -> pb.CompactResponse:
         """Compact this server's shards (under the store's lock), then reopen them."""
         self._check_fingerprint(self.current(), request.store_fingerprint)
         res = compact(self.path, only_shards=self.shard_numbers)
         self.current()  # the manifest switched: reopen now, not on the next search
         return pb.CompactResponse(**res)
 
-    @guarded
-    def SearchShards(self, request, context):
+    def search(self, request: pb.ShardSearchRequest) -> pb.ShardSearchResponse:
+        """The checked search behind `SearchShards` (and behind a Ray Serve replica's call):
+        caps, fingerprint, deny list and list assignment validated before any work."""
         store = self.current()
         self._check_fingerprint(store, request.store_fingerprint)
         if request.num_queries == 0:  # handshake: which shards are here
@@ -146,6 +154,29 @@ def parse_remote_shards(specs: list[str]) -> list[list[str]]:
         if not all(g) or len(set(g)) != len(g):
             raise ValueError(f"bad shard group {'+'.join(g)!r}: replicas are distinct host:port joined by '+'")
     return groups
+
+
+def shard_search_request(queries: np.ndarray, k: int, nprobe: int | None, policy: RetrievalPolicy | None,
+                         assigned: tuple[np.ndarray, np.ndarray] | None, fingerprint: str) -> pb.ShardSearchRequest:
+    """What the main server sends a shard group (over gRPC, or to a Ray Serve replica)."""
+    req = pb.ShardSearchRequest(queries=np.ascontiguousarray(queries, dtype="<f4").tobytes(),
+                                num_queries=len(queries), dim=queries.shape[1], k=k, nprobe=nprobe or 0,
+                                policy=_policy_pb(policy), store_fingerprint=fingerprint,
+                                deny_doc_ids=sorted(policy.deny_doc_ids) if policy is not None else [])
+    if assigned is not None:
+        coarse, lists = assigned
+        req.nprobe = lists.shape[1]
+        req.lists = np.ascontiguousarray(lists, dtype="<i8").tobytes()
+        req.coarse = np.ascontiguousarray(coarse, dtype="<f4").tobytes()
+    return req
+
+
+def shard_search_result(resp: pb.ShardSearchResponse, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, ids), each (n, k), of a shard group's answer; a malformed one is refused."""
+    if len(resp.distances) != 4 * n * k or len(resp.ids) != 8 * n * k:
+        raise ShardUnavailable(f"shard group answered {len(resp.ids) // 8} ids for {n} x {k}", [])
+    return (np.frombuffer(resp.distances, dtype="<f4").reshape(n, k),
+            np.frombuffer(resp.ids, dtype="<i8").reshape(n, k))
 
 
 class _Replica:
@@ -238,15 +269,7 @@ class RemoteShardGroup:
                assigned: tuple[np.ndarray, np.ndarray] | None = None):
         """The shard group's top-k; `assigned` = (coarse distances, lists) from the main
         server's quantizer, so every shard scans the same lists (IVF stores)."""
-        req = pb.ShardSearchRequest(queries=np.ascontiguousarray(queries, dtype="<f4").tobytes(),
-                                    num_queries=len(queries), dim=queries.shape[1], k=k, nprobe=nprobe or 0,
-                                    policy=_policy_pb(policy), store_fingerprint=self.fingerprint,
-                                    deny_doc_ids=sorted(policy.deny_doc_ids) if policy is not None else [])
-        if assigned is not None:
-            coarse, lists = assigned
-            req.nprobe = lists.shape[1]
-            req.lists = np.ascontiguousarray(lists, dtype="<i8").tobytes()
-            req.coarse = np.ascontiguousarray(coarse, dtype="<f4").tobytes()
+        req = shard_search_request(queries, k, nprobe, policy, assigned, self.fingerprint)
         deadline = time.monotonic() + self.deadline_s
         order, errors = self._order(), []
         with self._lock:
@@ -269,9 +292,7 @@ class RemoteShardGroup:
                 continue
             with self._lock:
                 self.latencies.append(time.monotonic() - t)
-            n = len(queries)
-            return (np.frombuffer(resp.distances, dtype="<f4").reshape(n, k),
-                    np.frombuffer(resp.ids, dtype="<i8").reshape(n, k))
+            return shard_search_result(resp, len(queries), k)
         shards = ", ".join(self.shard_names) or "unknown shards"
         raise ShardUnavailable(f"shard group {self.target} ({shards}): every replica is down or late: "
                                f"{'; '.join(errors) or 'no time left'}", self.names)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from silo.datastore.store import Datastore
@@ -64,3 +67,48 @@ def test_worker_processes_retry_failed_shards(tmp_path, tiny_model, corpus_dir, 
 def test_unknown_backend_is_an_error(tmp_path, tiny_model, corpus_dir):
     with pytest.raises(ValueError, match="unknown backend"):
         _build(tmp_path / "x", tiny_model, corpus_dir, backend="spark")
+
+
+@pytest.mark.slow
+def test_a_ray_build_survives_losing_a_node(tmp_path, tiny_model, corpus_dir):
+    """A real multi-node Ray cluster on this machine: a worker node is removed while the
+    build runs (one of its shard builders dies with it) and another joins, as an autoscaler
+    would add one. Ray restarts the builder there and retries its shard; the store is byte
+    for byte the store a local build writes."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # builders only on the workers
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    out = tmp_path / "ray"
+    failure: list[BaseException] = []
+
+    def build():
+        try:
+            _build(out, tiny_model, corpus_dir, backend="ray", workers=2, ray_address=cluster.address, retries=3)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            failure.append(e)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    try:
+        until = time.monotonic() + 600
+        while not list((out / "shards").glob("*/shard.json")) and builder.is_alive() and time.monotonic() < until:
+            time.sleep(0.1)  # one shard finished: both builders are loaded and have work in flight
+        killed = builder.is_alive()
+        cluster.remove_node(workers[0])
+        cluster.add_node(num_cpus=1)
+        builder.join(600)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert not failure and not builder.is_alive(), failure
+    assert killed  # the node went while the build ran
+    _build(tmp_path / "local", tiny_model, corpus_dir, backend="local", workers=2)
+    a, b = Datastore.open(tmp_path / "local"), Datastore.open(out)
+    assert len(a.shards) == len(b.shards) == 4
+    for sa, sb in zip(a.shards, b.shards, strict=True):
+        files = sorted(f.name for f in sa.path.iterdir())
+        assert files == sorted(f.name for f in sb.path.iterdir())
+        for name in files:
+            assert (sa.path / name).read_bytes() == (sb.path / name).read_bytes(), (sa.info.name, name)

@@ -540,6 +540,10 @@ SKIPPED: dict[str, str] = {
     "node1:50061,node2:50061,node3:50061,node4:50061 --shard-token-file /shared/secrets/shard.token --shard-ca ca.pem "
     "--token-file /shared/secrets/admin.token":
         "four machines; README.md's main server over shard servers runs above on loopback",
+    "silo serve --model model --store store --ray-address auto --shard-group 0-1 --shard-group 2-3 "
+    "--shard-replicas 2 --token-file admin.token":
+        "needs a Ray cluster: tests/test_ray_serve.py runs these flags on a three-node Ray cluster on this machine, "
+        "killing a replica and a node under load",
 }
 
 

@@ -63,6 +63,7 @@ from silo.server.auth import ADMIN, OWNER, PUBLIC, RPC_ACCESS, CredentialError, 
 from silo.server.client import SiloClient, mode_name, retrieval_options, to_dict
 from silo.server.gen import silo_pb2 as pb
 from silo.server.limits import Limits
+from silo.server.ray_shards import RayShards
 from silo.server.servicers import DEFAULT_MODES
 from silo.tokenizer import load_tokenizer
 from silo.train import TrainArgs, train
@@ -456,7 +457,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
           allow_restricted_model=a.serve_restricted_model,
           allow_plaintext_shard_token=a.allow_plaintext_shard_token, mode=a.mode, http_port=a.http_port,
           http_host=a.http_host, http_ready_file=a.http_ready_file, membership_reference=a.membership_reference,
-          membership_documents=a.membership_documents, lists=a.lists)
+          membership_documents=a.membership_documents, lists=a.lists,
+          ray_shards=RayShards(a.ray_address, a.shard_group or [], a.shard_replicas, a.shard_cpus,
+                               split_list(a.ray_apps) or []) if a.ray_address else None)
 
 
 def cmd_token_file(a: argparse.Namespace) -> None:
@@ -1042,6 +1045,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "shard group; a group's replicas joined by '+' (a:50061+b:50061,c:50061+d:50061) are health-"
                     "checked, and a call is retried on another replica when one is down or late")
     sp.add_argument("--shard-deadline", type=float, default=5.0, help="seconds per remote shard call")
+    g = sp.add_argument_group("shard groups on Ray Serve (replicas health-checked and restarted by Ray)")
+    g.add_argument("--ray-address", help="serve the token store's shards from this Ray cluster (auto, host:port)")
+    g.add_argument("--shard-group", action="append", metavar="RANGE",
+                   help="shards of one group, e.g. 0-3 (repeat per group; default: one group per shard)")
+    g.add_argument("--shard-replicas", type=int, default=2, help="replicas per group, at most one per node (default 2)")
+    g.add_argument("--shard-cpus", type=float, default=1.0, help="CPUs each replica requests (default 1)")
+    g.add_argument("--ray-apps", help="attach to these running Serve applications (serve deploy "
+                   "tools/ray-serve.yaml) instead of deploying the groups")
     sp.add_argument("--lists", choices=LISTS, help="serve the stores' IVF lists from ram or ssd "
                     "(memory-mapped; 8-bit codes only) instead of the store's built-in choice")
     sp.add_argument("--max-concurrent", type=int, default=32, help="calls beyond this get RESOURCE_EXHAUSTED")

@@ -40,6 +40,7 @@ from silo.server.remote import (
     parse_shard_range,
     shard_search_request,
     shard_search_result,
+    try_budget,
 )
 
 APP_PREFIX = "silo-shards-"
@@ -172,13 +173,15 @@ class RayShardGroup:
         errors = []
         with self._lock:
             self.requests += 1
+            recent = list(self.latencies)
         attempt = 0
         while (left := deadline - time.monotonic()) > 0:
             t = time.monotonic()
-            # the first try gets half the time: a late replica leaves the other half to another
+            # the first try gets at most half the time (less once the group's pace is known):
+            # a late replica leaves the rest to another, which Serve's router picks
             resp = self.handle.search.remote(req)
             try:
-                out = resp.result(timeout_s=left / 2 if attempt == 0 else left)
+                out = resp.result(timeout_s=try_budget(left, 2 if attempt == 0 else 1, recent, len(queries)))
             except BadRequest:
                 raise  # every replica would refuse it alike
             except Exception as e:  # noqa: BLE001 - a dead, late or restarting replica: try again
@@ -190,7 +193,7 @@ class RayShardGroup:
                 time.sleep(min(0.05 * attempt, 0.5, max(deadline - time.monotonic(), 0)))
                 continue
             with self._lock:
-                self.latencies.append(time.monotonic() - t)
+                self.latencies.append((time.monotonic() - t) / len(queries))
             return shard_search_result(pb.ShardSearchResponse.FromString(out), len(queries), k)
         raise ShardUnavailable(f"shard group {self.app} ({', '.join(self.shard_names)}): no replica answered in "
                                f"{self.deadline_s:g} s: {'; '.join(errors[-3:]) or 'no time left'}", self.names)

@@ -179,6 +179,20 @@ def shard_search_result(resp: pb.ShardSearchResponse, n: int, k: int) -> tuple[n
             np.frombuffer(resp.ids, dtype="<i8").reshape(n, k))
 
 
+LATE_FACTOR, LATE_SLACK_S = 4.0, 0.1  # a try is late past 4x the group's p99 per query, plus 100 ms
+
+
+def try_budget(left: float, tries_left: int, per_query: list[float], n_queries: int) -> float:
+    """Seconds one try of a shard call gets: its share of the time `left`, and, unless it is
+    the last try, no more than `LATE_FACTOR` x the group's p99 seconds per query of recent
+    calls (× the queries, so a large batch is not mistaken for a stall) + `LATE_SLACK_S`:
+    a stalled replica is given up on in a fraction of the deadline."""
+    budget = left / tries_left
+    if tries_left > 1 and len(per_query) >= 20:
+        budget = min(budget, LATE_FACTOR * float(np.percentile(per_query, 99)) * n_queries + LATE_SLACK_S)
+    return budget
+
+
 class _Replica:
     """One shard server of a group: its channel, and what the group knows of its health."""
 
@@ -208,7 +222,9 @@ class RemoteShardGroup:
 
     A search goes to a healthy replica (round robin), and is retried on the next one when
     that replica is down or late, within the call's deadline: each attempt gets the time
-    left divided by the replicas left to try, so a late replica leaves time for the others.
+    left divided by the replicas left to try, and at most 4x what the group's calls take
+    (p99 per query, + 100 ms), so a stalled replica is given up on in a fraction of the
+    deadline and leaves time for the others.
     A background thread checks every replica every `health_period_s` (a handshake), so a
     replica that comes back is used again and a dead one is tried last. Only when every
     replica fails does the search raise `ShardUnavailable`, naming the group's shards and
@@ -241,7 +257,7 @@ class RemoteShardGroup:
         self._lock = threading.Lock()
         self._turn = 0
         self.requests = self.failovers = 0
-        self.latencies: deque[float] = deque(maxlen=4096)  # seconds of recent successful calls
+        self.latencies: deque[float] = deque(maxlen=4096)  # seconds per query of recent successful calls
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name=f"health {self.target}", daemon=True)
         self._watcher.start()
@@ -250,9 +266,10 @@ class RemoteShardGroup:
         while not self._stop.wait(self.health_period_s):
             for r in self.replicas:
                 try:
-                    names = r.handshake(min(self.deadline_s, max(self.health_period_s, 0.5)))
-                    r.mark(not self.shard_names or names == self.shard_names, "" if names == self.shard_names
-                           else f"serves {', '.join(names)}, not this group's shards")
+                    # names change with a compaction (00000 -> 00000-c1), one replica before the
+                    # other: only the start checks that replicas agree, here the latest answer counts
+                    self.shard_names = r.handshake(min(self.deadline_s, max(self.health_period_s, 0.5)))
+                    r.mark(True)
                 except grpc.RpcError as e:
                     r.mark(False, e.code().name)
 
@@ -274,13 +291,15 @@ class RemoteShardGroup:
         order, errors = self._order(), []
         with self._lock:
             self.requests += 1
+            recent = list(self.latencies)
         for i, r in enumerate(order):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            budget = try_budget(left, len(order) - i, recent, len(queries))
             t = time.monotonic()
             try:
-                resp = r.stub.SearchShards(req, timeout=left / (len(order) - i), metadata=r.metadata)
+                resp = r.stub.SearchShards(req, timeout=budget, metadata=r.metadata)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # every replica would refuse it alike
                     raise BadRequest(f"shard server {r.target}: {e.details()}") from e
@@ -291,7 +310,7 @@ class RemoteShardGroup:
                     self.failovers += 1
                 continue
             with self._lock:
-                self.latencies.append(time.monotonic() - t)
+                self.latencies.append((time.monotonic() - t) / len(queries))
             return shard_search_result(resp, len(queries), k)
         shards = ", ".join(self.shard_names) or "unknown shards"
         raise ShardUnavailable(f"shard group {self.target} ({shards}): every replica is down or late: "
@@ -314,7 +333,7 @@ class RemoteShardGroup:
 
     def stats(self) -> dict:
         """Replicas (all and healthy, and why the others are not), calls, failovers and the
-        latency of recent successful calls, for Stats and `silo stats`."""
+        latency per query of recent successful calls, for Stats and `silo stats`."""
         with self._lock:
             lat = np.array(self.latencies) * 1e3
             requests, failovers = self.requests, self.failovers

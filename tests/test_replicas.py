@@ -131,24 +131,32 @@ def test_killing_replicas_under_load_fails_no_request_and_serves_no_removed_text
                 except grpc.RpcError as e:
                     errors.append(f"Score: {e.code().name}: {e.details()}")
 
+    compacted = []
+
     def remover():
         with SiloClient(front, token=ADMIN) as c:
-            for doc in to_remove:
+            for i, doc in enumerate(to_remove):
                 if stop.wait(0.6):
                     return
                 try:
                     c.optout(doc_ids=[doc], reason="replica test")
                     acked.append((time.monotonic(), doc))
+                    if i == 2:  # a compaction mid-load: one replica rewrites, the other reopens
+                        compacted.append(c.compact().removed_entries)
                 except grpc.RpcError as e:
-                    errors.append(f"OptOut: {e.code().name}: {e.details()}")
+                    errors.append(f"OptOut/Compact: {e.code().name}: {e.details()}")
 
     threads = [threading.Thread(target=searcher, args=(s,)) for s in (0, 3)]
     threads += [threading.Thread(target=scorer), threading.Thread(target=remover)]
     for t in threads:
         t.start()
     try:
+        time.sleep(1.0)
+        os.killpg(procs["b0"].pid, signal.SIGSTOP)  # a replica stalls (late, not dead) …
+        time.sleep(2.0)
+        os.killpg(procs["b0"].pid, signal.SIGCONT)  # … and comes back
         time.sleep(1.5)
-        _kill(procs["a0"])  # one replica of group 0 …
+        _kill(procs["a0"])  # one replica of group 0 dies …
         time.sleep(1.5)
         _kill(procs["b1"])  # … and the other kind of replica (SSD lists) of group 1
         time.sleep(2.5)
@@ -158,12 +166,13 @@ def test_killing_replicas_under_load_fails_no_request_and_serves_no_removed_text
             t.join(60)
     assert not errors, errors[:5]
     assert len(acked) == len(to_remove) and scores[0] > 0 and len(searches) > 20
+    assert compacted and compacted[0] > 0  # the removed entries left the index files, under load
     for started, served in searches:  # no removal acknowledged before a call began is in its answer
         gone = {doc for at, doc in acked if at < started}
         assert not gone & set(served), (gone & set(served))
 
     # the same answers as the single-process store (which reads the same opt-out log)
-    local.reload_optouts()
+    local = Datastore.open(store)  # after the compaction
     model, tok = load_causal_lm(str(tiny_model))
     with SiloClient(front) as c:
         for query in QUERIES:
@@ -174,7 +183,7 @@ def test_killing_replicas_under_load_fails_no_request_and_serves_no_removed_text
             below = d[0] < d[0][-1] * (1 - 1e-5)  # ties at the k-th distance may come in either order
             assert {h.entry_id for h, b in zip(hits, below, strict=True) if b} == set(ids[0][below].tolist())
         groups = c.stats().stores[0].shard_groups
-    assert [g.healthy for g in groups] == [1, 1] and [g.replicas for g in groups] == [2, 2]
+    assert [g.healthy for g in groups] == [1, 1] and [g.replicas for g in groups] == [2, 2], list(groups[0].down)
     assert all(g.failovers >= 1 and g.requests > 0 and g.p50_ms > 0 for g in groups)
     assert replicated["targets"]["a0"] in groups[0].down[0] and replicated["targets"]["b1"] in groups[1].down[0]
 

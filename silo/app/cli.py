@@ -627,8 +627,8 @@ def cmd_stats(a: argparse.Namespace) -> None:
               + (f", lists in {st.lists.upper()}" if st.lists else ""))
         for g in st.shard_groups:
             print(f"  shard group {g.name} ({', '.join(g.shards) or 'shards unknown'}): {g.healthy}/{g.replicas} "
-                  f"replicas healthy, {g.requests} calls, {g.failovers} failovers, p50 {g.p50_ms:.1f} ms, "
-                  f"p99 {g.p99_ms:.1f} ms" + "".join(f"\n    down: {d}" for d in g.down))
+                  f"replicas healthy, {g.requests} calls, {g.failovers} failovers, p50 {g.p50_ms:.2f} ms/query, "
+                  f"p99 {g.p99_ms:.2f} ms/query" + "".join(f"\n    down: {d}" for d in g.down))
 
 
 @_rpc

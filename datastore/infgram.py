@@ -642,8 +642,9 @@ class InfgramStore(Datastore):
 
     @classmethod
     def open(cls, path: str | os.PathLike, load_index: bool = True, only_shards: set[int] | None = None,
-             with_text: bool = True, lists: str | None = None) -> InfgramStore:
-        store = super().open(path, load_index=load_index, only_shards=only_shards, with_text=with_text, lists=lists)
+             with_text: bool = True, lists: str | None = None, local_from: int | None = None) -> InfgramStore:
+        store = super().open(path, load_index=load_index, only_shards=only_shards, with_text=with_text, lists=lists,
+                             local_from=local_from)
         if store.manifest.kind != "infgram":
             raise StoreError(f"{path} is a {store.manifest.kind} store, not an ∞-gram store")
         if load_index:

@@ -211,11 +211,12 @@ class PassageStore(Datastore):
 
     @classmethod
     def open(cls, path: str | os.PathLike, load_index: bool = True, only_shards: set[int] | None = None,
-             with_text: bool = True, lists: str | None = None) -> PassageStore:
+             with_text: bool = True, lists: str | None = None, local_from: int | None = None) -> PassageStore:
         manifest = Manifest.load(path)
         if manifest.kind != "passage":
             raise StoreError(f"{path} is a {manifest.kind} store, not a passage store")
-        store = super().open(path, load_index=load_index, only_shards=only_shards, with_text=with_text, lists=lists)
+        store = super().open(path, load_index=load_index, only_shards=only_shards, with_text=with_text, lists=lists,
+                             local_from=local_from)
         if load_index and "bm25" in manifest.retrievers:
             for no, shard in enumerate(store.shards):
                 if only_shards is not None and no not in only_shards:

@@ -193,13 +193,17 @@ class Datastore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, load_index: bool = True, only_shards: set[int] | None = None,
-             with_text: bool = True, lists: str | None = None) -> Datastore:
+             with_text: bool = True, lists: str | None = None, local_from: int | None = None) -> Datastore:
         """Open a store; `only_shards` loads just those shards' indexes (a shard server),
-        `load_index=False` none (a main server whose shards are remote; compaction);
-        `lists`: "ram" or "ssd" (memory-mapped inverted lists), default the manifest's."""
+        `load_index=False` none (compaction); `local_from`: shards before this number are
+        served remotely, the ones after (added by a live ingest since) are loaded here — a
+        main server in front of shard servers; `lists`: "ram" or "ssd" (memory-mapped
+        inverted lists), default the manifest's."""
         path = Path(path)
         stamp = _stamp(path / "manifest.json")
         manifest = Manifest.load(path)
+        if local_from is not None:
+            only_shards = set(range(local_from, len(manifest.shards)))
         lists = lists or manifest.lists
         if lists not in ix.LISTS:
             raise StoreError(f"{path}: lists {lists!r}: choose one of {', '.join(ix.LISTS)}")
@@ -239,6 +243,8 @@ class Datastore:
         store.lists = lists
         store.open_options = {"load_index": load_index, "only_shards": only_shards, "with_text": with_text,
                               "lists": lists}
+        if local_from is not None:  # recomputed at each reopen: an ingest adds shards
+            store.open_options |= {"only_shards": None, "local_from": local_from}
         store.opened_stamp = stamp  # as read before the manifest: a switch during the open is seen later
         return store
 

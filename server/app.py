@@ -318,7 +318,9 @@ def load_state(model_dir: str, stores: list[str], remote_shards: list[str] | Non
         store = None
         try:
             remote = bool(remote_shards or ray_apps) and kind == "token"
-            store = open_store(path, load_index=not remote, lists=lists)
+            # the shards there now are the shard servers'; shards a live ingest adds later are
+            # searched here, beside them, until shard servers are started for them
+            store = open_store(path, lists=lists, local_from=len(Manifest.load(path).shards) if remote else None)
             fp = store.manifest.model_fingerprint
             if remote and ray_apps:
                 store.remotes = [RayShardGroup(a, fp, shard_deadline_s) for a in ray_apps]

@@ -815,9 +815,6 @@ class DatastoreServicer:
         if kind not in INGEST_KINDS:
             raise BadRequest(f"store must be one of {', '.join(INGEST_KINDS)}, got {shown(kind)}")
         store = s.store(kind, f"store {kind!r}")
-        if store.remotes:
-            raise FailedPrecondition("this server's shards are served remotely: add documents with "
-                                     "`silo datastore add` on the store and start a shard server for the new shard")
         docs, total = [], 0
         for i, r in enumerate(itertools.chain([first], requests)):
             if isinstance(r, InvalidMessage):
@@ -850,8 +847,12 @@ class DatastoreServicer:
         check_text("store", r.store, self.s.limits.max_value_chars, allow_empty=True)
         total = {"rewritten_shards": 0, "removed_entries": 0, "seconds": 0.0}
         for st in self._stores(r.store):
-            # with remote shards, the shard servers hold the indexes: each compacts its own
+            # with remote shards, the shard servers hold the indexes: each group compacts its
+            # own; shards a live ingest added since are this server's
+            local = st.open_options.get("local_from")
             results = [g.compact() for g in st.remotes] if st.remotes else [compact(st.path)]
+            if st.remotes and local is not None and local < len(st.shards):
+                results.append(compact(st.path, only_shards=set(range(local, len(st.shards)))))
             if any(res["rewritten_shards"] for res in results):
                 fresh = st.reopen()  # opened as `st` was: no index loaded for remote shards
                 with self.s.lock:

@@ -171,8 +171,18 @@ def test_killing_replicas_under_load_fails_no_request_and_serves_no_removed_text
         gone = {doc for at, doc in acked if at < started}
         assert not gone & set(served), (gone & set(served))
 
+    # a live ingest under replicas: the new shard is searched by the main server itself, at once
+    new_text = ("Zorblat the quokka keeper of Vrelling catalogued nine hundred lanterns. "
+                "Every lantern of Vrelling was painted ochre by the keeper's apprentice.")
+    with SiloClient(front, token=ADMIN) as c:
+        added = c.add_documents([{"doc_id": "ingest:zorblat", "text": new_text, "license": "MIT"}])
+        assert added.added_documents == 1 and added.shard
+        assert c.search("Zorblat the quokka keeper of Vrelling catalogued nine", k=1).hits[0].doc_id == "ingest:zorblat"
+        assert c.optout(doc_ids=["ingest:zorblat"]).removed_entries == added.added_entries  # the same promise
+        assert "ingest:zorblat" not in {h.doc_id for h in c.search("Zorblat the quokka keeper", k=16).hits}
+
     # the same answers as the single-process store (which reads the same opt-out log)
-    local = Datastore.open(store)  # after the compaction
+    local = Datastore.open(store)  # after the compaction and the ingest
     model, tok = load_causal_lm(str(tiny_model))
     with SiloClient(front) as c:
         for query in QUERIES:

@@ -300,6 +300,13 @@ class RemoteShardGroup:
             t = time.monotonic()
             try:
                 resp = r.stub.SearchShards(req, timeout=budget, metadata=r.metadata)
+                result = shard_search_result(resp, len(queries), k)
+            except ShardUnavailable as e:  # a malformed answer: this replica is not to be trusted now
+                r.mark(False, str(e))
+                errors.append(f"{r.target}: {e}")
+                with self._lock:
+                    self.failovers += 1
+                continue
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # every replica would refuse it alike
                     raise BadRequest(f"shard server {r.target}: {e.details()}") from e
@@ -311,7 +318,7 @@ class RemoteShardGroup:
                 continue
             with self._lock:
                 self.latencies.append((time.monotonic() - t) / len(queries))
-            return shard_search_result(resp, len(queries), k)
+            return result
         shards = ", ".join(self.shard_names) or "unknown shards"
         raise ShardUnavailable(f"shard group {self.target} ({shards}): every replica is down or late: "
                                f"{'; '.join(errors) or 'no time left'}", self.names)

@@ -450,6 +450,8 @@ def _limits(a: argparse.Namespace) -> Limits:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    if not a.ray_address and (a.shard_group or a.ray_apps):
+        raise SiloError("--shard-group and --ray-apps place shard groups on Ray Serve: give --ray-address too")
     serve(a.model, a.store or [], a.port, a.host, token_file=a.token_file, credentials_file=a.credentials,
           shard_token_file=a.shard_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key, shard_ca=a.shard_ca,
           remote_shards=split_list(a.remote_shards), shard_deadline_s=a.shard_deadline,

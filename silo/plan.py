@@ -295,6 +295,7 @@ def capacity_plan(tokens: float, calibration: str | os.PathLike, calibrate_first
         if not (model and corpus):
             raise SiloError("calibrating needs a model and a corpus (--model, --corpus)")
         calib = calibrate(model, corpus, path.parent, tokens=calibrate_tokens)
+        path.write_text(json.dumps(calib, indent=2))  # where --calibration says, for the next plan to read
     elif path.is_file():
         calib = json.loads(path.read_text())
     else:

@@ -265,6 +265,10 @@ def test_lm_eval_scaling_curve_and_calibrated_plan(tmp_path, capsys, tiny_model,
     assert code == 0, err
     plan = json.loads(out)
     assert plan["token"]["nodes"] >= 1 and plan["passage"]["ram_bytes"] > 0
+    assert plan["ssd"]["token"]["ram_bytes"] < plan["token"]["ram_bytes"]  # lists on SSD: RAM for the hot part only
+    code, out, err = run(capsys, "plan", "--tokens", "1e12", "--calibration", str(tmp_path / "calib.json"))
+    assert code == 0 and "token store, lists on SSD" in out and "query latency (cold cache)" in out, err
+    assert "measured here" in out  # the calibration measured this disk, nothing assumed
 
 
 # ---------------------------------------------------------------------------- issue 14: a CLI like the others

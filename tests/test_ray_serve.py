@@ -7,20 +7,21 @@ restarts the killed replica, and places the node's replicas on a node that joins
 
 from __future__ import annotations
 
-import threading
 import time
 
-import grpc
-import numpy as np
 import pytest
 import yaml
 from silo.datastore.store import Datastore
 from silo.server.client import SiloClient
-from test_replicas import ADMIN, QUERIES, _kill, _launch, _wait
-
-from silo.build import BuildArgs, build_store
-from silo.keys import text_keys
-from silo.lm import load_causal_lm
+from test_replicas import (
+    ADMIN,
+    _kill,
+    _launch,
+    _wait,
+    assert_single_process_answers,
+    build_ivf_store,
+    under_load,
+)
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -31,12 +32,7 @@ def ray_served(tmp_path_factory, tiny_model, corpus_dir):
     from ray.cluster_utils import Cluster
 
     root = tmp_path_factory.mktemp("ray-serve")
-    common = dict(model=str(tiny_model), corpus=str(corpus_dir), tiers=("restricted",), window=128, stride=64,
-                  progress=False)
-    build_store(BuildArgs(out=str(root / "probe"), max_docs=2, **common))
-    dim = Datastore.open(root / "probe").manifest.dim
-    store = root / "store"
-    build_store(BuildArgs(out=str(store), shards=2, factory=f"IVF16,PQ{dim // 4}", **common))
+    store = build_ivf_store(root, tiny_model, corpus_dir)
     (root / "admin.token").write_text(ADMIN + "\n")
     # no CPU on the head: each worker node holds exactly one replica of each group
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -77,77 +73,26 @@ def test_replicas_are_killed_and_nodes_lost_under_load(ray_served, tiny_model):
     assert len(apps) == 2 and all(len(_replicas(a)) == 2 for a in apps)
     local = Datastore.open(store)
     to_remove = [local.docs.doc_id(d) for d in range(1, local.n_documents, max(1, local.n_documents // 5))][:5]
-    acked: list[tuple[float, str]] = []
-    errors: list[str] = []
-    searches: list[tuple[float, list[str]]] = []
-    stop = threading.Event()
 
-    def searcher(seed: int):
-        with SiloClient(front) as c:
-            i = seed
-            while not stop.is_set():
-                t = time.monotonic()
-                try:
-                    searches.append((t, [h.doc_id for h in c.search(QUERIES[i % len(QUERIES)], k=8).hits]))
-                except grpc.RpcError as e:
-                    errors.append(f"Search: {e.code().name}: {e.details()}")
-                i += 1
-
-    def scorer():
-        with SiloClient(front) as c:
-            while not stop.is_set():
-                try:
-                    c.score("The lighthouse of Lisbon was built in 1700 by the committee.", mode="knn")
-                except grpc.RpcError as e:
-                    errors.append(f"Score: {e.code().name}: {e.details()}")
-
-    def remover():
-        with SiloClient(front, token=ADMIN) as c:
-            for doc in to_remove:
-                time.sleep(1.5)  # the whole list, however long the load makes each acknowledgement
-                try:
-                    c.optout(doc_ids=[doc], reason="ray serve test")
-                    acked.append((time.monotonic(), doc))
-                except grpc.RpcError as e:
-                    errors.append(f"OptOut: {e.code().name}: {e.details()}")
-
-    threads = [threading.Thread(target=searcher, args=(0,)), threading.Thread(target=searcher, args=(3,)),
-               threading.Thread(target=scorer), threading.Thread(target=remover)]
-    for t in threads:
-        t.start()
-    try:
+    def disrupt():
+        nonlocal lost
         time.sleep(2)
         victim = _replicas(apps[0])[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)  # one replica dies …
         time.sleep(4)
         ray_served["cluster"].remove_node(ray_served["workers"][0])  # … then a whole node
-        lost, until = 0, time.monotonic() + 30
+        until = time.monotonic() + 30
         while lost < 2 and time.monotonic() < until:  # Serve's controller sees the node's replicas die
             time.sleep(0.5)
             lost = 4 - sum(_running(a) for a in apps)
         time.sleep(3)
-    finally:
-        threads[-1].join(300)  # the remover: every opt-out acknowledged before the load stops
-        stop.set()
-        for t in threads:
-            t.join(120)
-    assert not errors, errors[:5]
-    assert lost == 2  # the node held one replica of each group
-    assert len(acked) == len(to_remove) and len(searches) > 20
-    for started, served in searches:
-        gone = {doc for at, doc in acked if at < started}
-        assert not gone & set(served), gone & set(served)
 
-    # the single-process store's answers
-    local.reload_optouts()
-    model, tok = load_causal_lm(str(tiny_model))
+    lost = 0
+    under_load(front, to_remove, disrupt, pace=1.5).check(to_remove)
+    assert lost >= 2  # the node held one replica of each group (the killed one may still be restarting)
+
+    assert_single_process_answers(front, store, tiny_model)
     with SiloClient(front) as c:
-        for query in QUERIES:
-            hits = c.search(query, k=8).hits
-            d, ids = local.search(text_keys(model, tok, [query]), 8)
-            np.testing.assert_allclose([h.distance for h in hits], d[0][ids[0] >= 0], rtol=1e-5)
-            below = d[0] < d[0][-1] * (1 - 1e-5)
-            assert {h.entry_id for h, b in zip(hits, below, strict=True) if b} == set(ids[0][below].tolist())
         # a node joins (as an autoscaler would add one): Ray places the lost replicas on it
         ray_served["cluster"].add_node(num_cpus=1)
         deadline = time.monotonic() + 120

@@ -56,15 +56,105 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def replicated(tmp_path_factory, tiny_model, corpus_dir):
-    root = tmp_path_factory.mktemp("replicas")
+def build_ivf_store(root: Path, tiny_model, corpus_dir) -> Path:
+    """Two shards of 8-bit IVF-PQ (mappable from SSD), the store the replica tests serve."""
     common = dict(model=str(tiny_model), corpus=str(corpus_dir), tiers=("restricted",), window=128, stride=64,
                   progress=False)
     build_store(BuildArgs(out=str(root / "probe"), max_docs=2, **common))
     dim = Datastore.open(root / "probe").manifest.dim
-    store = root / "store"
-    build_store(BuildArgs(out=str(store), shards=2, factory=f"IVF16,PQ{dim // 4}", **common))
+    build_store(BuildArgs(out=str(root / "store"), shards=2, factory=f"IVF16,PQ{dim // 4}", **common))
+    return root / "store"
+
+
+class LoadResult:
+    def __init__(self):
+        self.errors: list[str] = []
+        self.acked: list[tuple[float, str]] = []  # (time acknowledged, doc id)
+        self.searches: list[tuple[float, list[str]]] = []  # (time the call started, doc ids served)
+        self.scores = 0
+        self.compacted: list[int] = []
+
+    def check(self, to_remove: list[str]) -> None:
+        """No call failed, every removal was acknowledged, and no removal acknowledged before
+        a call began is in its answer."""
+        assert not self.errors, self.errors[:5]
+        assert len(self.acked) == len(to_remove) and self.scores > 0 and len(self.searches) > 20
+        for started, served in self.searches:
+            gone = {doc for at, doc in self.acked if at < started}
+            assert not gone & set(served), gone & set(served)
+
+
+def under_load(front: str, to_remove: list[str], disrupt, pace: float, compact_after: int | None = None) -> LoadResult:
+    """Two clients searching, one scoring with kNN-LM and one opting `to_remove` out (one per
+    `pace` seconds; a compaction after the `compact_after`-th) against `front`, while
+    `disrupt()` runs; the opt-outs all finish before the load stops."""
+    res, stop = LoadResult(), threading.Event()
+
+    def searcher(seed: int):
+        with SiloClient(front) as c:
+            i = seed
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    res.searches.append((t, [h.doc_id for h in c.search(QUERIES[i % len(QUERIES)], k=8).hits]))
+                except grpc.RpcError as e:
+                    res.errors.append(f"Search: {e.code().name}: {e.details()}")
+                i += 1
+
+    def scorer():
+        with SiloClient(front) as c:
+            while not stop.is_set():
+                try:
+                    c.score("The lighthouse of Lisbon was built in 1700 by the committee.", mode="knn")
+                    res.scores += 1
+                except grpc.RpcError as e:
+                    res.errors.append(f"Score: {e.code().name}: {e.details()}")
+
+    def remover():
+        with SiloClient(front, token=ADMIN) as c:
+            for i, doc in enumerate(to_remove):
+                time.sleep(pace)  # the whole list, however long the load makes each acknowledgement
+                try:
+                    c.optout(doc_ids=[doc], reason="replica test")
+                    res.acked.append((time.monotonic(), doc))
+                    if i == compact_after:  # one replica of each group rewrites, the other reopens
+                        res.compacted.append(c.compact().removed_entries)
+                except grpc.RpcError as e:
+                    res.errors.append(f"OptOut/Compact: {e.code().name}: {e.details()}")
+
+    threads = [threading.Thread(target=searcher, args=(s,)) for s in (0, 3)]
+    threads += [threading.Thread(target=scorer), threading.Thread(target=remover)]
+    for t in threads:
+        t.start()
+    try:
+        disrupt()
+    finally:
+        threads[-1].join(300)  # the remover: every opt-out acknowledged before the load stops
+        stop.set()
+        for t in threads:
+            t.join(120)
+    return res
+
+
+def assert_single_process_answers(front: str, store: Path, tiny_model) -> None:
+    """The front's answers are those of the store opened in this process (which reads the
+    same opt-out log): the same distances, the same entries below the k-th distance."""
+    local = Datastore.open(store)
+    model, tok = load_causal_lm(str(tiny_model))
+    with SiloClient(front) as c:
+        for query in QUERIES:
+            hits = c.search(query, k=8).hits
+            d, ids = local.search(text_keys(model, tok, [query]), 8)
+            # the query key is computed in another process (float summation order aside)
+            np.testing.assert_allclose([h.distance for h in hits], d[0][ids[0] >= 0], rtol=1e-5)
+            below = d[0] < d[0][-1] * (1 - 1e-5)  # ties at the k-th distance may come in either order
+            assert {h.entry_id for h, b in zip(hits, below, strict=True) if b} == set(ids[0][below].tolist())
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory, tiny_model, corpus_dir):
+    root = tmp_path_factory.mktemp("replicas")
+    store = build_ivf_store(root, tiny_model, corpus_dir)
     (root / "shard.token").write_text(SHARD_TOKEN + "\n")
     (root / "admin.token").write_text(ADMIN + "\n")
     procs: dict[str, subprocess.Popen] = {}
@@ -104,52 +194,8 @@ def test_killing_replicas_under_load_fails_no_request_and_serves_no_removed_text
     store, front, procs = replicated["store"], replicated["front"], replicated["procs"]
     local = Datastore.open(store)
     to_remove = [local.docs.doc_id(d) for d in range(0, local.n_documents, max(1, local.n_documents // 6))][:6]
-    acked: list[tuple[float, str]] = []  # (time acknowledged, doc id)
-    errors: list[str] = []
-    searches: list[tuple[float, list[str]]] = []  # (time the call started, doc ids served)
-    scores = [0]
-    stop = threading.Event()
 
-    def searcher(seed: int):
-        with SiloClient(front) as c:
-            i = seed
-            while not stop.is_set():
-                t = time.monotonic()
-                try:
-                    r = c.search(QUERIES[i % len(QUERIES)], k=8)
-                    searches.append((t, [h.doc_id for h in r.hits]))
-                except grpc.RpcError as e:
-                    errors.append(f"Search: {e.code().name}: {e.details()}")
-                i += 1
-
-    def scorer():
-        with SiloClient(front) as c:
-            while not stop.is_set():
-                try:
-                    c.score("The lighthouse of Lisbon was built in 1700 by the committee.", mode="knn")
-                    scores[0] += 1
-                except grpc.RpcError as e:
-                    errors.append(f"Score: {e.code().name}: {e.details()}")
-
-    compacted = []
-
-    def remover():
-        with SiloClient(front, token=ADMIN) as c:
-            for i, doc in enumerate(to_remove):
-                time.sleep(0.6)  # the whole list, however long the load makes each acknowledgement
-                try:
-                    c.optout(doc_ids=[doc], reason="replica test")
-                    acked.append((time.monotonic(), doc))
-                    if i == 2:  # a compaction mid-load: one replica rewrites, the other reopens
-                        compacted.append(c.compact().removed_entries)
-                except grpc.RpcError as e:
-                    errors.append(f"OptOut/Compact: {e.code().name}: {e.details()}")
-
-    threads = [threading.Thread(target=searcher, args=(s,)) for s in (0, 3)]
-    threads += [threading.Thread(target=scorer), threading.Thread(target=remover)]
-    for t in threads:
-        t.start()
-    try:
+    def disrupt():
         time.sleep(1.0)
         os.killpg(procs["b0"].pid, signal.SIGSTOP)  # a replica stalls (late, not dead) …
         time.sleep(2.0)
@@ -159,17 +205,10 @@ def test_killing_replicas_under_load_fails_no_request_and_serves_no_removed_text
         time.sleep(1.5)
         _kill(procs["b1"])  # … and the other kind of replica (SSD lists) of group 1
         time.sleep(2.5)
-    finally:
-        threads[-1].join(300)  # the remover: every opt-out acknowledged before the load stops
-        stop.set()
-        for t in threads:
-            t.join(60)
-    assert not errors, errors[:5]
-    assert len(acked) == len(to_remove) and scores[0] > 0 and len(searches) > 20
-    assert compacted and compacted[0] > 0  # the removed entries left the index files, under load
-    for started, served in searches:  # no removal acknowledged before a call began is in its answer
-        gone = {doc for at, doc in acked if at < started}
-        assert not gone & set(served), (gone & set(served))
+
+    res = under_load(front, to_remove, disrupt, pace=0.6, compact_after=2)
+    res.check(to_remove)
+    assert res.compacted and res.compacted[0] > 0  # the removed entries left the index files, under load
 
     # a live ingest under replicas: the new shard is searched by the main server itself, at once
     new_text = ("Zorblat the quokka keeper of Vrelling catalogued nine hundred lanterns. "
@@ -181,17 +220,8 @@ def test_killing_replicas_under_load_fails_no_request_and_serves_no_removed_text
         assert c.optout(doc_ids=["ingest:zorblat"]).removed_entries == added.added_entries  # the same promise
         assert "ingest:zorblat" not in {h.doc_id for h in c.search("Zorblat the quokka keeper", k=16).hits}
 
-    # the same answers as the single-process store (which reads the same opt-out log)
-    local = Datastore.open(store)  # after the compaction and the ingest
-    model, tok = load_causal_lm(str(tiny_model))
+    assert_single_process_answers(front, store, tiny_model)  # after the compaction and the ingest
     with SiloClient(front) as c:
-        for query in QUERIES:
-            hits = c.search(query, k=8).hits
-            d, ids = local.search(text_keys(model, tok, [query]), 8)
-            # the query key is computed in another process (float summation order aside)
-            np.testing.assert_allclose([h.distance for h in hits], d[0][ids[0] >= 0], rtol=1e-5)
-            below = d[0] < d[0][-1] * (1 - 1e-5)  # ties at the k-th distance may come in either order
-            assert {h.entry_id for h, b in zip(hits, below, strict=True) if b} == set(ids[0][below].tolist())
         groups = c.stats().stores[0].shard_groups
     assert [g.healthy for g in groups] == [1, 1] and [g.replicas for g in groups] == [2, 2], list(groups[0].down)
     assert all(g.failovers >= 1 and g.requests > 0 and g.p50_ms > 0 for g in groups)

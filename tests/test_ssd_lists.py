@@ -19,6 +19,7 @@ from silo.datastore.reindex import reindex
 from silo.datastore.removal import remove
 from silo.datastore.store import Datastore
 
+from silo.app.cli import main
 from silo.build import BuildArgs, build_store
 
 WINDOW = 128
@@ -32,7 +33,9 @@ def ssd_store(tmp_path_factory, tiny_model, corpus_dir) -> Path:
                   stride=WINDOW // 2, keep_keys=True, progress=False, shards=2)
     build_store(BuildArgs(out=str(root / "probe"), max_docs=2, **common))
     dim = Datastore.open(root / "probe").manifest.dim
-    build_store(BuildArgs(out=str(root / "ssd"), factory=f"IVF16,PQ{dim // 4}", lists="ssd", **common))
+    main(["datastore", "build", "--kind", "token", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--tiers",
+          "restricted", "--shards", "2", "--window", str(WINDOW), "--stride", str(WINDOW // 2), "--keep-keys",
+          "--factory", f"IVF16,PQ{dim // 4}", "--lists", "ssd", "--out", str(root / "ssd")])  # as a user types it
     return root / "ssd"
 
 
@@ -125,7 +128,9 @@ def test_a_fast_scan_store_is_refused_on_ssd_and_reindexed_for_it(tmp_path, tiny
         Datastore.open(fs, lists="tape")
     with pytest.raises(StoreError, match="fast-scan"):
         reindex(fs, tmp_path / "bad", f"IVF16,PQ{dim}x4fs", lists="ssd")
-    m = reindex(fs, tmp_path / "mapped", f"IVF16,PQ{dim // 4}", lists="ssd")
+    main(["datastore", "reindex", str(fs), "--out", str(tmp_path / "mapped"), "--lists", "ssd", "--factory",
+          f"IVF16,PQ{dim // 4}"])
+    m = Datastore.open(tmp_path / "mapped", load_index=False).manifest
     assert m.lists == "ssd" and not ix.is_fast_scan(m.index)
     mapped, ram = Datastore.open(tmp_path / "mapped"), Datastore.open(fs)
     assert ix.lists_mapped(mapped.group)

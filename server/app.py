@@ -67,11 +67,11 @@ from silo.server.remote import (
 )
 from silo.server.servicers import (
     DatastoreServicer,
-    InvalidMessage,
     LanguageModelServicer,
     ServerState,
     choose_default_mode,
 )
+from silo.server.status import InvalidMessage
 
 from silo.corpus import open_corpus
 from silo.errors import SiloError

@@ -34,7 +34,7 @@ from silo.datastore.store import Datastore, ShardUnavailable
 from silo.server.gen import silo_pb2 as pb
 from silo.server.gen import silo_pb2_grpc as pb_grpc
 from silo.server.limits import BadRequest, Limits, check_int, policy_from_pb
-from silo.server.servicers import guarded
+from silo.server.status import guarded
 
 
 def parse_shard_range(spec: str, n_shards: int) -> set[int]:

@@ -18,7 +18,6 @@ import gc
 import itertools
 import logging
 import math
-import re
 import threading
 import time
 from collections import defaultdict
@@ -28,26 +27,22 @@ from pathlib import Path
 import grpc
 import numpy as np
 from silo.datastore.compact import compact
-from silo.datastore.errors import FingerprintMismatch, StoreError, StoreLocked, TooMuchWork
+from silo.datastore.errors import FingerprintMismatch, TooMuchWork
 from silo.datastore.ledger import fingerprint
 from silo.datastore.manifest import model_fingerprint
-from silo.datastore.optout import CorruptLog
 from silo.datastore.passages import retrievers_needed
 from silo.datastore.removal import (
-    LargeRemoval,
-    NotLoggedEverywhere,
     PermissionDenied,
     find_record,
     remove,
     status,
 )
-from silo.datastore.store import Datastore, ShardUnavailable, UnknownDocuments
+from silo.datastore.store import Datastore, UnknownDocuments
 from silo.server.auth import ANONYMOUS, Auth, Principal
 from silo.server.gen import silo_pb2 as pb
 from silo.server.limits import (
     BadRequest,
     Limits,
-    bounded_message,
     check_float,
     check_int,
     check_retrieval,
@@ -58,6 +53,7 @@ from silo.server.limits import (
     shown,
 )
 from silo.server.limits import policy_from_pb as checked_policy
+from silo.server.status import FailedPrecondition, InvalidMessage, guarded, status_for
 
 from silo.corpus import normalize_record
 from silo.errors import SiloError
@@ -222,69 +218,6 @@ def release_freed_memory() -> None:
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL(None).malloc_trim(0)
 
-
-
-class FailedPrecondition(Exception):
-    """FAILED_PRECONDITION with this message: the request is fine, the server's state is not."""
-
-
-STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (UnknownDocuments, grpc.StatusCode.NOT_FOUND),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (LargeRemoval, grpc.StatusCode.FAILED_PRECONDITION),
-    (NotLoggedEverywhere, grpc.StatusCode.FAILED_PRECONDITION),
-    (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (CorruptLog, grpc.StatusCode.FAILED_PRECONDITION),
-    (StoreLocked, grpc.StatusCode.FAILED_PRECONDITION),
-    (ShardUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (TooMuchWork, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    (SiloError, grpc.StatusCode.INVALID_ARGUMENT),
-    (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
-)
-
-
-# an absolute path in a message: a "/" that starts a word, then at least two segments
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/()\[\]{},;]+/)+[^\s'\"/()\[\]{},;]*")
-
-
-def without_paths(message: str) -> str:
-    """`message` with every absolute path shown by its last part: a client learns which
-    store or file, never the server's file system."""
-    return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name or "…", message)
-
-
-def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    for cls, code in STATUS_OF:
-        if isinstance(e, cls):
-            return code, bounded_message(without_paths(str(e) or type(e).__name__))
-    log.exception("unexpected error", exc_info=e)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server logged it"
-
-
-class InvalidMessage:
-    """Stands in for a request that could not be parsed (e.g. invalid UTF-8 in a string)."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-def guarded(fn):
-    """Map exceptions of a unary method to statuses (never a crash, never a bare INTERNAL
-    for the user's mistakes)."""
-    def wrapper(self, request, context):
-        if isinstance(request, InvalidMessage):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        try:
-            return fn(self, request, context)
-        except Exception as e:  # noqa: BLE001 - mapped to a status, the server stays up
-            code, msg = status_for(e)
-            context.abort(code, msg)
-    wrapper.__name__ = fn.__name__
-    return wrapper
 
 
 def principal(state: ServerState, context) -> Principal:
